@@ -1,0 +1,134 @@
+"""Builds small random Llama-family checkpoints in the real Hugging Face on-disk format.
+
+Used for the embedded demo model (`loom` with no --model-id), by the tests and by bench/. A model dir
+holds config.json, generation_config.json, model.safetensors (or a sharded index), tokenizer.json
+(a byte-level BPE trained with `tokenizers`) and tokenizer_config.json carrying a ChatML template.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+# Text the tokenizer is trained on: plain English plus a few multi-byte scripts so that byte-level
+# merges split characters across tokens (the incremental detokenizer must handle that).
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog. A friendly chatbot answers like a pirate.",
+    "How many helicopters can a human eat in one sitting? None, said the captain, arr!",
+    "Write a detailed analogy between mathematics and a lighthouse. Output: numbers guide ships.",
+    "Loom serves one base model and thousands of LoRA adapters from the same GPUs.",
+    "def add(a, b):\n    return a + b\n\nprint(add(2, 3))  # {\"json\": [1, 2.5, true, null]}",
+    "Größe, naïve café, déjà vu — señor, 東京は日本の首都です。 Привет, мир! 🙂🚀 שלום",
+    "Once upon a time there was a little model that wanted to speak every language.",
+    "system user assistant tool function arguments name content role message",
+]
+
+FAMILIES = ("llama", "mistral", "qwen2")
+
+
+def train_tokenizer(vocab_size: int = 384):
+    """A byte-level BPE tokenizer with the ChatML special tokens, as a transformers fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(CORPUS * 4, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        chat_template=CHATML_TEMPLATE,
+        clean_up_tokenization_spaces=False,
+    )
+
+
+def model_config(family: str, vocab_size: int, **overrides):
+    """A tiny config of `family`; `overrides` set any config field (hidden_size, num_hidden_layers, ...)."""
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-6,
+        rope_theta=10000.0,
+        # Wider than the usual 0.02 so that random logits have clear winners: greedy parity tests
+        # compare argmaxes, and near-ties would make them depend on float rounding.
+        initializer_range=0.25,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+    )
+    if family == "llama":
+        common.update(tie_word_embeddings=False)
+        cls = LlamaConfig
+    elif family == "mistral":
+        common.update(sliding_window=48, tie_word_embeddings=False)
+        cls = MistralConfig
+    elif family == "qwen2":
+        common.update(tie_word_embeddings=True, use_sliding_window=False)
+        cls = Qwen2Config
+    else:
+        raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
+    common.update(overrides)
+    return cls(**common)
+
+
+def build_tiny_model(
+    path: str | Path,
+    family: str = "llama",
+    seed: int = 0,
+    max_shard_size: str | None = None,
+    chat_template: bool = True,
+    **config_overrides,
+) -> Path:
+    """Writes a random `family` model with its tokenizer to `path` and returns the path.
+
+    `max_shard_size` (e.g. "100KB") writes sharded safetensors with an index; `chat_template=False`
+    leaves the template out.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer = train_tokenizer()
+    if not chat_template:
+        tokenizer.chat_template = None
+    eos_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    pad_id = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    config = model_config(family, len(tokenizer), **config_overrides)
+    config.eos_token_id = eos_id
+    config.pad_token_id = pad_id
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.generation_config = GenerationConfig(eos_token_id=eos_id, pad_token_id=pad_id)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(path, safe_serialization=True, **kwargs)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def read_config(path: str | Path) -> dict:
+    return json.loads((Path(path) / "config.json").read_text())
