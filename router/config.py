@@ -1,0 +1,34 @@
+"""The router's settings. The launcher owns the command-line flags and hands these over as JSON."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+
+@dataclass(slots=True)
+class RouterConfig:
+    model_dir: str  # local directory holding config.json and the tokenizer
+    model_id: str  # the name the base model is served under (`--model-id`, or "demo")
+    shard_sockets: list[str]  # unix socket paths, rank 0 first
+    hostname: str = "127.0.0.1"
+    port: int = 8080
+    max_input_length: int = 1024
+    max_total_tokens: int = 2048
+    max_batch_prefill_tokens: int = 4096
+    max_batch_total_tokens: int = 0  # 0: whatever the shards' KV cache holds
+    max_concurrent_requests: int = 128
+    max_active_adapters: int = 128
+    api_key: str | None = None
+    adapters: dict[str, str] = field(default_factory=dict)  # `--adapter NAME=SOURCE`
+    local_adapter_roots: list[str] = field(default_factory=list)
+    adapter_source: str = "hub"
+    step_timeout_s: float = 120.0  # a shard step slower than this counts as a hung shard
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "RouterConfig":
+        return cls(**json.loads(Path(path).read_text()))
