@@ -1,0 +1,217 @@
+"""The `loom` command: parses the flags (LoRAX launcher names), resolves the model, device and token
+limits, and hands the rest to the supervisor."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from launcher.model_source import ModelSourceError, max_position_embeddings, resolve_model
+
+log = logging.getLogger("loom")
+
+# LoRAX's defaults; the token limits shrink to fit the model's context when not given explicitly.
+DEFAULT_MAX_INPUT_LENGTH = 1024
+DEFAULT_MAX_TOTAL_TOKENS = 2048
+DEFAULT_MAX_BATCH_PREFILL_TOKENS = 4096
+
+
+class FlagError(Exception):
+    """Flags that contradict each other, the model or the machine; reported like argparse errors (exit 2)."""
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def port_number(text: str) -> int:
+    value = int(text)
+    if not 0 < value < 65536:
+        raise argparse.ArgumentTypeError(f"must be between 1 and 65535, got {text}")
+    return value
+
+
+def named_adapter(text: str) -> tuple[str, str]:
+    name, sep, source = text.partition("=")
+    if not sep or not name.strip() or not source.strip():
+        raise argparse.ArgumentTypeError(f"expected NAME=SOURCE, got {text!r}")
+    return name.strip(), source.strip()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="loom",
+        description="Serve one base LLM and many LoRA adapters behind OpenAI- and LoRAX-compatible APIs.",
+    )
+    p.add_argument("--model-id", metavar="ID", default=None, help="Local model directory or hub repo id (org/name[@revision]). "
+                   "Unset: the embedded demo model, built once into $LOOM_CACHE (default ~/.cache/loom) and reused.")
+    p.add_argument("--port", metavar="PORT", type=port_number, default=8080, help="Port the HTTP server listens on (default: %(default)s).")
+    p.add_argument("--hostname", metavar="HOST", default="127.0.0.1", help="Address the HTTP server listens on; 0.0.0.0 for all interfaces (default: %(default)s).")
+    p.add_argument("--num-shard", metavar="N", type=positive_int, default=None, help="Tensor-parallel ranks, one process each. "
+                   "Default: the number of visible CUDA GPUs when the device is cuda, else 1.")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="Where the shards run. auto (default): cuda when a GPU is visible, else cpu.")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                   help="Weight and activation dtype. auto (default): bfloat16 on cuda, float32 on cpu.")
+    p.add_argument("--adapter", type=named_adapter, action="append", default=[], metavar="NAME=SOURCE",
+                   help="A named adapter (SOURCE: hub repo id or local dir), listed in /v1/models. Repeatable.")
+    p.add_argument("--local-adapter-root", action="append", default=[], metavar="DIR",
+                   help="Requests may name an adapter by absolute path only inside these directories. Repeatable.")
+    p.add_argument("--adapter-source", choices=["hub", "local"], default="hub",
+                   help="Source of an adapter id that is neither a --adapter name nor an allowed path (default: %(default)s).")
+    p.add_argument("--max-input-length", metavar="N", type=positive_int, default=None,
+                   help=f"Most prompt tokens per request. Default: {DEFAULT_MAX_INPUT_LENGTH}, kept below --max-total-tokens.")
+    p.add_argument("--max-total-tokens", metavar="N", type=positive_int, default=None,
+                   help=f"Most prompt + generated tokens per request. Default: {DEFAULT_MAX_TOTAL_TOKENS}, "
+                   "capped at the model's max_position_embeddings.")
+    p.add_argument("--max-batch-prefill-tokens", metavar="N", type=positive_int, default=None,
+                   help=f"Most prompt tokens prefilled in one batch step. Default: {DEFAULT_MAX_BATCH_PREFILL_TOKENS}, "
+                   "at least --max-input-length.")
+    p.add_argument("--max-batch-total-tokens", metavar="N", type=positive_int, default=None,
+                   help="Most tokens (prompt + generated) of all running requests together. "
+                   "Default: whatever fits in the shards' KV cache.")
+    p.add_argument("--max-concurrent-requests", metavar="N", type=positive_int, default=128,
+                   help="Requests accepted at once (queued + running); more are answered with 429 (default: %(default)s).")
+    p.add_argument("--max-active-adapters", metavar="N", type=positive_int, default=128,
+                   help="Adapters that may be scheduled in the running batch at once (default: %(default)s).")
+    p.add_argument("--api-key", metavar="KEY", default=os.environ.get("LOOM_API_KEY"),
+                   help="When set, every route but /health needs 'Authorization: Bearer KEY'. Default: $LOOM_API_KEY.")
+    p.add_argument("--json-output", action="store_true", help="Log as JSON lines (also asks the shards and router to).")
+    return p
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_input_length: int
+    max_total_tokens: int
+    max_batch_prefill_tokens: int
+    max_batch_total_tokens: int  # 0: whatever the shards' KV cache holds
+
+
+def derive_limits(args: argparse.Namespace, max_positions: int | None) -> Limits:
+    """Fills the unset token limits from LoRAX's defaults, shrunk to fit the model and the explicit flags;
+    raises FlagError naming the flag when explicit values contradict each other or the model."""
+    batch_total = args.max_batch_total_tokens or 0
+    total = args.max_total_tokens
+    if total is None:
+        total = max(DEFAULT_MAX_TOTAL_TOKENS, (args.max_input_length or 0) + 1)
+        total = min(total, max_positions or total)
+    max_input = args.max_input_length
+    if max_input is None:
+        max_input = min(DEFAULT_MAX_INPUT_LENGTH, total - 1)
+    prefill = args.max_batch_prefill_tokens
+    if prefill is None:
+        prefill = max(max_input, min(DEFAULT_MAX_BATCH_PREFILL_TOKENS, batch_total or DEFAULT_MAX_BATCH_PREFILL_TOKENS))
+
+    if max_positions is not None and total > max_positions:
+        raise FlagError(f"--max-total-tokens ({total}) must be <= the model's max_position_embeddings ({max_positions})")
+    if max_input < 1 or max_input >= total:
+        raise FlagError(f"--max-input-length ({max_input}) must be less than --max-total-tokens ({total})")
+    if prefill < max_input:
+        raise FlagError(f"--max-batch-prefill-tokens ({prefill}) must be >= --max-input-length ({max_input})")
+    if batch_total and batch_total < total:
+        raise FlagError(f"--max-batch-total-tokens ({batch_total}) must be >= --max-total-tokens ({total})")
+    if batch_total and prefill > batch_total:
+        raise FlagError(f"--max-batch-prefill-tokens ({prefill}) must be <= --max-batch-total-tokens ({batch_total})")
+    return Limits(max_input, total, prefill, batch_total)
+
+
+def resolve_device(args: argparse.Namespace) -> tuple[str, str, int]:
+    """(device, dtype, num_shard) from --device/--dtype/--num-shard and the GPUs torch can see."""
+    import torch  # imported here so that `loom --help` stays fast
+
+    gpus = torch.cuda.device_count() if args.device != "cpu" else 0
+    if args.device == "cuda" and gpus == 0:
+        raise FlagError("--device cuda: no CUDA GPU is visible")
+    device = "cuda" if gpus else "cpu"
+    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
+    num_shard = args.num_shard or (gpus if device == "cuda" else 1)
+    if device == "cuda" and num_shard > gpus:
+        raise FlagError(f"--num-shard {num_shard} needs {num_shard} GPUs but only {gpus} are visible")
+    return device, dtype, num_shard
+
+
+def resolve_adapter_paths(args: argparse.Namespace) -> tuple[dict[str, str], list[str]]:
+    """Named adapters (local sources made absolute, since the router has its own working dir) and the
+    allowed local adapter roots."""
+    adapters: dict[str, str] = {}
+    for name, source in args.adapter:
+        if name in adapters:
+            raise FlagError(f"--adapter {name!r} is given twice")
+        local = Path(source).expanduser()
+        adapters[name] = str(local.resolve()) if local.is_dir() else source
+    roots = []
+    for root in args.local_adapter_root:
+        path = Path(root).expanduser()
+        if not path.is_dir():
+            raise FlagError(f"--local-adapter-root {root!r} is not a directory")
+        roots.append(str(path.resolve()))
+    return adapters, roots
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        time = datetime.fromtimestamp(record.created, timezone.utc).isoformat()
+        return json.dumps({"timestamp": time, "level": record.levelname, "target": "loom", "message": record.getMessage()})
+
+
+def setup_logging(json_output: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if json_output else logging.Formatter("%(asctime)s %(levelname)s loom: %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    if json_output:
+        os.environ["LOOM_LOG_FORMAT"] = "json"  # inherited by the shards and the router
+
+
+def main(argv: list[str] | None = None) -> int:
+    from launcher.supervisor import launch
+    from router.config import RouterConfig
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(args.json_output)
+    try:
+        derive_limits(args, None)  # explicit contradictions fail before a slow model download or build
+        adapters, adapter_roots = resolve_adapter_paths(args)
+        device, dtype, num_shard = resolve_device(args)
+    except FlagError as e:
+        parser.error(str(e))
+    try:
+        model = resolve_model(args.model_id)
+    except ModelSourceError as e:
+        log.error(str(e))
+        return 1
+    try:
+        limits = derive_limits(args, max_position_embeddings(model.path))
+    except FlagError as e:
+        parser.error(str(e))
+    log.info(f"model {model.name} from {model.path} on {device} ({dtype}), {num_shard} shard(s)")
+    config = RouterConfig(
+        model_dir=str(model.path),
+        model_id=model.name,
+        shard_sockets=[],  # the supervisor fills them in once it has made the socket dir
+        hostname=args.hostname,
+        port=args.port,
+        max_input_length=limits.max_input_length,
+        max_total_tokens=limits.max_total_tokens,
+        max_batch_prefill_tokens=limits.max_batch_prefill_tokens,
+        max_batch_total_tokens=limits.max_batch_total_tokens,
+        max_concurrent_requests=args.max_concurrent_requests,
+        max_active_adapters=args.max_active_adapters,
+        api_key=args.api_key or None,
+        adapters=adapters,
+        local_adapter_roots=adapter_roots,
+        adapter_source=args.adapter_source,
+    )
+    return launch(config, device=device, dtype=dtype, num_shard=num_shard)

@@ -1,0 +1,270 @@
+"""Continuous batching: the request queue, KV-budget admission and the step loop.
+
+Every loop iteration is one `Step` on the shards: requests that ended are released, waiting requests
+that fit the KV budget are prefilled, and every running request decodes one token. Requests join and
+leave between steps. Each request reserves KV blocks for its prompt plus `max_new_tokens` when it is
+admitted, so the shards can never run out of blocks mid-generation. Text work (detokenization, stop
+strings) happens in each request's own coroutine, off this loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import itertools
+import logging
+import math
+from collections import deque
+from dataclasses import dataclass, field
+
+from proto import generate_pb2 as pb
+from router.shard_client import ShardClient, ShardError
+
+log = logging.getLogger("loom.scheduler")
+
+
+@dataclass(slots=True)
+class GenerationRequest:
+    input_ids: list[int]
+    max_new_tokens: int
+    sampling: pb.SamplingParameters = field(default_factory=pb.SamplingParameters)
+    adapter_id: str = ""
+    stop_token_ids: frozenset[int] = frozenset()
+    ignore_eos: bool = False
+    top_n_tokens: int = 0
+    prefill_logprobs: bool = False
+
+
+@dataclass(slots=True)
+class TokenEvent:
+    token_id: int
+    logprob: float
+    top_tokens: list[tuple[int, float]]
+    finish_reason: str | None = None  # "length" | "eos_token"
+    prefill_logprobs: list[float] | None = None
+
+
+class GenerationFailed(RuntimeError):
+    """The request failed on the shards; `server_error` says whether it was the server's fault."""
+
+    def __init__(self, message: str, server_error: bool = True):
+        super().__init__(message)
+        self.server_error = server_error
+
+
+class Overloaded(RuntimeError):
+    pass
+
+
+class State(enum.Enum):
+    WAITING = 1
+    PREFILLING = 2
+    RUNNING = 3
+    DONE = 4
+
+
+@dataclass(slots=True, eq=False)
+class Sequence:
+    id: int
+    request: GenerationRequest
+    blocks: int
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    state: State = State.WAITING
+    generated: int = 0
+
+
+class Generation:
+    """What `Scheduler.generate` returns: `async with` it and iterate TokenEvents.
+
+    Leaving the block early (stop string, client gone, error) releases the sequence on the shards.
+    """
+
+    def __init__(self, scheduler: "Scheduler", seq: Sequence):
+        self._scheduler = scheduler
+        self._seq = seq
+
+    async def __aenter__(self) -> "Generation":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self._scheduler.cancel(self._seq)
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> TokenEvent:
+        if self._seq.state is State.DONE and self._seq.events.empty():
+            raise StopAsyncIteration
+        item = await self._seq.events.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+
+class Scheduler:
+    def __init__(
+        self,
+        client: ShardClient,
+        num_blocks: int,
+        block_size: int,
+        max_batch_prefill_tokens: int,
+        max_concurrent_requests: int,
+    ):
+        self.client = client
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.max_batch_prefill_tokens = max_batch_prefill_tokens
+        self.max_concurrent_requests = max_concurrent_requests
+        self.reserved_blocks = 0
+        self.healthy = True
+        self._ids = itertools.count(1)
+        self._waiting: deque[Sequence] = deque()
+        self._running: dict[int, Sequence] = {}
+        self._to_release: list[int] = []
+        self._wake = asyncio.Event()
+
+    # -- what request handlers call -------------------------------------------------------------
+
+    def generate(self, request: GenerationRequest) -> Generation:
+        """Queues `request`; raises Overloaded past --max-concurrent-requests."""
+        if self.num_active >= self.max_concurrent_requests:
+            raise Overloaded(f"the server is at --max-concurrent-requests={self.max_concurrent_requests}")
+        blocks = math.ceil((len(request.input_ids) + request.max_new_tokens) / self.block_size)
+        seq = Sequence(id=next(self._ids), request=request, blocks=blocks)
+        self._waiting.append(seq)
+        self._wake.set()
+        return Generation(self, seq)
+
+    def cancel(self, seq: Sequence) -> None:
+        """The consumer is done with `seq`; frees its place in the queue or on the shards."""
+        if seq.state is State.WAITING:
+            self._waiting.remove(seq)
+            seq.state = State.DONE
+        elif seq.state in (State.PREFILLING, State.RUNNING):
+            self._finish(seq)
+
+    @property
+    def num_active(self) -> int:
+        return len(self._waiting) + len(self._running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    # -- the step loop --------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        while True:
+            if not (self._waiting or self._running or self._to_release):
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            try:
+                await self._step()
+            except Exception as e:  # a bug here must not wedge every request: fail the batch, go on
+                log.exception("scheduler step crashed")
+                self._fail_running(f"internal error: {e!r}")
+                await self._recover()
+
+    async def _step(self) -> None:
+        admitted = self._admit()
+        decode = [sid for sid, s in self._running.items() if s.state is State.RUNNING]
+        release, self._to_release = self._to_release, []
+        step = pb.StepRequest(prefill=[self._to_proto(s) for s in admitted], decode=decode, release=release)
+        for seq in admitted:
+            self._running[seq.id] = seq
+        try:
+            reply = await self.client.step(step)
+        except ShardError as e:
+            log.error("step failed: %s", e)
+            self._fail_running(str(e))
+            await self._recover()
+            return
+        self.healthy = True
+        for seq in admitted:
+            if seq.state is State.PREFILLING:
+                seq.state = State.RUNNING
+        for gen in reply.generations:
+            self._deliver(gen)
+
+    def _admit(self) -> list[Sequence]:
+        """FIFO admission under the KV-block and per-step prefill-token budgets."""
+        admitted, prefill_tokens = [], 0
+        while self._waiting:
+            seq = self._waiting[0]
+            n = len(seq.request.input_ids)
+            if self.reserved_blocks + seq.blocks > self.num_blocks:
+                break
+            if admitted and prefill_tokens + n > self.max_batch_prefill_tokens:
+                break
+            self._waiting.popleft()
+            self.reserved_blocks += seq.blocks
+            prefill_tokens += n
+            seq.state = State.PREFILLING
+            admitted.append(seq)
+        return admitted
+
+    def _deliver(self, gen: pb.Generation) -> None:
+        seq = self._running.get(gen.request_id)
+        if seq is None or seq.state is State.DONE:
+            return  # cancelled while the step ran; already queued for release
+        if gen.error:
+            self._finish(seq)
+            seq.events.put_nowait(GenerationFailed(gen.error, server_error=False))
+            return
+        seq.generated += 1
+        request = seq.request
+        finish = None
+        if gen.token_id in request.stop_token_ids and not request.ignore_eos:
+            finish = "eos_token"
+        elif seq.generated >= request.max_new_tokens:
+            finish = "length"
+        seq.events.put_nowait(
+            TokenEvent(
+                token_id=gen.token_id,
+                logprob=gen.logprob,
+                top_tokens=[(t.token_id, t.logprob) for t in gen.top_tokens],
+                finish_reason=finish,
+                prefill_logprobs=list(gen.prefill_logprobs) if gen.prefill_logprobs else None,
+            )
+        )
+        if finish:
+            self._finish(seq)
+
+    def _finish(self, seq: Sequence) -> None:
+        seq.state = State.DONE
+        if self._running.pop(seq.id, None) is not None:
+            self.reserved_blocks -= seq.blocks
+            self._to_release.append(seq.id)
+            self._wake.set()
+
+    def _fail_running(self, message: str) -> None:
+        self.healthy = False
+        for seq in list(self._running.values()):
+            self._finish(seq)
+            seq.events.put_nowait(GenerationFailed(f"shard failure: {message}"))
+        self._to_release.clear()
+
+    async def _recover(self) -> None:
+        """After a failed step the shards' sequence state is unknown: drop it all."""
+        try:
+            await self.client.clear()
+        except ShardError as e:
+            log.error("clearing the shards failed: %s", e)
+            await asyncio.sleep(1.0)
+
+    @staticmethod
+    def _to_proto(seq: Sequence) -> pb.Request:
+        r = seq.request
+        return pb.Request(
+            id=seq.id,
+            input_ids=r.input_ids,
+            sampling=r.sampling,
+            adapter_id=r.adapter_id,
+            top_n_tokens=r.top_n_tokens,
+            prefill_logprobs=r.prefill_logprobs,
+        )

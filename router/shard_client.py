@@ -1,0 +1,68 @@
+"""gRPC client for the shard group: every call goes to every rank; rank 0's answer is used."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+
+from proto import generate_pb2 as pb
+from proto import generate_pb2_grpc as pb_grpc
+
+
+class ShardError(RuntimeError):
+    """A shard failed, hung past the step timeout, or is unreachable."""
+
+
+class ShardClient:
+    def __init__(self, sockets: list[str], step_timeout_s: float = 120.0):
+        self._channels = [
+            grpc.aio.insecure_channel(
+                f"unix://{path}",
+                options=[("grpc.max_send_message_length", 256 << 20), ("grpc.max_receive_message_length", 256 << 20)],
+            )
+            for path in sockets
+        ]
+        self._stubs = [pb_grpc.ShardStub(c) for c in self._channels]
+        self.step_timeout_s = step_timeout_s
+
+    @property
+    def world_size(self) -> int:
+        return len(self._stubs)
+
+    async def _all(self, method: str, request, timeout: float):
+        """Sends `request` to every rank at once; returns rank 0's reply or raises ShardError."""
+        calls = [getattr(stub, method)(request, timeout=timeout) for stub in self._stubs]
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        for rank, result in enumerate(results):
+            if isinstance(result, grpc.aio.AioRpcError):
+                raise ShardError(f"shard {rank} {method} failed: {result.code().name}: {result.details()}")
+            if isinstance(result, BaseException):
+                raise ShardError(f"shard {rank} {method} failed: {result!r}")
+        return results[0]
+
+    async def info(self) -> pb.InfoResponse:
+        return await self._all("Info", pb.InfoRequest(), timeout=30)
+
+    async def health(self, timeout: float = 5.0) -> bool:
+        try:
+            await self._all("Health", pb.HealthRequest(), timeout=timeout)
+            return True
+        except ShardError:
+            return False
+
+    async def warmup(self, request: pb.WarmupRequest) -> pb.WarmupResponse:
+        return await self._all("Warmup", request, timeout=600)
+
+    async def step(self, request: pb.StepRequest) -> pb.StepResponse:
+        return await self._all("Step", request, timeout=self.step_timeout_s)
+
+    async def clear(self) -> None:
+        await self._all("Clear", pb.ClearRequest(), timeout=30)
+
+    async def load_adapter(self, adapter_id: str, path: str) -> str:
+        reply = await self._all("LoadAdapter", pb.LoadAdapterRequest(adapter_id=adapter_id, path=path), timeout=600)
+        return reply.error
+
+    async def close(self) -> None:
+        await asyncio.gather(*(c.close() for c in self._channels))

@@ -1,0 +1,168 @@
+"""Prompt tokenization and chat templates for the base model and for adapters that ship their own.
+
+Everything here is synchronous and CPU-bound; callers that serve requests decide which thread runs it.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import jinja2
+
+# Files whose presence means a directory carries its own tokenizer (not just a chat template).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "tiktoken.model")
+
+
+class ChatTemplateError(ValueError):
+    """The conversation cannot be rendered: no template, or the template rejected the messages."""
+
+
+class ModelTokenizer:
+    """A transformers fast tokenizer plus what serving needs from the model dir: eos ids and a chat template.
+
+    `chat_template` is a template string, a {name: template} dict (as transformers stores multiple
+    templates), or None. It is kept apart from `hf` so that an adapter that ships only a template can
+    share the base model's tokenizer object.
+    """
+
+    __slots__ = ("hf", "eos_token_ids", "chat_template", "special_ids")
+
+    def __init__(self, hf: Any, eos_token_ids: frozenset[int], chat_template: str | dict[str, str] | None):
+        self.hf = hf
+        self.eos_token_ids = eos_token_ids
+        self.chat_template = chat_template
+        # Ids that decode(skip_special_tokens=True) drops: the Rust tokenizer's notion of "special".
+        self.special_ids = frozenset(i for i, tok in hf.added_tokens_decoder.items() if tok.special)
+
+    @classmethod
+    def from_dir(cls, path: str | Path) -> ModelTokenizer:
+        """Loads (once per directory; later calls are free) the tokenizer stored in `path`."""
+        return _load(str(Path(path).resolve()))
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.hf)
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(self.chat_template)
+
+    @property
+    def clean_up_tokenization_spaces(self) -> bool:
+        return bool(self.hf.clean_up_tokenization_spaces)
+
+    def encode(self, text: str) -> list[int]:
+        """Ids exactly as `tokenizer(text)["input_ids"]`, including the tokenizer's own special tokens (e.g. BOS)."""
+        return self.hf(text)["input_ids"]
+
+    def tokenize_with_offsets(self, text: str) -> list[tuple[int, str, int, int]]:
+        """(id, token text, start, stop) for each id of `encode(text)`; offsets index characters of `text`."""
+        encoding = self.hf(text, return_offsets_mapping=True)
+        return [(i, text[a:b], a, b) for i, (a, b) in zip(encoding["input_ids"], encoding["offset_mapping"])]
+
+    def decode(self, ids: list[int]) -> str:
+        """Text exactly as `tokenizer.decode(ids, skip_special_tokens=True)`."""
+        return self.hf.decode(ids, skip_special_tokens=True)
+
+    def decode_token(self, token_id: int) -> str:
+        """One token's own text, special tokens included: what logprobs and token details show."""
+        return self.hf.decode([token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    def decode_raw(self, ids: list[int]) -> str:
+        """`decode` without transformers' clean_up_tokenization pass (the detokenizer applies it itself)."""
+        return self.hf.backend_tokenizer.decode(ids, skip_special_tokens=True)
+
+    def clean_up(self, text: str) -> str:
+        return self.hf.clean_up_tokenization(text)
+
+    def render_chat(
+        self, messages: list[dict], tools: list[dict] | None = None, add_generation_prompt: bool = True
+    ) -> str:
+        """The prompt text of a conversation; raises ChatTemplateError for a missing or failing template."""
+        if not self.has_chat_template:
+            raise ChatTemplateError(
+                "the model has no chat template; use /v1/completions with a plain prompt instead, "
+                "or serve a model or adapter whose tokenizer_config.json or chat_template.jinja defines one"
+            )
+        try:
+            return self.hf.apply_chat_template(
+                messages,
+                tools=tools,
+                chat_template=_pick_template(self.chat_template, tools),
+                add_generation_prompt=add_generation_prompt,
+                tokenize=False,
+            )
+        except jinja2.TemplateError as e:  # includes the template's own raise_exception(...)
+            raise ChatTemplateError(f"chat template error: {e}") from e
+
+    def apply_chat_template(
+        self, messages: list[dict], tools: list[dict] | None = None, add_generation_prompt: bool = True
+    ) -> list[int]:
+        """Prompt ids for a conversation, equal to transformers' `apply_chat_template(..., tokenize=True)`.
+
+        The rendered text already holds every special token the template wants, so it is encoded
+        without adding BOS/EOS again.
+        """
+        text = self.render_chat(messages, tools, add_generation_prompt)
+        return self.hf(text, add_special_tokens=False)["input_ids"]
+
+    def with_chat_template(self, chat_template: str | dict[str, str]) -> ModelTokenizer:
+        """This tokenizer with another template (an adapter that ships only a template); shares `hf`."""
+        return ModelTokenizer(self.hf, self.eos_token_ids, chat_template)
+
+
+def load_adapter_tokenizer(adapter_dir: str | Path, base: ModelTokenizer) -> ModelTokenizer:
+    """The tokenizer for requests to an adapter: its own tokenizer files when it has them, else the base
+    tokenizer with the adapter's own chat template when it has one, else `base` itself."""
+    adapter_dir = Path(adapter_dir)
+    if any((adapter_dir / name).is_file() for name in TOKENIZER_FILES):
+        return ModelTokenizer.from_dir(adapter_dir)
+    template = read_chat_template(adapter_dir)
+    return base.with_chat_template(template) if template else base
+
+
+def read_chat_template(path: str | Path) -> str | dict[str, str] | None:
+    """The chat template stored in a directory: chat_template.jinja, else tokenizer_config.json's."""
+    path = Path(path)
+    jinja_file = path / "chat_template.jinja"
+    if jinja_file.is_file():
+        return jinja_file.read_text(encoding="utf-8")
+    config = _read_json(path / "tokenizer_config.json").get("chat_template")
+    if isinstance(config, list):  # the on-disk form of several named templates
+        return {t["name"]: t["template"] for t in config}
+    return config or None
+
+
+def _pick_template(template: str | dict[str, str], tools: list[dict] | None) -> str:
+    if isinstance(template, str):
+        return template
+    if tools and "tool_use" in template:
+        return template["tool_use"]
+    if "default" in template:
+        return template["default"]
+    raise ChatTemplateError(f"the model has several chat templates {sorted(template)} and none is named 'default'")
+
+
+@lru_cache(maxsize=256)
+def _load(path: str) -> ModelTokenizer:
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(path)
+    if not hf.is_fast:
+        raise ValueError(f"{path}: only fast (tokenizer.json) tokenizers are supported")
+    eos = {hf.eos_token_id} if hf.eos_token_id is not None else set()
+    return ModelTokenizer(hf, frozenset(eos | _generation_eos_ids(Path(path))), hf.chat_template)
+
+
+def _generation_eos_ids(path: Path) -> set[int]:
+    eos = _read_json(path / "generation_config.json").get("eos_token_id")
+    if eos is None:
+        return set()
+    return {eos} if isinstance(eos, int) else set(eos)
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}

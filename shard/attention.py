@@ -1,0 +1,97 @@
+"""Paged attention on the torch SDPA path.
+
+The KV cache of a layer is one tensor [2, num_slots, num_kv_heads, head_dim] (num_slots = num_blocks *
+block_size); a token's K/V live at its slot, slot = block_table[pos // block_size] * block_size +
+pos % block_size. Everything that depends only on the batch (slot indices, masks) is built once per step in
+AttentionMetadata and shared by all layers.
+
+Sliding window (transformers' Mistral semantics): query at position q sees keys at positions k with
+q - window < k <= q, i.e. itself and the window - 1 tokens before it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(slots=True)
+class AttentionMetadata:
+    is_prefill: bool
+    slot_mapping: torch.Tensor  # [T] cache slot each input token's K/V is written to
+    # Prefill: the flattened batch is split back into prompts; a mask only where a window cuts a prompt.
+    seq_lens: list[int]
+    prefill_window_masks: list[torch.Tensor | None]
+    # Decode: every sequence's context gathered by slot; True = attend. [B, 1, 1, max_ctx]
+    context_slots: torch.Tensor | None = None
+    context_mask: torch.Tensor | None = None
+    window_mask: torch.Tensor | None = None
+
+
+def _window_mask(length: int, window: int, device: torch.device) -> torch.Tensor:
+    pos = torch.arange(length, device=device)
+    delta = pos[:, None] - pos[None, :]
+    return (delta >= 0) & (delta < window)
+
+
+def prefill_metadata(seq_lens: list[int], slot_mapping: torch.Tensor, sliding_window: int | None) -> AttentionMetadata:
+    device = slot_mapping.device
+    masks = [
+        _window_mask(n, sliding_window, device) if sliding_window is not None and n > sliding_window else None
+        for n in seq_lens
+    ]
+    return AttentionMetadata(True, slot_mapping, seq_lens, masks)
+
+
+def decode_metadata(block_tables: torch.Tensor, context_lens: torch.Tensor, slot_mapping: torch.Tensor,
+                    block_size: int, sliding_window: int | None) -> AttentionMetadata:
+    """block_tables: [B, max_blocks] (padded with any valid block); context_lens: [B], counting the new token."""
+    max_ctx = int(context_lens.max())
+    pos = torch.arange(max_ctx, device=block_tables.device)
+    context_slots = block_tables[:, pos // block_size] * block_size + pos % block_size
+    valid = pos[None, :] < context_lens[:, None]
+    window = None
+    if sliding_window is not None:
+        window = (valid & (pos[None, :] >= context_lens[:, None] - sliding_window))[:, None, None, :]
+    return AttentionMetadata(False, slot_mapping, [], [], context_slots, valid[:, None, None, :], window)
+
+
+class PagedAttention:
+    """Writes this step's K/V into the layer's cache and attends over the cached context."""
+
+    __slots__ = ("num_heads", "num_kv_heads", "head_dim", "scale", "sliding_window")
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, sliding_window: int | None):
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.scale = head_dim ** -0.5
+        self.sliding_window = sliding_window
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata,
+                 kv_cache: torch.Tensor) -> torch.Tensor:
+        """q: [T, heads, head_dim]; k, v: [T, kv_heads, head_dim] -> [T, heads * head_dim]."""
+        kv_cache[0, meta.slot_mapping] = k
+        kv_cache[1, meta.slot_mapping] = v
+        out = self._prefill(q, k, v, meta) if meta.is_prefill else self._decode(q, meta, kv_cache)
+        return out.reshape(q.shape[0], self.num_heads * self.head_dim)
+
+    def _prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        # No prefix caching: a prompt's K/V are exactly this step's k/v, so attend without reading the cache.
+        outs = []
+        start = 0
+        for n, window_mask in zip(meta.seq_lens, meta.prefill_window_masks):
+            qs, ks, vs = (t[start:start + n].transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+            mask = window_mask if self.sliding_window is not None else None
+            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, is_causal=mask is None,
+                                               scale=self.scale, enable_gqa=True)
+            outs.append(o[0].transpose(0, 1))
+            start += n
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+    def _decode(self, q: torch.Tensor, meta: AttentionMetadata, kv_cache: torch.Tensor) -> torch.Tensor:
+        k = kv_cache[0, meta.context_slots].transpose(1, 2)  # [B, kv_heads, ctx, head_dim]
+        v = kv_cache[1, meta.context_slots].transpose(1, 2)
+        mask = meta.window_mask if self.sliding_window is not None else meta.context_mask
+        o = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=mask, scale=self.scale, enable_gqa=True)
+        return o.squeeze(2)

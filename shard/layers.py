@@ -1,0 +1,211 @@
+"""Building blocks of the Llama family, tensor-parallel aware.
+
+Every parallel layer owns the slicing rule for its weights: `load(param_name, src, shard)` reads only this
+rank's part of a checkpoint tensor (`src` is a safetensors slice, indexable like a tensor without loading
+it). With tp_size == 1 no torch.distributed call is ever made.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+
+def _is_distributed(tp_size: int) -> bool:
+    return tp_size > 1 and dist.is_available() and dist.is_initialized()
+
+
+def _param(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> nn.Parameter:
+    return nn.Parameter(torch.empty(shape, dtype=dtype, device=device), requires_grad=False)
+
+
+def _copy(dst: torch.Tensor, src: torch.Tensor, name: str) -> None:
+    if dst.shape != src.shape:
+        raise ValueError(f"tensor {name}: checkpoint slice has shape {tuple(src.shape)}, expected {tuple(dst.shape)}")
+    dst.copy_(src)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float, dtype: torch.dtype, device: torch.device | str):
+        super().__init__()
+        self.eps = eps
+        self.weight = _param((hidden_size,), dtype, device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Same op order as transformers: normalise in float32, cast back, then scale.
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+    def load(self, param_name: str, src, shard: str | None = None) -> None:
+        _copy(getattr(self, param_name).data, src[:], param_name)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin for a step's positions, computed once per forward and shared by every layer.
+
+    inv_freq and the attention scaling come from transformers' own rope init functions, so every rope_type
+    it knows (default, linear, llama3, yarn, ...) matches it. Dynamic NTK only grows past
+    max_position_embeddings, a length the router never admits.
+    """
+
+    def __init__(self, config, head_dim: int, device: torch.device | str):
+        super().__init__()
+        scaling = getattr(config, "rope_scaling", None) or {}
+        rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+        if rope_type not in ROPE_INIT_FUNCTIONS:
+            raise ValueError(f"unsupported rope_type {rope_type!r}")
+        inv_freq, self.attention_scaling = ROPE_INIT_FUNCTIONS[rope_type](config, torch.device(device))
+        if inv_freq.numel() * 2 != head_dim:
+            raise ValueError("partial rotary embeddings are not supported")
+        self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = torch.outer(positions.float(), self.inv_freq)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos = (emb.cos() * self.attention_scaling).to(dtype)
+        sin = (emb.sin() * self.attention_scaling).to(dtype)
+        # [T, 1, head_dim]: broadcasts over the heads of [T, heads, head_dim].
+        return cos.unsqueeze(1), sin.unsqueeze(1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class ColumnParallelLinear(nn.Module):
+    """y = x W^T + b with the output features split across ranks; the result stays sharded.
+
+    `out_sizes` lists the full sizes of the logical projections fused into this one (e.g. gate and up);
+    each is split evenly, and rank r holds part r of every one of them, concatenated.
+    """
+
+    def __init__(self, in_features: int, out_sizes: list[int], bias: bool, dtype: torch.dtype,
+                 device: torch.device | str, tp_rank: int = 0, tp_size: int = 1):
+        super().__init__()
+        for size in out_sizes:
+            if size % tp_size:
+                raise ValueError(f"output size {size} is not divisible by tp_size {tp_size}")
+        self._init_params(in_features, [size // tp_size for size in out_sizes], bias, dtype, device, tp_rank, tp_size)
+
+    def _init_params(self, in_features: int, local_sizes: list[int], bias: bool, dtype: torch.dtype,
+                     device: torch.device | str, tp_rank: int, tp_size: int) -> None:
+        self.tp_rank, self.tp_size = tp_rank, tp_size
+        self.local_sizes = local_sizes
+        self.weight = _param((sum(local_sizes), in_features), dtype, device)
+        self.bias = _param((sum(local_sizes),), dtype, device) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    def _rows(self, shard: int | str | None) -> tuple[int, int, int]:
+        """(destination offset, source start, length) of this rank's rows of logical projection `shard`."""
+        index = 0 if shard is None else int(shard)
+        size = self.local_sizes[index]
+        return sum(self.local_sizes[:index]), self.tp_rank * size, size
+
+    def load(self, param_name: str, src, shard: int | str | None = None) -> None:
+        dst_off, src_off, size = self._rows(shard)
+        dst = getattr(self, param_name).data
+        _copy(dst[dst_off:dst_off + size], src[src_off:src_off + size], param_name)
+
+
+class QKVParallelLinear(ColumnParallelLinear):
+    """Fused q/k/v projection split by heads. When there are fewer kv heads than ranks, kv heads are
+    replicated so that each rank holds the one its query heads use."""
+
+    def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool,
+                 dtype: torch.dtype, device: torch.device | str, tp_rank: int = 0, tp_size: int = 1):
+        nn.Module.__init__(self)
+        if num_heads % tp_size:
+            raise ValueError(f"num_attention_heads {num_heads} is not divisible by tp_size {tp_size}")
+        if num_kv_heads % tp_size and tp_size % num_kv_heads:
+            raise ValueError(f"num_key_value_heads {num_kv_heads} and tp_size {tp_size} do not divide each other")
+        self.num_heads = num_heads // tp_size
+        self.num_kv_heads = max(1, num_kv_heads // tp_size)
+        self.head_dim = head_dim
+        self.kv_head_start = tp_rank * num_kv_heads // tp_size
+        q_size, kv_size = self.num_heads * head_dim, self.num_kv_heads * head_dim
+        self._init_params(hidden_size, [q_size, kv_size, kv_size], bias, dtype, device, tp_rank, tp_size)
+
+    def _rows(self, shard: int | str | None) -> tuple[int, int, int]:
+        index = "qkv".index(shard)
+        size = self.local_sizes[index]
+        start = self.tp_rank * size if index == 0 else self.kv_head_start * self.head_dim
+        return sum(self.local_sizes[:index]), start, size
+
+
+class RowParallelLinear(nn.Module):
+    """y = x W^T + b with the input features split across ranks; partial sums are all-reduced."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype,
+                 device: torch.device | str, tp_rank: int = 0, tp_size: int = 1):
+        super().__init__()
+        if in_features % tp_size:
+            raise ValueError(f"input size {in_features} is not divisible by tp_size {tp_size}")
+        self.tp_rank, self.tp_size = tp_rank, tp_size
+        self.local_in = in_features // tp_size
+        self.weight = _param((out_features, self.local_in), dtype, device)
+        self.bias = _param((out_features,), dtype, device) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The bias is added once, after the reduction, not once per rank.
+        y = F.linear(x, self.weight)
+        if _is_distributed(self.tp_size):
+            dist.all_reduce(y)
+        return y if self.bias is None else y + self.bias
+
+    def load(self, param_name: str, src, shard: str | None = None) -> None:
+        dst = getattr(self, param_name).data
+        if param_name == "bias":
+            _copy(dst, src[:], param_name)
+        else:
+            start = self.tp_rank * self.local_in
+            _copy(dst, src[:, start:start + self.local_in], param_name)
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Embedding table split by vocab rows (padded to a multiple of tp_size). Also serves as the lm_head
+    weight, so that tied embeddings share one partitioned tensor."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, dtype: torch.dtype, device: torch.device | str,
+                 tp_rank: int = 0, tp_size: int = 1):
+        super().__init__()
+        self.vocab_size, self.tp_size = vocab_size, tp_size
+        self.local_vocab = -(-vocab_size // tp_size)
+        self.vocab_start = tp_rank * self.local_vocab
+        self.weight = _param((self.local_vocab, hidden_size), dtype, device)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if not _is_distributed(self.tp_size):
+            return F.embedding(input_ids, self.weight)
+        local = input_ids - self.vocab_start
+        outside = (local < 0) | (local >= self.local_vocab)
+        y = F.embedding(local.masked_fill(outside, 0), self.weight)
+        y = y.masked_fill(outside.unsqueeze(-1), 0)
+        dist.all_reduce(y)
+        return y
+
+    def load(self, param_name: str, src, shard: str | None = None) -> None:
+        end = min(self.vocab_start + self.local_vocab, self.vocab_size)
+        dst = self.weight.data
+        if end < self.vocab_start + self.local_vocab:
+            dst[end - self.vocab_start:].zero_()  # padding rows of the last rank
+        _copy(dst[:end - self.vocab_start], src[self.vocab_start:end], param_name)
+
+
+class ParallelLMHead(VocabParallelEmbedding):
+    """Projects hidden states to full-vocab logits (gathered from every rank's vocab slice)."""
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = F.linear(hidden, self.weight)
+        if _is_distributed(self.tp_size):
+            parts = [torch.empty_like(logits) for _ in range(self.tp_size)]
+            dist.all_gather(parts, logits)
+            logits = torch.cat(parts, dim=-1)
+        return logits[..., :self.vocab_size]

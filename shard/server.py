@@ -1,0 +1,116 @@
+"""The shard's gRPC service: turns `Step` calls into engine steps.
+
+The engine is synchronous PyTorch; it runs on one worker thread so that Health keeps answering
+while a step computes, and steps never overlap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+
+from proto import generate_pb2 as pb
+from proto import generate_pb2_grpc as pb_grpc
+from shard.engine import Engine, SamplingParams, SequenceRequest, TokenResult
+
+log = logging.getLogger("loom.shard")
+
+
+def sampling_from_proto(p: pb.SamplingParameters) -> SamplingParams:
+    return SamplingParams(
+        temperature=p.temperature,
+        top_k=p.top_k,
+        top_p=p.top_p or 1.0,
+        min_p=p.min_p,
+        typical_p=p.typical_p or 1.0,
+        repetition_penalty=p.repetition_penalty or 1.0,
+        frequency_penalty=p.frequency_penalty,
+        presence_penalty=p.presence_penalty,
+        seed=p.seed if p.HasField("seed") else None,
+    )
+
+
+def request_from_proto(r: pb.Request) -> SequenceRequest:
+    return SequenceRequest(
+        id=r.id,
+        input_ids=list(r.input_ids),
+        sampling=sampling_from_proto(r.sampling),
+        adapter_id=r.adapter_id,
+        top_n_tokens=r.top_n_tokens,
+        prefill_logprobs=r.prefill_logprobs,
+    )
+
+
+def generation_to_proto(t: TokenResult) -> pb.Generation:
+    return pb.Generation(
+        request_id=t.request_id,
+        token_id=t.token_id,
+        logprob=t.logprob,
+        top_tokens=[pb.TopToken(token_id=i, logprob=lp) for i, lp in t.top_tokens],
+        prefill_logprobs=t.prefill_logprobs,
+        error=t.error,
+    )
+
+
+class ShardService(pb_grpc.ShardServicer):
+    def __init__(self, engine: Engine, rank: int, world_size: int):
+        self.engine = engine
+        self.rank = rank
+        self.world_size = world_size
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+
+    async def _run(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
+
+    async def Info(self, request, context):
+        info = self.engine.info
+        return pb.InfoResponse(
+            model_type=info.model_type,
+            dtype=info.dtype,
+            device=info.device,
+            rank=self.rank,
+            world_size=self.world_size,
+            vocab_size=info.vocab_size,
+            max_position_embeddings=info.max_position_embeddings,
+            block_size=info.block_size,
+        )
+
+    async def Health(self, request, context):
+        return pb.HealthResponse()
+
+    async def Warmup(self, request, context):
+        num_blocks = await self._run(
+            self.engine.warmup, request.max_batch_prefill_tokens, request.max_batch_total_tokens
+        )
+        block_size = self.engine.info.block_size
+        return pb.WarmupResponse(
+            num_blocks=num_blocks, block_size=block_size, max_supported_total_tokens=num_blocks * block_size
+        )
+
+    async def Step(self, request, context):
+        prefill = [request_from_proto(r) for r in request.prefill]
+        results = await self._run(self.engine.step, prefill, list(request.decode), list(request.release))
+        return pb.StepResponse(
+            generations=[generation_to_proto(t) for t in results], free_blocks=self.engine.free_blocks
+        )
+
+    async def Clear(self, request, context):
+        await self._run(self.engine.clear)
+        return pb.ClearResponse()
+
+    async def LoadAdapter(self, request, context):
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "adapters are not supported by this shard yet")
+
+
+async def serve(engine: Engine, socket_path: str, rank: int, world_size: int) -> None:
+    server = grpc.aio.server(
+        options=[("grpc.max_send_message_length", 256 << 20), ("grpc.max_receive_message_length", 256 << 20)]
+    )
+    pb_grpc.add_ShardServicer_to_server(ShardService(engine, rank, world_size), server)
+    server.add_insecure_port(f"unix://{socket_path}")
+    await server.start()
+    log.info("shard %d/%d serving on %s", rank, world_size, socket_path)
+    await server.wait_for_termination()

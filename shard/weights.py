@@ -1,0 +1,100 @@
+"""Loads Hugging Face safetensors checkpoints into CausalLM, each rank reading only its own slices."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from shard.model import CausalLM
+
+class CheckpointError(ValueError):
+    pass
+
+
+# HF projection name -> (our fused module, which part of it).
+_FUSED = {
+    "q_proj": ("qkv_proj", "q"),
+    "k_proj": ("qkv_proj", "k"),
+    "v_proj": ("qkv_proj", "v"),
+    "gate_proj": ("gate_up_proj", 0),
+    "up_proj": ("gate_up_proj", 1),
+}
+# Tensors some checkpoints carry that the model recomputes.
+_IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
+
+
+def checkpoint_files(model_dir: str | Path) -> list[Path]:
+    """The safetensors files of a model dir: the shards named by model.safetensors.index.json, or the
+    single model.safetensors."""
+    model_dir = Path(model_dir)
+    index = model_dir / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = [model_dir / name for name in sorted(set(weight_map.values()))]
+    else:
+        files = [model_dir / "model.safetensors"]
+    for path in files:
+        if not path.exists():
+            raise CheckpointError(f"checkpoint file {path} is missing (model dir {model_dir})")
+    return files
+
+
+def _target(name: str) -> tuple[str, str, str | int | None]:
+    """HF tensor name -> (our module path, parameter name, fused part)."""
+    module, _, param = name.rpartition(".")
+    parent, _, leaf = module.rpartition(".")
+    if leaf in _FUSED:
+        fused, part = _FUSED[leaf]
+        return f"{parent}.{fused}", param, part
+    return module, param, None
+
+
+def expected_tensors(model: CausalLM) -> set[str]:
+    """The HF tensor names that fill every parameter of `model`."""
+    unfused: dict[str, list[str]] = {}
+    for hf_leaf, (fused, _) in _FUSED.items():
+        unfused.setdefault(fused, []).append(hf_leaf)
+    names = set()
+    for full, _ in model.named_parameters(remove_duplicate=False):
+        module, _, param = full.rpartition(".")
+        parent, _, leaf = module.rpartition(".")
+        names.update(f"{parent}.{hf_leaf}.{param}" for hf_leaf in unfused.get(leaf, []))
+        if leaf not in unfused:
+            names.add(full)
+    if model.config.tie_word_embeddings:
+        names.discard("lm_head.weight")
+    return names
+
+
+def load_weights(model: CausalLM, model_dir: str | Path) -> None:
+    """Copies every checkpoint tensor into `model` (converting dtype); raises naming the file and tensor
+    when a tensor is unknown or has the wrong shape, and naming the tensors the checkpoint lacks."""
+    missing = expected_tensors(model)
+    tied = model.config.tie_word_embeddings
+    for path in checkpoint_files(model_dir):
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            for name in f.keys():
+                if _IGNORED.match(name) or (tied and name == "lm_head.weight"):
+                    continue
+                if name not in missing:
+                    raise CheckpointError(f"{path.name}: tensor {name!r} is unknown to {model.config.model_type} "
+                                          "or appears twice")
+                module, param, part = _target(name)
+                try:
+                    model.get_submodule(module).load(param, f.get_slice(name), part)
+                except ValueError as e:
+                    raise CheckpointError(f"{path.name}: tensor {name!r}: {e}") from e
+                missing.discard(name)
+    if missing:
+        raise CheckpointError(f"checkpoint {model_dir} lacks tensors: {', '.join(sorted(missing))}")
+
+
+def load_model(config, model_dir: str | Path, dtype: torch.dtype, device: torch.device | str,
+               tp_rank: int = 0, tp_size: int = 1) -> CausalLM:
+    model = CausalLM(config, dtype, device, tp_rank, tp_size)
+    load_weights(model, model_dir)
+    return model.eval()

@@ -1,0 +1,136 @@
+"""Shared fixtures: tiny models in the real HF format, the transformers reference, a launched server."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from launcher.tiny_model import FAMILIES, build_tiny_model
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def model_dirs(tmp_path_factory) -> dict[str, Path]:
+    """One tiny random model per supported family, built once per test session."""
+    root = tmp_path_factory.mktemp("models")
+    return {family: build_tiny_model(root / family, family, seed=i) for i, family in enumerate(FAMILIES)}
+
+
+@pytest.fixture(scope="session")
+def llama_dir(model_dirs) -> Path:
+    return model_dirs["llama"]
+
+
+class Reference:
+    """transformers (+ peft) greedy decoding: the correctness reference every test compares to."""
+
+    def __init__(self):
+        self._models = {}
+
+    def model(self, model_dir: Path):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        key = str(model_dir)
+        if key not in self._models:
+            self._models[key] = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        return self._models[key]
+
+    def greedy(self, model_dir: Path, input_ids: list[int], max_new_tokens: int, stop_at_eos: bool = True) -> list[int]:
+        """Generated ids; when stopping at EOS the EOS token is included, as the server emits it."""
+        import torch
+
+        model = self.model(model_dir)
+        eos = model.generation_config.eos_token_id if stop_at_eos else None
+        with torch.inference_mode():
+            out = model.generate(
+                torch.tensor([input_ids]), attention_mask=torch.ones(1, len(input_ids), dtype=torch.long),
+                max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos,
+                pad_token_id=model.generation_config.pad_token_id,
+            )
+        return out[0, len(input_ids):].tolist()
+
+
+@pytest.fixture(scope="session")
+def reference() -> Reference:
+    return Reference()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LoomServer:
+    """A real `loom` launcher process (shards + router) on a free loopback port."""
+
+    def __init__(self, model_dir: Path | None, *args: str, env: dict | None = None):
+        self.port = free_port()
+        cmd = [sys.executable, "-m", "launcher", "--port", str(self.port)]
+        if model_dir is not None:
+            cmd += ["--model-id", str(model_dir)]
+        self.cmd = cmd + list(args)
+        self.env = {**os.environ, **(env or {})}
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 120.0) -> "LoomServer":
+        self.proc = subprocess.Popen(self.cmd, cwd=REPO, env=self.env)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"loom exited with code {self.proc.returncode} while starting")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.25)
+        self.stop()
+        raise TimeoutError("loom did not become healthy in time")
+
+    def stop(self) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+@pytest.fixture(scope="module")
+def server(llama_dir):
+    srv = LoomServer(llama_dir).start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def openai_client(server):
+    from openai import OpenAI
+
+    return OpenAI(api_key="EMPTY", base_url=f"{server.url}/v1", max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(llama_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(llama_dir)
