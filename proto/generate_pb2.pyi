@@ -51,14 +51,18 @@ class WarmupRequest(_message.Message):
     def __init__(self, max_input_length: _Optional[int] = ..., max_batch_prefill_tokens: _Optional[int] = ..., max_total_tokens: _Optional[int] = ..., max_batch_total_tokens: _Optional[int] = ...) -> None: ...
 
 class WarmupResponse(_message.Message):
-    __slots__ = ("num_blocks", "block_size", "max_supported_total_tokens")
+    __slots__ = ("num_blocks", "block_size", "max_supported_total_tokens", "adapter_pages", "adapter_page_rank")
     NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_SUPPORTED_TOTAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_PAGES_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_PAGE_RANK_FIELD_NUMBER: _ClassVar[int]
     num_blocks: int
     block_size: int
     max_supported_total_tokens: int
-    def __init__(self, num_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., max_supported_total_tokens: _Optional[int] = ...) -> None: ...
+    adapter_pages: int
+    adapter_page_rank: int
+    def __init__(self, num_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., max_supported_total_tokens: _Optional[int] = ..., adapter_pages: _Optional[int] = ..., adapter_page_rank: _Optional[int] = ...) -> None: ...
 
 class SamplingParameters(_message.Message):
     __slots__ = ("temperature", "top_k", "top_p", "min_p", "typical_p", "repetition_penalty", "frequency_penalty", "presence_penalty", "seed")
@@ -159,7 +163,11 @@ class LoadAdapterRequest(_message.Message):
     def __init__(self, adapter_id: _Optional[str] = ..., path: _Optional[str] = ...) -> None: ...
 
 class LoadAdapterResponse(_message.Message):
-    __slots__ = ("error",)
+    __slots__ = ("error", "rank", "pages")
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    PAGES_FIELD_NUMBER: _ClassVar[int]
     error: str
-    def __init__(self, error: _Optional[str] = ...) -> None: ...
+    rank: int
+    pages: int
+    def __init__(self, error: _Optional[str] = ..., rank: _Optional[int] = ..., pages: _Optional[int] = ...) -> None: ...

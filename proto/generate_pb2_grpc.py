@@ -105,7 +105,8 @@ class ShardServicer:
         raise NotImplementedError('Method not implemented!')
 
     def LoadAdapter(self, request, context):
-        """Makes an adapter resident (loads it from disk into the adapter cache) before requests use it.
+        """Checks an adapter against the model and registers it (read into the host cache); requests may then name it.
+        It is paged into the device pool when a step needs it, and evicted (LRU) when the pool is full.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
