@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Adapters that may be scheduled in the running batch at once (default: %(default)s).")
     p.add_argument("--api-key", metavar="KEY", default=os.environ.get("LOOM_API_KEY"),
                    help="When set, every route but /health needs 'Authorization: Bearer KEY'. Default: $LOOM_API_KEY.")
-    p.add_argument("--json-output", action="store_true", help="Log as JSON lines (also asks the shards and router to).")
+    p.add_argument("--json-output", action="store_true", help="Log as JSON lines; the shards and router see LOOM_LOG_FORMAT=json in their environment.")
     return p
 
 
@@ -192,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     except ModelSourceError as e:
         log.error(str(e))
         return 1
+    except KeyboardInterrupt:  # Ctrl-C during a download or the demo build: no traceback
+        return 130
     try:
         limits = derive_limits(args, max_position_embeddings(model.path))
     except FlagError as e:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from launcher.hub import HubError, snapshot, split_revision
 
 DEMO_MODEL_ID = "demo"
 # Bump the suffix whenever DEMO_CONFIG changes so that caches built by older versions are not reused.
@@ -24,7 +25,6 @@ DEMO_CONFIG = dict(
 )
 # Everything the router and shards read; skips pickled *.bin / *.pt weights and other large extras.
 HUB_ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.model", "*.txt", "*.tiktoken"]
-HUB_REPO_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
 
 
 class ModelSourceError(Exception):
@@ -43,10 +43,10 @@ def resolve_model(model_id: str | None) -> ResolvedModel:
     path = Path(model_id).expanduser()
     if path.is_dir():
         return ResolvedModel(check_model_dir(path.resolve(), model_id), model_id)
-    repo_id, _, revision = model_id.partition("@")
-    if not HUB_REPO_ID.match(repo_id):
-        raise ModelSourceError(f"model {model_id!r} is neither a local directory nor a hub repo id (org/name[@revision])")
-    return ResolvedModel(check_model_dir(download(repo_id, revision or None), model_id), repo_id)
+    if model_id.startswith(("/", ".", "~")) or model_id.count("/") > 1:
+        raise ModelSourceError(f"model directory {model_id!r} does not exist")
+    repo_id, revision = split_revision(model_id)
+    return ResolvedModel(check_model_dir(download(repo_id, revision), model_id), repo_id)
 
 
 def check_model_dir(path: Path, model_id: str) -> Path:
@@ -70,32 +70,11 @@ def max_position_embeddings(model_dir: Path) -> int | None:
 
 
 def download(repo_id: str, revision: str | None) -> Path:
-    """A hub snapshot via huggingface_hub, which honours HF_HOME, HF_TOKEN and HF_HUB_OFFLINE and shows
-    its own progress bars on a terminal."""
-    from huggingface_hub import constants, snapshot_download
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        HFValidationError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
-
-    shown = f"{repo_id}@{revision}" if revision else repo_id
+    """A hub snapshot via huggingface_hub (HF_HOME, HF_TOKEN, HF_HUB_OFFLINE; its own progress bars)."""
     try:
-        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_ALLOW_PATTERNS))
-    except LocalEntryNotFoundError:
-        if constants.HF_HUB_OFFLINE:
-            raise ModelSourceError(f"model {shown!r} not found in the local hub cache and HF_HUB_OFFLINE=1") from None
-        raise ModelSourceError(f"model {shown!r} could not be downloaded (no connection to the hub?) and is not in the local hub cache") from None
-    except GatedRepoError:
-        raise ModelSourceError(f"model {shown!r} is gated: accept its terms on the hub and set HF_TOKEN") from None
-    except RevisionNotFoundError:
-        raise ModelSourceError(f"revision {revision!r} not found for model {repo_id!r}") from None
-    except RepositoryNotFoundError:
-        raise ModelSourceError(f"model {shown!r} not found on the hub (private repos need HF_TOKEN)") from None
-    except (HFValidationError, OSError) as e:
-        raise ModelSourceError(f"model {shown!r}: {e}") from None
+        return snapshot(repo_id, revision, HUB_ALLOW_PATTERNS)
+    except HubError as e:
+        raise ModelSourceError(str(e)) from None
 
 
 # ---- demo model --------------------------------------------------------------------------------------

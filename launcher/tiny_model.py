@@ -132,3 +132,35 @@ def build_tiny_model(
 
 def read_config(path: str | Path) -> dict:
     return json.loads((Path(path) / "config.json").read_text())
+
+
+def build_tiny_adapter(
+    path: str | Path,
+    base_model_dir: str | Path,
+    rank: int = 8,
+    alpha: float = 16,
+    target_modules: list[str] | str = ("q_proj", "v_proj"),
+    use_rslora: bool = False,
+    seed: int = 0,
+    init_scale: float = 0.1,
+) -> Path:
+    """Writes a PEFT LoRA adapter of the model at `base_model_dir` to `path` (peft's own save_pretrained:
+    adapter_config.json + adapter_model.safetensors) and returns the path. lora_B is drawn at random
+    (peft initialises it to zero) so that the adapter changes the model's outputs."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    path = Path(path)
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_pretrained(base_model_dir, dtype=torch.float32)
+    targets = target_modules if isinstance(target_modules, str) else list(target_modules)
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, use_rslora=use_rslora,
+                        lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
+    model = get_peft_model(base, config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, init_scale)
+    model.save_pretrained(path)
+    return path

@@ -18,6 +18,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from proto import generate_pb2 as pb
 from router import native_api, openai_api
+from router.adapters import AdapterRegistry
 from router.backend import Backend, parse_body
 from router.config import RouterConfig
 from router.errors import APIError
@@ -156,8 +157,10 @@ async def _start_backend(app: Starlette, config: RouterConfig) -> None:
                            f"{config.max_total_tokens}: lower it or give the shards more memory")
     tokenizer = await asyncio.to_thread(ModelTokenizer.from_dir, config.model_dir)
     scheduler = Scheduler(client, warm.num_blocks, warm.block_size, config.max_batch_prefill_tokens,
-                          config.max_concurrent_requests)
-    app.state.backend = Backend(config, tokenizer, scheduler, capacity, app.state.shard_info.vocab_size)
+                          config.max_concurrent_requests, config.max_active_adapters, warm.adapter_pages)
+    adapters = AdapterRegistry(config.model_id, tokenizer, client, config.adapters, config.local_adapter_roots,
+                               config.adapter_source, warm.adapter_pages, app.state.metrics)
+    app.state.backend = Backend(config, tokenizer, scheduler, capacity, app.state.shard_info.vocab_size, adapters)
     app.state.metrics.watch(scheduler)
     log.info("KV cache: %d blocks of %d tokens (%d tokens)", warm.num_blocks, warm.block_size, capacity)
 

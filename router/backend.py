@@ -12,8 +12,9 @@ from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 
 from proto import generate_pb2 as pb
+from router.adapters import Adapter, AdapterRegistry
 from router.config import RouterConfig
-from router.errors import APIError, bad_request
+from router.errors import bad_request
 from router.scheduler import GenerationRequest, Scheduler
 from router.tokenization import ModelTokenizer
 
@@ -25,14 +26,14 @@ class Backend:
     scheduler: Scheduler
     max_supported_total_tokens: int
     vocab_size: int  # the model's (embedding rows), which can exceed the tokenizer's
+    adapters: AdapterRegistry
     started: int = field(default_factory=lambda: int(time.time()))
 
-    def resolve_model(self, name: str | None, param: str = "model") -> str:
-        """Maps a request's model / adapter_id to the adapter key the shards use ("" = base)."""
-        if name in (None, "", self.config.model_id):
-            return ""
-        raise APIError(404, f"model '{name}' not found: this server serves only '{self.config.model_id}'",
-                       param=param, code="model_not_found")
+    async def resolve_model(self, name: str | None, source: str | None = None, api_token: str | None = None,
+                            param: str = "model") -> tuple[Adapter | None, ModelTokenizer]:
+        """A request's model / adapter_id → (the adapter or None for the base model, the tokenizer to use)."""
+        adapter = await self.adapters.resolve(name, source, api_token, param)
+        return adapter, (adapter.tokenizer if adapter else self.tokenizer)
 
     def check_lengths(self, input_ids: list[int], max_new_tokens: int | None, default_new_tokens: int | None,
                       input_param: str, tokens_param: str) -> int:
@@ -58,15 +59,16 @@ class Backend:
                 f"--max-total-tokens={cfg.max_total_tokens}", param=tokens_param)
         return max_new_tokens
 
-    def generation_request(self, input_ids: list[int], max_new_tokens: int, adapter_id: str,
-                           sampling: pb.SamplingParameters, ignore_eos: bool = False,
+    def generation_request(self, input_ids: list[int], max_new_tokens: int, adapter: Adapter | None,
+                           tokenizer: ModelTokenizer, sampling: pb.SamplingParameters, ignore_eos: bool = False,
                            top_n_tokens: int = 0, prefill_logprobs: bool = False) -> GenerationRequest:
         return GenerationRequest(
             input_ids=input_ids,
             max_new_tokens=max_new_tokens,
             sampling=sampling,
-            adapter_id=adapter_id,
-            stop_token_ids=frozenset(self.tokenizer.eos_token_ids),
+            adapter_id=adapter.id if adapter else "",
+            adapter_pages=adapter.pages if adapter else 0,
+            stop_token_ids=tokenizer.eos_token_ids,
             ignore_eos=ignore_eos,
             top_n_tokens=top_n_tokens,
             prefill_logprobs=prefill_logprobs,

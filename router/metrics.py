@@ -17,6 +17,11 @@ class Metrics:
         self.running = Gauge("loom_running_requests", "Requests being generated on the shards", registry=r)
         self.waiting = Gauge("loom_waiting_requests", "Requests queued for admission", registry=r)
         self.kv_blocks_total = Gauge("loom_kv_blocks_total", "KV cache blocks on the shards", registry=r)
+        self.adapter_loads = Counter("loom_adapter_loads", "Adapters resolved and registered on the shards",
+                                     registry=r)
+        self.adapter_load_seconds = Histogram("loom_adapter_load_seconds", "Time to resolve and register an adapter",
+                                              registry=r)
+        self.active_adapters = Gauge("loom_active_adapters", "Distinct adapters in the running batch", registry=r)
         self.kv_blocks_reserved = Gauge("loom_kv_blocks_reserved", "KV blocks reserved by admitted requests",
                                         registry=r)
 
@@ -26,6 +31,7 @@ class Metrics:
         self.waiting.set_function(lambda: scheduler.num_waiting)
         self.kv_blocks_total.set_function(lambda: scheduler.num_blocks)
         self.kv_blocks_reserved.set_function(lambda: scheduler.reserved_blocks)
+        self.active_adapters.set_function(lambda: scheduler.active_adapters)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

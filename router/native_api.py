@@ -9,11 +9,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
+from router.adapters import Adapter
 from router.backend import Backend, parse_body, sampling_parameters
 from router.errors import APIError, bad_request
 from router.scheduler import GenerationFailed
 from router.sse import sse_event, sse_response
 from router.text_stream import TextChunk, generate_text
+from router.tokenization import ModelTokenizer
 
 
 class _Lax(BaseModel):
@@ -75,8 +77,7 @@ class GenerateRequest(_Lax):
     stream: bool = False
 
 
-def _token(backend: Backend, token_id: int, logprob: float) -> dict:
-    tok = backend.tokenizer
+def _token(tok: ModelTokenizer, token_id: int, logprob: float) -> dict:
     return {"id": token_id, "text": tok.decode_token(token_id), "logprob": logprob if math.isfinite(logprob) else None,
             "special": token_id in tok.special_ids}
 
@@ -84,9 +85,11 @@ def _token(backend: Backend, token_id: int, logprob: float) -> dict:
 class _Native:
     """One native request, prepared: validation done, ready to run or stream."""
 
-    def __init__(self, backend: Backend, body: GenerateRequest, input_ids: list[int]):
+    def __init__(self, backend: Backend, adapter: Adapter | None, tokenizer: ModelTokenizer, body: GenerateRequest,
+                 input_ids: list[int]):
         p = body.parameters
         self.backend = backend
+        self.tokenizer = tokenizer
         self.body = body
         self.input_ids = input_ids
         self.seed = None
@@ -94,31 +97,30 @@ class _Native:
         if p.samples:
             self.seed = p.seed if p.seed is not None else random.getrandbits(63)
             temperature = p.temperature or 1.0
-        adapter_id = backend.resolve_model(p.adapter_id, param="parameters.adapter_id")
         max_new = backend.check_lengths(input_ids, p.max_new_tokens, None, "inputs", "parameters.max_new_tokens")
         sampling = sampling_parameters(temperature=temperature, top_k=p.top_k, top_p=p.top_p, typical_p=p.typical_p,
                                        repetition_penalty=p.repetition_penalty, seed=self.seed)
         self.request = backend.generation_request(
-            input_ids, max_new, adapter_id, sampling, ignore_eos=p.ignore_eos_token,
+            input_ids, max_new, adapter, tokenizer, sampling, ignore_eos=p.ignore_eos_token,
             top_n_tokens=p.return_k_alternatives or 0, prefill_logprobs=p.decoder_input_details)
 
     def chunks(self):
-        return generate_text(self.backend.scheduler, self.backend.tokenizer, self.request, self.body.parameters.stop)
+        return generate_text(self.backend.scheduler, self.tokenizer, self.request, self.body.parameters.stop)
 
     def full_text(self, generated: str) -> str:
         return self.body.inputs + generated if self.body.parameters.return_full_text else generated
 
     def token(self, chunk: TextChunk) -> dict:
-        t = _token(self.backend, chunk.token.token_id, chunk.token.logprob)
+        t = _token(self.tokenizer, chunk.token.token_id, chunk.token.logprob)
         if self.body.parameters.return_k_alternatives:
-            t["alternative_tokens"] = [_token(self.backend, i, lp) for i, lp in chunk.token.top_tokens]
+            t["alternative_tokens"] = [_token(self.tokenizer, i, lp) for i, lp in chunk.token.top_tokens]
         return t
 
     def prefill(self, first: TextChunk | None) -> list[dict]:
         if not self.body.parameters.decoder_input_details:
             return []
         logprobs = (first.token.prefill_logprobs if first else None) or [math.nan] * len(self.input_ids)
-        return [_token(self.backend, t, lp) for t, lp in zip(self.input_ids, logprobs)]
+        return [_token(self.tokenizer, t, lp) for t, lp in zip(self.input_ids, logprobs)]
 
     def details(self, finish_reason: str, tokens: list[dict], first: TextChunk | None) -> dict:
         return {"finish_reason": finish_reason, "prompt_tokens": len(self.input_ids),
@@ -130,11 +132,13 @@ async def _prepare(request: Request, body: GenerateRequest | None = None) -> _Na
     backend: Backend = request.app.state.backend
     if body is None:
         body = await parse_body(request, GenerateRequest)
-    input_ids = await backend.tokenize(backend.tokenizer.encode, body.inputs)
-    truncate = body.parameters.truncate
-    if truncate is not None and len(input_ids) > truncate:
-        input_ids = input_ids[-truncate:]
-    return _Native(backend, body, input_ids)
+    p = body.parameters
+    adapter, tokenizer = await backend.resolve_model(p.adapter_id, p.adapter_source, p.api_token,
+                                                     param="parameters.adapter_id")
+    input_ids = await backend.tokenize(tokenizer.encode, body.inputs)
+    if p.truncate is not None and len(input_ids) > p.truncate:
+        input_ids = input_ids[-p.truncate:]
+    return _Native(backend, adapter, tokenizer, body, input_ids)
 
 
 async def _generate_response(native: _Native) -> dict:

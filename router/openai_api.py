@@ -11,12 +11,13 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
+from router.adapters import Adapter
 from router.backend import Backend, parse_body, sampling_parameters
 from router.errors import APIError, bad_request
 from router.scheduler import GenerationFailed
 from router.sse import DONE, sse_event, sse_response
 from router.text_stream import TextChunk, generate_text
-from router.tokenization import ChatTemplateError
+from router.tokenization import ChatTemplateError, ModelTokenizer
 
 FINISH_REASONS = {"eos_token": "stop", "stop_sequence": "stop", "length": "length"}
 
@@ -128,8 +129,10 @@ def _safe_logprob(x: float) -> float:
 class _Completion:
     """The state one OpenAI response is built from, for both routes and both stream modes."""
 
-    def __init__(self, backend: Backend, body: _Sampling, kind: str, prompt_tokens: int, top_logprobs: int | None):
+    def __init__(self, backend: Backend, tokenizer: ModelTokenizer, body: _Sampling, kind: str, prompt_tokens: int,
+                 top_logprobs: int | None):
         self.backend = backend
+        self.tokenizer = tokenizer
         self.body = body
         self.kind = kind  # "chat" or "text"
         self.id = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
@@ -142,7 +145,7 @@ class _Completion:
     def token_logprobs(self, chunk: TextChunk) -> dict | None:
         if self.top_logprobs is None:
             return None
-        tok = self.backend.tokenizer
+        tok = self.tokenizer
         event = chunk.token
         top = event.top_tokens[: self.top_logprobs]
         if self.kind == "chat":
@@ -219,15 +222,15 @@ def _failure(e: GenerationFailed) -> APIError:
     return APIError(500 if e.server_error else 400, str(e))
 
 
-async def _respond(backend: Backend, body: _Sampling, kind: str, input_ids: list[int], max_tokens: int | None,
-                   default_max_tokens: int | None, input_param: str, top_logprobs: int | None):
-    adapter_id = backend.resolve_model(body.model)
+async def _respond(backend: Backend, adapter: Adapter | None, tokenizer: ModelTokenizer, body: _Sampling, kind: str,
+                   input_ids: list[int], max_tokens: int | None, default_max_tokens: int | None, input_param: str,
+                   top_logprobs: int | None):
     tokens_param = "max_completion_tokens" if kind == "chat" and body.max_tokens is None else "max_tokens"
     max_new = backend.check_lengths(input_ids, max_tokens, default_max_tokens, input_param, tokens_param)
-    request = backend.generation_request(input_ids, max_new, adapter_id, body.sampling(), ignore_eos=body.ignore_eos,
-                                         top_n_tokens=top_logprobs or 0)
-    completion = _Completion(backend, body, kind, len(input_ids), top_logprobs)
-    chunks = generate_text(backend.scheduler, backend.tokenizer, request, body.stop_strings())
+    request = backend.generation_request(input_ids, max_new, adapter, tokenizer, body.sampling(),
+                                         ignore_eos=body.ignore_eos, top_n_tokens=top_logprobs or 0)
+    completion = _Completion(backend, tokenizer, body, kind, len(input_ids), top_logprobs)
+    chunks = generate_text(backend.scheduler, tokenizer, request, body.stop_strings())
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return sse_response(_stream(completion, chunks, include_usage))
@@ -241,22 +244,25 @@ async def chat_completions(request: Request):
     backend = _backend(request)
     body: ChatCompletionRequest = await parse_body(request, ChatCompletionRequest)
     messages = [m.as_template_input() for m in body.messages]
+    adapter, tokenizer = await backend.resolve_model(body.model)
     try:
-        input_ids = await backend.tokenize(backend.tokenizer.apply_chat_template, messages)
+        input_ids = await backend.tokenize(tokenizer.apply_chat_template, messages)
     except ChatTemplateError as e:
         raise bad_request(str(e), param="messages") from None
     top_logprobs = (body.top_logprobs or 0) if body.logprobs else None
     if body.top_logprobs and not body.logprobs:
         raise bad_request("`top_logprobs` requires `logprobs` to be true", param="top_logprobs")
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    return await _respond(backend, body, "chat", input_ids, max_tokens, None, "messages", top_logprobs)
+    return await _respond(backend, adapter, tokenizer, body, "chat", input_ids, max_tokens, None, "messages",
+                          top_logprobs)
 
 
 async def completions(request: Request):
     backend = _backend(request)
     body: CompletionRequest = await parse_body(request, CompletionRequest)
+    adapter, tokenizer = await backend.resolve_model(body.model)
     if isinstance(body.prompt, str):
-        input_ids = await backend.tokenize(backend.tokenizer.encode, body.prompt)
+        input_ids = await backend.tokenize(tokenizer.encode, body.prompt)
     else:
         input_ids = body.prompt
         bad = [t for t in input_ids if not 0 <= t < backend.vocab_size]
@@ -264,11 +270,13 @@ async def completions(request: Request):
             raise bad_request(f"`prompt` holds token id {bad[0]}, outside the vocabulary "
                               f"[0, {backend.vocab_size})", param="prompt")
     # OpenAI's legacy completions default to 16 new tokens.
-    return await _respond(backend, body, "text", input_ids, body.max_tokens, 16, "prompt", body.logprobs)
+    return await _respond(backend, adapter, tokenizer, body, "text", input_ids, body.max_tokens, 16, "prompt",
+                          body.logprobs)
 
 
 async def models(request: Request):
     backend = _backend(request)
     base = backend.config.model_id
     data = [{"id": base, "object": "model", "created": backend.started, "owned_by": "loom", "parent": None}]
+    data += backend.adapters.listed()
     return JSONResponse({"object": "list", "data": data})

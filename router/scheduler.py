@@ -29,6 +29,7 @@ class GenerationRequest:
     max_new_tokens: int
     sampling: pb.SamplingParameters = field(default_factory=pb.SamplingParameters)
     adapter_id: str = ""
+    adapter_pages: int = 0
     stop_token_ids: frozenset[int] = frozenset()
     ignore_eos: bool = False
     top_n_tokens: int = 0
@@ -109,6 +110,8 @@ class Scheduler:
         block_size: int,
         max_batch_prefill_tokens: int,
         max_concurrent_requests: int,
+        max_active_adapters: int = 128,
+        adapter_pages: int = 0,
     ):
         self.client = client
         self.num_blocks = num_blocks
@@ -116,6 +119,10 @@ class Scheduler:
         self.max_batch_prefill_tokens = max_batch_prefill_tokens
         self.max_concurrent_requests = max_concurrent_requests
         self.reserved_blocks = 0
+        self.max_active_adapters = max_active_adapters
+        self.adapter_pages = adapter_pages
+        self.adapter_pages_used = 0
+        self._adapter_refs: dict[str, int] = {}  # adapter id → running sequences using it
         self.healthy = True
         self._ids = itertools.count(1)
         self._waiting: deque[Sequence] = deque()
@@ -192,7 +199,11 @@ class Scheduler:
             self._deliver(gen)
 
     def _admit(self) -> list[Sequence]:
-        """FIFO admission under the KV-block and per-step prefill-token budgets."""
+        """Strict FIFO admission under the KV-block, prefill-token and adapter budgets.
+
+        Stopping at the first request that does not fit (instead of skipping it) is what keeps a request
+        for a new adapter from starving behind a stream of requests for already-active adapters.
+        """
         admitted, prefill_tokens = [], 0
         while self._waiting:
             seq = self._waiting[0]
@@ -201,12 +212,41 @@ class Scheduler:
                 break
             if admitted and prefill_tokens + n > self.max_batch_prefill_tokens:
                 break
+            if not self._adapter_fits(seq.request):
+                break
             self._waiting.popleft()
             self.reserved_blocks += seq.blocks
+            self._acquire_adapter(seq.request)
             prefill_tokens += n
             seq.state = State.PREFILLING
             admitted.append(seq)
         return admitted
+
+    def _adapter_fits(self, request: GenerationRequest) -> bool:
+        adapter = request.adapter_id
+        if not adapter or adapter in self._adapter_refs:
+            return True
+        return (len(self._adapter_refs) < self.max_active_adapters
+                and self.adapter_pages_used + request.adapter_pages <= self.adapter_pages)
+
+    def _acquire_adapter(self, request: GenerationRequest) -> None:
+        adapter = request.adapter_id
+        if adapter:
+            if adapter not in self._adapter_refs:
+                self.adapter_pages_used += request.adapter_pages
+            self._adapter_refs[adapter] = self._adapter_refs.get(adapter, 0) + 1
+
+    def _release_adapter(self, request: GenerationRequest) -> None:
+        adapter = request.adapter_id
+        if adapter:
+            self._adapter_refs[adapter] -= 1
+            if not self._adapter_refs[adapter]:
+                del self._adapter_refs[adapter]
+                self.adapter_pages_used -= request.adapter_pages
+
+    @property
+    def active_adapters(self) -> int:
+        return len(self._adapter_refs)
 
     def _deliver(self, gen: pb.Generation) -> None:
         seq = self._running.get(gen.request_id)
@@ -239,6 +279,7 @@ class Scheduler:
         seq.state = State.DONE
         if self._running.pop(seq.id, None) is not None:
             self.reserved_blocks -= seq.blocks
+            self._release_adapter(seq.request)
             self._to_release.append(seq.id)
             self._wake.set()
 

@@ -60,9 +60,10 @@ class ShardClient:
     async def clear(self) -> None:
         await self._all("Clear", pb.ClearRequest(), timeout=30)
 
-    async def load_adapter(self, adapter_id: str, path: str) -> str:
+    async def load_adapter(self, adapter_id: str, path: str) -> tuple[str, int, int]:
+        """Registers an adapter on every rank; returns (error, rank, pool pages)."""
         reply = await self._all("LoadAdapter", pb.LoadAdapterRequest(adapter_id=adapter_id, path=path), timeout=600)
-        return reply.error
+        return reply.error, reply.rank, reply.pages
 
     async def close(self) -> None:
         await asyncio.gather(*(c.close() for c in self._channels))

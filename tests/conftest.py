@@ -17,6 +17,9 @@ from launcher.tiny_model import FAMILIES, build_tiny_model
 
 REPO = Path(__file__).resolve().parent.parent
 
+# No hub here: huggingface_hub must answer from the local cache only, as it does for users offline.
+os.environ["HF_HUB_OFFLINE"] = "1"
+
 
 @pytest.fixture(scope="session")
 def model_dirs(tmp_path_factory) -> dict[str, Path]:
@@ -45,11 +48,24 @@ class Reference:
             self._models[key] = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
         return self._models[key]
 
-    def greedy(self, model_dir: Path, input_ids: list[int], max_new_tokens: int, stop_at_eos: bool = True) -> list[int]:
+    def adapted(self, model_dir: Path, adapter_dir: Path):
+        """peft wraps the base modules in place, so every adapter gets its own copy of the base model."""
+        import torch
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+
+        key = (str(model_dir), str(adapter_dir))
+        if key not in self._models:
+            base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+            self._models[key] = PeftModel.from_pretrained(base, adapter_dir).eval()
+        return self._models[key]
+
+    def greedy(self, model_dir: Path, input_ids: list[int], max_new_tokens: int, stop_at_eos: bool = True,
+               adapter_dir: Path | None = None) -> list[int]:
         """Generated ids; when stopping at EOS the EOS token is included, as the server emits it."""
         import torch
 
-        model = self.model(model_dir)
+        model = self.model(model_dir) if adapter_dir is None else self.adapted(model_dir, adapter_dir)
         eos = model.generation_config.eos_token_id if stop_at_eos else None
         with torch.inference_mode():
             out = model.generate(
@@ -58,6 +74,19 @@ class Reference:
                 pad_token_id=model.generation_config.pad_token_id,
             )
         return out[0, len(input_ids):].tolist()
+
+
+def install_in_hub_cache(src: Path, hf_home: Path, repo_id: str) -> Path:
+    """Copies `src` into the hub cache layout under `hf_home` (as a download would leave it)."""
+    import shutil
+
+    repo_dir = hf_home / "hub" / ("models--" + repo_id.replace("/", "--"))
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    snapshot = repo_dir / "snapshots" / commit
+    shutil.copytree(src, snapshot, dirs_exist_ok=True)
+    (repo_dir / "refs").mkdir(parents=True, exist_ok=True)
+    (repo_dir / "refs" / "main").write_text(commit)
+    return snapshot
 
 
 @pytest.fixture(scope="session")

@@ -292,9 +292,15 @@ def test_local_dir_without_config_is_a_clear_error(tmp_path):
         resolve_model(str(tmp_path))
 
 
-def test_missing_local_path_is_a_clear_error(tmp_path):
-    with pytest.raises(ModelSourceError, match="neither a local directory nor a hub repo id"):
-        resolve_model(str(tmp_path / "no" / "such" / "model"))
+@pytest.mark.parametrize("model_id", ["./no-such-model", "/no/such/model", "~/no-such-model", "a/b/c"])
+def test_missing_local_path_is_a_clear_error(model_id):
+    with pytest.raises(ModelSourceError, match="does not exist"):
+        resolve_model(model_id)
+
+
+def test_malformed_model_id_is_a_clear_error():
+    with pytest.raises(ModelSourceError, match="is not a hub repo id"):
+        resolve_model("org/bad name")
 
 
 def test_demo_model_is_built_once_and_reused(tmp_path, monkeypatch):
