@@ -61,7 +61,8 @@ class Backend:
 
     def generation_request(self, input_ids: list[int], max_new_tokens: int, adapter: Adapter | None,
                            tokenizer: ModelTokenizer, sampling: pb.SamplingParameters, ignore_eos: bool = False,
-                           top_n_tokens: int = 0, prefill_logprobs: bool = False) -> GenerationRequest:
+                           top_n_tokens: int = 0, prefill_logprobs: bool = False,
+                           min_new_tokens: int = 0) -> GenerationRequest:
         return GenerationRequest(
             input_ids=input_ids,
             max_new_tokens=max_new_tokens,
@@ -72,6 +73,7 @@ class Backend:
             ignore_eos=ignore_eos,
             top_n_tokens=top_n_tokens,
             prefill_logprobs=prefill_logprobs,
+            min_new_tokens=min_new_tokens,
         )
 
     async def tokenize(self, fn, *args) -> list[int]:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 import random
+from dataclasses import dataclass, field
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
@@ -48,7 +50,7 @@ class Parameters(_Lax):
     response_format: dict | None = None
     return_k_alternatives: int | None = Field(None, ge=0)
 
-    @field_validator("best_of", "adapter_parameters", "merged_adapters", "response_format")
+    @field_validator("adapter_parameters", "merged_adapters", "response_format")
     @classmethod
     def _not_yet(cls, value, info: ValidationInfo):
         if value not in (None, 1):
@@ -76,6 +78,15 @@ class GenerateRequest(_Lax):
     parameters: Parameters = Field(default_factory=Parameters)
     stream: bool = False
 
+    @model_validator(mode="after")
+    def _best_of(self) -> "GenerateRequest":
+        if (self.parameters.best_of or 1) > 1:
+            if not self.parameters.samples:
+                raise ValueError("`parameters.best_of` > 1 needs sampling (do_sample, temperature, top_k, ...)")
+            if self.stream:
+                raise ValueError("`parameters.best_of` > 1 cannot be streamed")
+        return self
+
 
 def _token(tok: ModelTokenizer, token_id: int, logprob: float) -> dict:
     return {"id": token_id, "text": tok.decode_token(token_id), "logprob": logprob if math.isfinite(logprob) else None,
@@ -92,20 +103,22 @@ class _Native:
         self.tokenizer = tokenizer
         self.body = body
         self.input_ids = input_ids
-        self.seed = None
-        temperature = None
-        if p.samples:
-            self.seed = p.seed if p.seed is not None else random.getrandbits(63)
+        seed, temperature = None, None
+        if p.samples:  # like TGI, a sampled request without a seed gets a random one, reported in details
+            seed = p.seed if p.seed is not None else random.getrandbits(63)
             temperature = p.temperature or 1.0
         max_new = backend.check_lengths(input_ids, p.max_new_tokens, None, "inputs", "parameters.max_new_tokens")
-        sampling = sampling_parameters(temperature=temperature, top_k=p.top_k, top_p=p.top_p, typical_p=p.typical_p,
-                                       repetition_penalty=p.repetition_penalty, seed=self.seed)
-        self.request = backend.generation_request(
-            input_ids, max_new, adapter, tokenizer, sampling, ignore_eos=p.ignore_eos_token,
-            top_n_tokens=p.return_k_alternatives or 0, prefill_logprobs=p.decoder_input_details)
+        # best_of candidates differ by seed: seed, seed + 1, ...
+        self.seeds = [None] if seed is None else [seed + i for i in range(p.best_of or 1)]
+        self.requests = [backend.generation_request(
+            input_ids, max_new, adapter, tokenizer,
+            sampling_parameters(temperature=temperature, top_k=p.top_k, top_p=p.top_p, typical_p=p.typical_p,
+                                repetition_penalty=p.repetition_penalty, seed=seed),
+            ignore_eos=p.ignore_eos_token, top_n_tokens=p.return_k_alternatives or 0,
+            prefill_logprobs=p.decoder_input_details) for seed in self.seeds]
 
-    def chunks(self):
-        return generate_text(self.backend.scheduler, self.tokenizer, self.request, self.body.parameters.stop)
+    def chunks(self, candidate: int = 0):
+        return generate_text(self.backend.scheduler, self.tokenizer, self.requests[candidate], self.body.parameters.stop)
 
     def full_text(self, generated: str) -> str:
         return self.body.inputs + generated if self.body.parameters.return_full_text else generated
@@ -122,10 +135,31 @@ class _Native:
         logprobs = (first.token.prefill_logprobs if first else None) or [math.nan] * len(self.input_ids)
         return [_token(self.tokenizer, t, lp) for t, lp in zip(self.input_ids, logprobs)]
 
-    def details(self, finish_reason: str, tokens: list[dict], first: TextChunk | None) -> dict:
-        return {"finish_reason": finish_reason, "prompt_tokens": len(self.input_ids),
-                "generated_tokens": len(tokens), "seed": self.seed,
-                "prefill": self.prefill(first), "tokens": tokens}
+    def details(self, candidate: "_Candidate") -> dict:
+        return {"finish_reason": candidate.finish, "prompt_tokens": len(self.input_ids),
+                "generated_tokens": len(candidate.tokens), "seed": self.seeds[candidate.index],
+                "prefill": self.prefill(candidate.first), "tokens": candidate.tokens}
+
+
+@dataclass(slots=True)
+class _Candidate:
+    index: int
+    texts: list[str] = field(default_factory=list)
+    tokens: list[dict] = field(default_factory=list)
+    first: TextChunk | None = None
+    finish: str = "length"
+    sum_logprob: float = 0.0
+
+
+async def _collect(native: _Native, index: int) -> _Candidate:
+    candidate = _Candidate(index)
+    async for chunk in native.chunks(index):
+        candidate.first = candidate.first or chunk
+        candidate.texts.append(chunk.text)
+        candidate.tokens.append(native.token(chunk))
+        candidate.sum_logprob += chunk.token.logprob
+        candidate.finish = chunk.finish_reason or candidate.finish
+    return candidate
 
 
 async def _prepare(request: Request, body: GenerateRequest | None = None) -> _Native:
@@ -142,18 +176,18 @@ async def _prepare(request: Request, body: GenerateRequest | None = None) -> _Na
 
 
 async def _generate_response(native: _Native) -> dict:
-    texts, tokens, first, finish = [], [], None, "length"
+    """Runs every best_of candidate at once and answers with the most likely one (highest summed logprob)."""
     try:
-        async for chunk in native.chunks():
-            first = first or chunk
-            texts.append(chunk.text)
-            tokens.append(native.token(chunk))
-            finish = chunk.finish_reason or finish
+        candidates = await asyncio.gather(*(_collect(native, i) for i in range(len(native.requests))))
     except GenerationFailed as e:
         raise APIError(500 if e.server_error else 400, str(e)) from None
-    out = {"generated_text": native.full_text("".join(texts))}
+    best, *others = sorted(candidates, key=lambda c: c.sum_logprob, reverse=True)
+    out = {"generated_text": native.full_text("".join(best.texts))}
     if native.body.parameters.details:
-        out["details"] = native.details(finish, tokens, first)
+        out["details"] = native.details(best)
+        if others:
+            out["details"]["best_of_sequences"] = [
+                {"generated_text": native.full_text("".join(c.texts)), **native.details(c)} for c in others]
     return out
 
 
@@ -167,7 +201,7 @@ async def _stream_events(native: _Native):
             if chunk.finish_reason:
                 event["generated_text"] = native.full_text("".join(texts))
                 event["details"] = {"finish_reason": chunk.finish_reason, "prompt_tokens": len(native.input_ids),
-                                    "generated_tokens": count, "seed": native.seed}
+                                    "generated_tokens": count, "seed": native.seeds[0]}
             # LoRAX streams each token's own text; stop-string hold-back can shift text between tokens.
             event["token"]["text"] = chunk.text
             yield sse_event(event)

@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from router.adapters import Adapter
 from router.backend import Backend, parse_body, sampling_parameters
 from router.errors import APIError, bad_request
-from router.scheduler import GenerationFailed
+from router.scheduler import GenerationFailed, GenerationRequest
 from router.sse import DONE, sse_event, sse_response
 from router.text_stream import TextChunk, generate_text
 from router.tokenization import ChatTemplateError, ModelTokenizer
@@ -66,19 +69,13 @@ class _Sampling(_Strict):
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     seed: int | None = None
-    n: int = Field(1, ge=1)
+    n: int = Field(1, ge=1, le=128)
+    min_tokens: int = Field(0, ge=0)
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
     ignore_eos: bool = False
     user: str | None = None
-
-    @field_validator("n")
-    @classmethod
-    def _one_choice(cls, n: int) -> int:
-        if n != 1:
-            raise ValueError("only n=1 is supported")
-        return n
 
     def stop_strings(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
@@ -100,40 +97,63 @@ class ChatCompletionRequest(_Sampling):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[int] | list[str]
-    logprobs: int | None = Field(None, ge=0, le=20)
+    prompt: str | list[str] | list[int] | list[list[int]]
+    logprobs: int | None = Field(None, ge=0, le=5)
+    echo: bool = False
+    best_of: int | None = Field(None, ge=1, le=128)
 
-    @field_validator("prompt")
-    @classmethod
-    def _one_prompt(cls, prompt):
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
-            if len(prompt) != 1:
-                raise ValueError("only one prompt per request is supported")
-            return prompt[0]
-        return prompt
+    @model_validator(mode="after")
+    def _check(self) -> "CompletionRequest":
+        if isinstance(self.prompt, list) and not self.prompt:
+            raise ValueError("`prompt` must not be empty")
+        if self.best_of is not None and self.best_of < self.n:
+            raise ValueError(f"`best_of` ({self.best_of}) must be at least `n` ({self.n})")
+        if self.best_of is not None and self.best_of > 1 and self.stream:
+            raise ValueError("`best_of` cannot be used with `stream`")
+        return self
+
+    def prompts(self) -> list[str | list[int]]:
+        """Every prompt of the request: a string, a list of strings, token ids, or lists of token ids."""
+        if isinstance(self.prompt, str) or isinstance(self.prompt[0], int):
+            return [self.prompt]
+        return list(self.prompt)
 
 
 def _backend(request: Request) -> Backend:
     return request.app.state.backend
 
 
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
-
-
 def _safe_logprob(x: float) -> float:
     return x if math.isfinite(x) else -9999.0
 
 
+@dataclass(slots=True)
+class _Job:
+    """One choice to generate: `n` of them per prompt (or `best_of`, of which the best `n` are kept)."""
+
+    index: int
+    prompt_index: int
+    request: GenerationRequest
+    echo: str = ""  # completions `echo`: the prompt text, put before the generated text
+
+
+@dataclass(slots=True)
+class _Choice:
+    job: _Job
+    texts: list[str] = field(default_factory=list)
+    logprobs: list[dict] = field(default_factory=list)
+    tokens: int = 0
+    chars: int = 0  # text emitted so far, for completions' text_offset
+    sum_logprob: float = 0.0
+    finish: str | None = None
+
+
 class _Completion:
-    """The state one OpenAI response is built from, for both routes and both stream modes."""
+    """Builds one OpenAI response (chat or legacy completions, stream or not) from generated chunks."""
 
     def __init__(self, backend: Backend, tokenizer: ModelTokenizer, body: _Sampling, kind: str, prompt_tokens: int,
                  top_logprobs: int | None):
-        self.backend = backend
         self.tokenizer = tokenizer
-        self.body = body
         self.kind = kind  # "chat" or "text"
         self.id = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
@@ -142,39 +162,76 @@ class _Completion:
         self.completion_tokens = 0
         self.top_logprobs = top_logprobs  # None: no logprobs asked
 
-    def token_logprobs(self, chunk: TextChunk) -> dict | None:
-        if self.top_logprobs is None:
-            return None
+    def add(self, choice: _Choice, chunk: TextChunk) -> dict | None:
+        """Records `chunk` on `choice`; returns its logprobs entry (None when not asked)."""
+        self.completion_tokens += 1
+        choice.tokens += 1
+        choice.sum_logprob += chunk.token.logprob
+        choice.finish = chunk.finish_reason or choice.finish
+        lp = None
+        if self.top_logprobs is not None:
+            lp = self._token_logprobs(chunk.token.token_id, chunk.token.logprob, chunk.token.top_tokens, choice.chars)
+            choice.logprobs.append(lp)
+        choice.texts.append(chunk.text)
+        choice.chars += len(chunk.text)
+        return lp
+
+    def echo(self, choice: _Choice, first: TextChunk) -> dict | None:
+        """Completions `echo`: the prompt text (and, with logprobs, its tokens' logprobs) goes first."""
+        choice.texts.append(choice.job.echo)
+        lp = None
+        if self.top_logprobs is not None:
+            ids = choice.job.request.input_ids
+            prefill = first.token.prefill_logprobs or [math.nan] * len(ids)
+            parts, offset = [], 0
+            for i, (token_id, logprob) in enumerate(zip(ids, prefill)):
+                parts.append(self._token_logprobs(token_id, logprob, [], offset, first=i == 0))
+                offset += len(self.tokenizer.decode_token(token_id))
+            lp = _merge_logprobs(parts)
+            choice.logprobs.append(lp)
+        choice.chars += len(choice.job.echo)
+        return lp
+
+    def _token_logprobs(self, token_id: int, logprob: float, top: list[tuple[int, float]], offset: int,
+                        first: bool = False) -> dict:
         tok = self.tokenizer
-        event = chunk.token
-        top = event.top_tokens[: self.top_logprobs]
+        top = top[: self.top_logprobs]
         if self.kind == "chat":
             def entry(tid: int, lp: float) -> dict:
                 text = tok.decode_token(tid)
                 return {"token": text, "logprob": _safe_logprob(lp), "bytes": list(text.encode())}
-            item = entry(event.token_id, event.logprob)
+            item = entry(token_id, logprob)
             item["top_logprobs"] = [entry(t, lp) for t, lp in top]
             return {"content": [item]}
-        return {"tokens": [tok.decode_token(event.token_id)], "token_logprobs": [_safe_logprob(event.logprob)],
-                "top_logprobs": [{tok.decode_token(t): _safe_logprob(lp) for t, lp in top}] if top else [None]}
+        text = tok.decode_token(token_id)
+        return {"tokens": [text], "token_logprobs": [None if first else _safe_logprob(logprob)],
+                "top_logprobs": [None if first else {tok.decode_token(t): _safe_logprob(lp) for t, lp in top} or
+                                 {text: _safe_logprob(logprob)}],
+                "text_offset": [offset]}
 
-    def choice(self, text: str, logprobs: dict | None, finish_reason: str | None, stream: bool) -> dict:
+    def choice(self, index: int, text: str, logprobs: dict | None, finish_reason: str | None, stream: bool,
+               first: bool = False) -> dict:
         reason = FINISH_REASONS[finish_reason] if finish_reason else None
         if self.kind == "chat":
-            key = "delta" if stream else "message"
-            message = {"content": text} if stream else {"role": "assistant", "content": text}
-            return {"index": 0, key: message, "logprobs": logprobs, "finish_reason": reason}
-        return {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": reason}
+            if stream:
+                delta = {"role": "assistant", "content": text} if first else {"content": text}
+                return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
+            message = {"role": "assistant", "content": text}
+            return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": reason}
+        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason}
 
     def envelope(self, choices: list[dict], stream: bool, usage: dict | None) -> dict:
-        obj = {"chat": "chat.completion", "text": "text_completion"}[self.kind] + (".chunk" if stream and self.kind == "chat" else "")
+        obj = "chat.completion" if self.kind == "chat" else "text_completion"
+        if stream and self.kind == "chat":
+            obj += ".chunk"
         out = {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": choices}
         if usage is not None or not stream:
             out["usage"] = usage
         return out
 
     def usage(self) -> dict:
-        return _usage(self.prompt_tokens, self.completion_tokens)
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "total_tokens": self.prompt_tokens + self.completion_tokens}
 
 
 def _merge_logprobs(parts: list[dict]) -> dict | None:
@@ -187,30 +244,77 @@ def _merge_logprobs(parts: list[dict]) -> dict | None:
     return merged
 
 
-async def _run_to_end(completion: _Completion, chunks) -> JSONResponse:
-    texts, logprobs, finish = [], [], None
-    async for chunk in chunks:
-        completion.completion_tokens += 1
-        texts.append(chunk.text)
-        lp = completion.token_logprobs(chunk)
-        if lp:
-            logprobs.append(lp)
-        finish = chunk.finish_reason
-    choice = completion.choice("".join(texts), _merge_logprobs(logprobs), finish, stream=False)
-    return JSONResponse(completion.envelope([choice], stream=False, usage=completion.usage()))
+async def _merged(streams: dict[int, AsyncIterator[TextChunk]]) -> AsyncIterator[tuple[int, TextChunk]]:
+    """Interleaves several choices' chunks as they come. Leaving early cancels every generation."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(index: int, chunks: AsyncIterator[TextChunk]) -> None:
+        try:
+            async for chunk in chunks:
+                queue.put_nowait((index, chunk))
+        except Exception as e:  # handed to the consumer, which raises it
+            queue.put_nowait((index, e))
+        finally:
+            queue.put_nowait((index, None))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in streams.items()]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            index, item = await queue.get()
+            if item is None:
+                remaining -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()
 
 
-async def _stream(completion: _Completion, chunks, include_usage: bool):
+def _best(choices: list[_Choice], n: int) -> list[_Choice]:
+    """`best_of`: per prompt, the `n` choices with the highest log-probability per token, renumbered."""
+    kept = []
+    for prompt in sorted({c.job.prompt_index for c in choices}):
+        mine = [c for c in choices if c.job.prompt_index == prompt]
+        mine.sort(key=lambda c: c.sum_logprob / max(c.tokens, 1), reverse=True)
+        kept += mine[:n]
+    for i, c in enumerate(kept):
+        c.job.index = i
+    return kept
+
+
+async def _run_to_end(completion: _Completion, choices: dict[int, _Choice], events, keep: int | None) -> dict:
+    async for index, chunk in events:
+        choice = choices[index]
+        if choice.tokens == 0 and choice.job.echo:
+            completion.echo(choice, chunk)
+        completion.add(choice, chunk)
+    ordered = list(choices.values())
+    if keep is not None:
+        ordered = _best(ordered, keep)
+    return completion.envelope([completion.choice(c.job.index, "".join(c.texts), _merge_logprobs(c.logprobs),
+                                                  c.finish, stream=False) for c in ordered],
+                               stream=False, usage=completion.usage())
+
+
+async def _stream(completion: _Completion, choices: dict[int, _Choice], events, include_usage: bool):
     try:
         if completion.kind == "chat":
-            first = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
-            yield sse_event(completion.envelope([first], stream=True, usage=None))
-        async for chunk in chunks:
-            completion.completion_tokens += 1
-            lp = completion.token_logprobs(chunk)
-            if chunk.text or lp or chunk.finish_reason:
-                choice = completion.choice(chunk.text, lp, chunk.finish_reason, stream=True)
-                yield sse_event(completion.envelope([choice], stream=True, usage=None))
+            first = [completion.choice(i, "", None, None, stream=True, first=True) for i in choices]
+            yield sse_event(completion.envelope(first, stream=True, usage=None))
+        async for index, chunk in events:
+            choice = choices[index]
+            text, lp = chunk.text, None
+            if choice.tokens == 0 and choice.job.echo:
+                lp = completion.echo(choice, chunk)
+                text = choice.job.echo + text
+            token_lp = completion.add(choice, chunk)
+            lp = _merge_logprobs([p for p in (lp, token_lp) if p])
+            if text or lp or chunk.finish_reason:
+                out = completion.choice(index, text, lp, chunk.finish_reason, stream=True)
+                yield sse_event(completion.envelope([out], stream=True, usage=None))
         if include_usage:
             yield sse_event(completion.envelope([], stream=True, usage=completion.usage()))
     except GenerationFailed as e:
@@ -222,20 +326,37 @@ def _failure(e: GenerationFailed) -> APIError:
     return APIError(500 if e.server_error else 400, str(e))
 
 
+def _seeded(sampling, offset: int):
+    """The i-th of several samples of one request: a distinct, still reproducible seed."""
+    if offset and sampling.HasField("seed"):
+        sampling = type(sampling).FromString(sampling.SerializeToString())
+        sampling.seed = (sampling.seed + offset) % (1 << 64)
+    return sampling
+
+
 async def _respond(backend: Backend, adapter: Adapter | None, tokenizer: ModelTokenizer, body: _Sampling, kind: str,
-                   input_ids: list[int], max_tokens: int | None, default_max_tokens: int | None, input_param: str,
-                   top_logprobs: int | None):
+                   prompts: list[tuple[list[int], str]], max_tokens: int | None, default_max_tokens: int | None,
+                   input_param: str, top_logprobs: int | None, best_of: int | None = None, echo: bool = False):
     tokens_param = "max_completion_tokens" if kind == "chat" and body.max_tokens is None else "max_tokens"
-    max_new = backend.check_lengths(input_ids, max_tokens, default_max_tokens, input_param, tokens_param)
-    request = backend.generation_request(input_ids, max_new, adapter, tokenizer, body.sampling(),
-                                         ignore_eos=body.ignore_eos, top_n_tokens=top_logprobs or 0)
-    completion = _Completion(backend, tokenizer, body, kind, len(input_ids), top_logprobs)
-    chunks = generate_text(backend.scheduler, tokenizer, request, body.stop_strings())
+    per_prompt = best_of or body.n
+    jobs = []
+    for p, (input_ids, text) in enumerate(prompts):
+        max_new = backend.check_lengths(input_ids, max_tokens, default_max_tokens, input_param, tokens_param)
+        for j in range(per_prompt):
+            request = backend.generation_request(
+                input_ids, max_new, adapter, tokenizer, _seeded(body.sampling(), j), ignore_eos=body.ignore_eos,
+                top_n_tokens=top_logprobs or 0, prefill_logprobs=echo and top_logprobs is not None,
+                min_new_tokens=body.min_tokens)
+            jobs.append(_Job(len(jobs), p, request, echo=text if echo else ""))
+    completion = _Completion(backend, tokenizer, body, kind, sum(len(ids) for ids, _ in prompts), top_logprobs)
+    choices = {job.index: _Choice(job) for job in jobs}
+    stops = body.stop_strings()
+    events = _merged({job.index: generate_text(backend.scheduler, tokenizer, job.request, stops) for job in jobs})
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return sse_response(_stream(completion, chunks, include_usage))
+        return sse_response(_stream(completion, choices, events, include_usage))
     try:
-        return await _run_to_end(completion, chunks)
+        return JSONResponse(await _run_to_end(completion, choices, events, body.n if best_of else None))
     except GenerationFailed as e:
         raise _failure(e) from None
 
@@ -253,25 +374,27 @@ async def chat_completions(request: Request):
     if body.top_logprobs and not body.logprobs:
         raise bad_request("`top_logprobs` requires `logprobs` to be true", param="top_logprobs")
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    return await _respond(backend, adapter, tokenizer, body, "chat", input_ids, max_tokens, None, "messages",
-                          top_logprobs)
+    return await _respond(backend, adapter, tokenizer, body, "chat", [(input_ids, "")], max_tokens, None,
+                          "messages", top_logprobs)
 
 
 async def completions(request: Request):
     backend = _backend(request)
     body: CompletionRequest = await parse_body(request, CompletionRequest)
     adapter, tokenizer = await backend.resolve_model(body.model)
-    if isinstance(body.prompt, str):
-        input_ids = await backend.tokenize(tokenizer.encode, body.prompt)
-    else:
-        input_ids = body.prompt
-        bad = [t for t in input_ids if not 0 <= t < backend.vocab_size]
+    prompts = []
+    for prompt in body.prompts():
+        if isinstance(prompt, str):
+            prompts.append((await backend.tokenize(tokenizer.encode, prompt), prompt))
+            continue
+        bad = [t for t in prompt if not 0 <= t < backend.vocab_size]
         if bad:
-            raise bad_request(f"`prompt` holds token id {bad[0]}, outside the vocabulary "
-                              f"[0, {backend.vocab_size})", param="prompt")
+            raise bad_request(f"`prompt` holds token id {bad[0]}, outside the vocabulary [0, {backend.vocab_size})",
+                              param="prompt")
+        prompts.append((prompt, tokenizer.decode(prompt)))
     # OpenAI's legacy completions default to 16 new tokens.
-    return await _respond(backend, adapter, tokenizer, body, "text", input_ids, body.max_tokens, 16, "prompt",
-                          body.logprobs)
+    return await _respond(backend, adapter, tokenizer, body, "text", prompts, body.max_tokens, 16, "prompt",
+                          body.logprobs, best_of=body.best_of if (body.best_of or 1) > 1 else None, echo=body.echo)
 
 
 async def models(request: Request):

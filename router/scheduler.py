@@ -14,7 +14,10 @@ import enum
 import itertools
 import logging
 import math
+import time
 from collections import deque
+from collections.abc import Callable
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 from proto import generate_pb2 as pb
@@ -34,6 +37,7 @@ class GenerationRequest:
     ignore_eos: bool = False
     top_n_tokens: int = 0
     prefill_logprobs: bool = False
+    min_new_tokens: int = 0
 
 
 @dataclass(slots=True)
@@ -43,6 +47,40 @@ class TokenEvent:
     top_tokens: list[tuple[int, float]]
     finish_reason: str | None = None  # "length" | "eos_token"
     prefill_logprobs: list[float] | None = None
+
+
+@dataclass(slots=True)
+class GenerationStats:
+    """One generation's timeline (perf_counter seconds) and outcome, for metrics and the request log."""
+
+    adapter_id: str
+    prompt_tokens: int
+    enqueued: float
+    admitted: float | None = None
+    first_token: float | None = None
+    finished: float | None = None
+    generated: int = 0
+    # length | eos_token | stop_sequence | cancelled | error | shard_error | queue_timeout
+    finish_reason: str | None = None
+
+    @property
+    def queue_s(self) -> float:
+        return (self.admitted or self.finished or self.enqueued) - self.enqueued
+
+    @property
+    def ttft_s(self) -> float | None:
+        return None if self.first_token is None else self.first_token - self.enqueued
+
+    @property
+    def tpot_s(self) -> float | None:
+        """Mean time per output token after the first."""
+        if self.generated < 2 or self.first_token is None or self.finished is None:
+            return None
+        return (self.finished - self.first_token) / (self.generated - 1)
+
+
+# The HTTP layer sets a list here per request; every generation the request starts appends its stats.
+request_generations: ContextVar[list[GenerationStats] | None] = ContextVar("request_generations", default=None)
 
 
 class GenerationFailed(RuntimeError):
@@ -57,6 +95,10 @@ class Overloaded(RuntimeError):
     pass
 
 
+class QueueTimeout(RuntimeError):
+    """The request waited for admission longer than max_queue_time_s."""
+
+
 class State(enum.Enum):
     WAITING = 1
     PREFILLING = 2
@@ -69,9 +111,11 @@ class Sequence:
     id: int
     request: GenerationRequest
     blocks: int
+    stats: GenerationStats
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     state: State = State.WAITING
     generated: int = 0
+    timer: asyncio.TimerHandle | None = None  # the queue timeout, while WAITING
 
 
 class Generation:
@@ -87,8 +131,16 @@ class Generation:
     async def __aenter__(self) -> "Generation":
         return self
 
-    async def __aexit__(self, *exc) -> None:
-        self._scheduler.cancel(self._seq)
+    async def __aexit__(self, exc_type, exc, tb) -> None:
+        # Leaving early without an error means the consumer has what it wanted (a stop string); a
+        # cancellation or a closed generator means the client went away.
+        if exc_type is None:
+            reason = "stop_sequence"
+        elif issubclass(exc_type, (asyncio.CancelledError, GeneratorExit)):
+            reason = "cancelled"
+        else:
+            reason = "error"
+        self._scheduler.cancel(self._seq, reason)
 
     def __aiter__(self):
         return self
@@ -112,6 +164,7 @@ class Scheduler:
         max_concurrent_requests: int,
         max_active_adapters: int = 128,
         adapter_pages: int = 0,
+        max_queue_time_s: float = 600.0,
     ):
         self.client = client
         self.num_blocks = num_blocks
@@ -129,6 +182,11 @@ class Scheduler:
         self._running: dict[int, Sequence] = {}
         self._to_release: list[int] = []
         self._wake = asyncio.Event()
+        self.max_queue_time_s = max_queue_time_s
+        # Observers (the metrics): on_step(batch size, reply, step seconds), on_finish(stats) once per sequence.
+        self.on_step: Callable[[int, pb.StepResponse, float], None] | None = None
+        self.on_finish: Callable[[GenerationStats], None] | None = None
+        self.on_adapter_active: Callable[[], None] | None = None  # an adapter joined the running batch
 
     # -- what request handlers call -------------------------------------------------------------
 
@@ -137,18 +195,23 @@ class Scheduler:
         if self.num_active >= self.max_concurrent_requests:
             raise Overloaded(f"the server is at --max-concurrent-requests={self.max_concurrent_requests}")
         blocks = math.ceil((len(request.input_ids) + request.max_new_tokens) / self.block_size)
-        seq = Sequence(id=next(self._ids), request=request, blocks=blocks)
+        stats = GenerationStats(request.adapter_id, len(request.input_ids), time.perf_counter())
+        seq = Sequence(id=next(self._ids), request=request, blocks=blocks, stats=stats)
+        seq.timer = asyncio.get_running_loop().call_later(self.max_queue_time_s, self._expire, seq)
+        if (generations := request_generations.get()) is not None:
+            generations.append(stats)
         self._waiting.append(seq)
         self._wake.set()
         return Generation(self, seq)
 
-    def cancel(self, seq: Sequence) -> None:
-        """The consumer is done with `seq`; frees its place in the queue or on the shards."""
+    def cancel(self, seq: Sequence, reason: str = "cancelled") -> None:
+        """The consumer is done with `seq`; frees its place in the queue, or its KV blocks and adapter
+        reference at once (the shards drop it at the start of the next step)."""
         if seq.state is State.WAITING:
             self._waiting.remove(seq)
-            seq.state = State.DONE
+            self._end_waiting(seq, reason)
         elif seq.state in (State.PREFILLING, State.RUNNING):
-            self._finish(seq)
+            self._finish(seq, reason)
 
     @property
     def num_active(self) -> int:
@@ -184,6 +247,7 @@ class Scheduler:
         step = pb.StepRequest(prefill=[self._to_proto(s) for s in admitted], decode=decode, release=release)
         for seq in admitted:
             self._running[seq.id] = seq
+        started = time.perf_counter()
         try:
             reply = await self.client.step(step)
         except ShardError as e:
@@ -197,6 +261,8 @@ class Scheduler:
                 seq.state = State.RUNNING
         for gen in reply.generations:
             self._deliver(gen)
+        if self.on_step is not None:
+            self.on_step(len(admitted) + len(decode), reply, time.perf_counter() - started)
 
     def _admit(self) -> list[Sequence]:
         """Strict FIFO admission under the KV-block, prefill-token and adapter budgets.
@@ -215,6 +281,8 @@ class Scheduler:
             if not self._adapter_fits(seq.request):
                 break
             self._waiting.popleft()
+            seq.timer.cancel()
+            seq.stats.admitted = time.perf_counter()
             self.reserved_blocks += seq.blocks
             self._acquire_adapter(seq.request)
             prefill_tokens += n
@@ -234,6 +302,8 @@ class Scheduler:
         if adapter:
             if adapter not in self._adapter_refs:
                 self.adapter_pages_used += request.adapter_pages
+                if self.on_adapter_active is not None:
+                    self.on_adapter_active()
             self._adapter_refs[adapter] = self._adapter_refs.get(adapter, 0) + 1
 
     def _release_adapter(self, request: GenerationRequest) -> None:
@@ -253,10 +323,13 @@ class Scheduler:
         if seq is None or seq.state is State.DONE:
             return  # cancelled while the step ran; already queued for release
         if gen.error:
-            self._finish(seq)
+            self._finish(seq, "error")
             seq.events.put_nowait(GenerationFailed(gen.error, server_error=False))
             return
         seq.generated += 1
+        seq.stats.generated = seq.generated
+        if seq.stats.first_token is None:
+            seq.stats.first_token = time.perf_counter()
         request = seq.request
         finish = None
         if gen.token_id in request.stop_token_ids and not request.ignore_eos:
@@ -273,27 +346,51 @@ class Scheduler:
             )
         )
         if finish:
-            self._finish(seq)
+            self._finish(seq, finish)
 
-    def _finish(self, seq: Sequence) -> None:
+    def _finish(self, seq: Sequence, reason: str) -> None:
         seq.state = State.DONE
         if self._running.pop(seq.id, None) is not None:
             self.reserved_blocks -= seq.blocks
             self._release_adapter(seq.request)
             self._to_release.append(seq.id)
             self._wake.set()
+            self._record_end(seq, reason)
+
+    def _end_waiting(self, seq: Sequence, reason: str) -> None:
+        seq.timer.cancel()
+        seq.state = State.DONE
+        self._record_end(seq, reason)
+
+    def _record_end(self, seq: Sequence, reason: str) -> None:
+        seq.stats.finished = time.perf_counter()
+        seq.stats.finish_reason = reason
+        if self.on_finish is not None:
+            self.on_finish(seq.stats)
+
+    def _expire(self, seq: Sequence) -> None:
+        """The queue timeout: a request that could not be admitted in time fails instead of waiting on."""
+        if seq.state is not State.WAITING:
+            return
+        self._waiting.remove(seq)
+        self._end_waiting(seq, "queue_timeout")
+        seq.events.put_nowait(QueueTimeout(
+            f"the request waited {self.max_queue_time_s:g} s in the queue without being scheduled: "
+            "the server is overloaded, retry later"))
 
     def _fail_running(self, message: str) -> None:
         self.healthy = False
         for seq in list(self._running.values()):
-            self._finish(seq)
+            self._finish(seq, "shard_error")
             seq.events.put_nowait(GenerationFailed(f"shard failure: {message}"))
         self._to_release.clear()
 
     async def _recover(self) -> None:
-        """After a failed step the shards' sequence state is unknown: drop it all."""
+        """After a failed step the shards' sequence state is unknown: drop it all. Once the shards have
+        cleared, the server is healthy again."""
         try:
             await self.client.clear()
+            self.healthy = True
         except ShardError as e:
             log.error("clearing the shards failed: %s", e)
             await asyncio.sleep(1.0)
@@ -308,4 +405,6 @@ class Scheduler:
             adapter_id=r.adapter_id,
             top_n_tokens=r.top_n_tokens,
             prefill_logprobs=r.prefill_logprobs,
+            min_new_tokens=r.min_new_tokens,
+            stop_token_ids=sorted(r.stop_token_ids) if r.min_new_tokens else [],
         )
