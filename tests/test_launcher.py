@@ -1,170 +1,87 @@
-"""The `loom` launcher: flags, model resolution and supervision of the shard and router processes.
+"""The `loom` launcher: flags, model resolution and supervision of the real shard and router processes.
 
-Supervision runs against two implementations: "fake" (tiny stand-ins for `python -m shard` and
-`python -m router`, written below into a copy of the project, so the launcher is tested on its own) and
-"real" (this repo's shard/ and router/, skipped until both have a __main__.py).
+Flag checks run `launcher.cli.main` in this process. Every supervision test runs the real `python -m
+shard` and `python -m router` under a real launcher. Launching takes seconds of CPU, so the launches
+this module needs are all started in the background when the module begins (see `fleet`). They boot
+while the quick tests run, and each supervision test waits only for its own.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import textwrap
 import time
-import urllib.request
 from argparse import Namespace
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Callable
 
+import httpx
 import psutil
 import pytest
 
-from launcher.cli import FlagError, derive_limits
+from launcher.cli import FlagError, derive_limits, main
 from launcher.model_source import DEMO_DIR_NAME, ModelSourceError, resolve_model
-from launcher.tiny_model import build_tiny_model
+from tests.conftest import LoomServer, install_in_hub_cache
 
 REPO = Path(__file__).resolve().parent.parent
-REAL_IMPL_MISSING = not (REPO / "shard" / "__main__.py").exists() or not (REPO / "router" / "__main__.py").exists()
-READY_TIMEOUT_S = 180.0
+READY_TIMEOUT_S = 180.0  # several launches boot at once on a small CI machine
 ALL_FLAGS = [
     "--model-id", "--port", "--hostname", "--num-shard", "--device", "--dtype", "--adapter",
     "--local-adapter-root", "--adapter-source", "--max-input-length", "--max-total-tokens",
     "--max-batch-prefill-tokens", "--max-batch-total-tokens", "--max-concurrent-requests",
     "--max-active-adapters", "--api-key", "--json-output",
 ]
-
-FAKE_SHARD = '''
-"""Stand-in shard: answers Health on its socket; records its argv and thread env."""
-import argparse, json, os, sys
-from concurrent import futures
-import grpc
-from proto import generate_pb2, generate_pb2_grpc
-
-class Shard(generate_pb2_grpc.ShardServicer):
-    def Health(self, request, context):
-        return generate_pb2.HealthResponse()
-
-p = argparse.ArgumentParser()
-for flag in ("--model-dir", "--uds", "--master-addr", "--device", "--dtype"):
-    p.add_argument(flag, required=True)
-for flag in ("--rank", "--world-size", "--master-port"):
-    p.add_argument(flag, type=int, required=True)
-args = p.parse_args()
-record = {"argv": sys.argv[1:], "LOOM_NUM_THREADS": os.environ.get("LOOM_NUM_THREADS")}
-with open(os.path.join(os.environ["LOOM_FAKE_RECORD"], f"shard-{args.rank}.json"), "w") as f:
-    json.dump(record, f)
-if os.environ.get("FAKE_SHARD_EXIT_RANK") == str(args.rank):
-    sys.exit(3)
-server = grpc.server(futures.ThreadPoolExecutor(2))
-generate_pb2_grpc.add_ShardServicer_to_server(Shard(), server)
-server.add_insecure_port(f"unix://{args.uds}")
-server.start()
-server.wait_for_termination()
-'''
-
-FAKE_ROUTER = '''
-"""Stand-in router: serves GET /health with 200; records the config it was given."""
-import argparse, os, shutil
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from router.config import RouterConfig
-
-class Handler(BaseHTTPRequestHandler):
-    def do_GET(self):
-        self.send_response(200 if self.path == "/health" else 404)
-        self.end_headers()
-
-    def log_message(self, *args):
-        pass
-
-p = argparse.ArgumentParser()
-p.add_argument("--config", required=True)
-args = p.parse_args()
-config = RouterConfig.from_file(args.config)
-shutil.copy(args.config, os.path.join(os.environ["LOOM_FAKE_RECORD"], "router.json"))
-ThreadingHTTPServer((config.hostname, config.port), Handler).serve_forever()
-'''
+# Settings a developer's shell may carry that would change what the launcher does.
+SCRUBBED_ENV = ("LOOM_API_KEY", "PYTHONPATH", "HF_TOKEN", "LOOM_LOG_FORMAT")
+API_KEY = "secret"
+# For launches that only exist to be killed: a tiny KV cache and warmup prefill boot faster.
+SMALL_CACHE = ("--max-total-tokens", "256", "--max-batch-total-tokens", "256")
 
 
-# ---- fixtures and helpers ----------------------------------------------------------------------------
+# ---- launched servers --------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory) -> Path:
-    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama")
+class Launch(LoomServer):
+    """conftest's LoomServer with its output in a file (the tests read the launcher's log lines; a pipe
+    could fill up and block it), started in the background by `launch()` and awaited by `start()`."""
 
-
-@pytest.fixture(scope="session")
-def fake_root(tmp_path_factory) -> Path:
-    """A copy of the launcher, proto and router config next to fake shard/router entry points."""
-    root = tmp_path_factory.mktemp("fake-project")
-    ignore = shutil.ignore_patterns("__pycache__")
-    shutil.copytree(REPO / "launcher", root / "launcher", ignore=ignore)
-    shutil.copytree(REPO / "proto", root / "proto", ignore=ignore)
-    (root / "router").mkdir()
-    for name in ("__init__.py", "config.py"):
-        shutil.copy(REPO / "router" / name, root / "router" / name)
-    (root / "router" / "__main__.py").write_text(textwrap.dedent(FAKE_ROUTER))
-    (root / "shard").mkdir()
-    (root / "shard" / "__init__.py").write_text("")
-    (root / "shard" / "__main__.py").write_text(textwrap.dedent(FAKE_SHARD))
-    return root
-
-
-@pytest.fixture(params=["fake", "real"])
-def impl_root(request, fake_root) -> Path:
-    if request.param == "real" and REAL_IMPL_MISSING:  # remove once shard/ and router/ have landed
-        pytest.skip("shard/__main__.py or router/__main__.py does not exist yet")
-    return fake_root if request.param == "fake" else REPO
-
-
-@pytest.fixture
-def env(tmp_path) -> dict[str, str]:
-    """The launcher's environment: a private demo cache and hub cache, no hub access, no api key."""
-    env = {k: v for k, v in os.environ.items() if k not in ("LOOM_API_KEY", "PYTHONPATH", "HF_TOKEN")}
-    env.update(LOOM_CACHE=str(tmp_path / "loom-cache"), HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1",
-               LOOM_FAKE_RECORD=str(tmp_path))
-    return env
-
-
-def loom(*args: str, env: dict[str, str], cwd: Path = REPO, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "launcher", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=timeout)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Launcher:
-    """A `loom` process in the background, its output in a file (a pipe could fill up and block it)."""
-
-    def __init__(self, root: Path, env: dict[str, str], log_path: Path, *args: str):
-        self.port = free_port()
+    def __init__(self, log_path: Path, model_dir: Path, *args: str, env: dict[str, str]):
+        super().__init__(model_dir, *args, env=env)
+        self.env = {k: v for k, v in self.env.items() if k not in SCRUBBED_ENV or k in env}
         self.log_path = log_path
-        with open(log_path, "w") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "launcher", "--port", str(self.port), *args],
-                                         cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
         self.children: list[psutil.Process] = []
+
+    def launch(self) -> "Launch":
+        with open(self.log_path, "w") as log:
+            self.proc = subprocess.Popen(self.cmd, cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        return self
+
+    def start(self, timeout: float = READY_TIMEOUT_S) -> "Launch":
+        """Waits for the launcher's "Loom is ready" line, then records its children."""
+        if self.proc is None:
+            self.launch()
+        deadline = time.monotonic() + timeout
+        while "Loom is ready" not in self.output():
+            assert self.proc.poll() is None, f"loom exited with {self.proc.returncode}:\n{self.output()}"
+            assert time.monotonic() < deadline, f"loom not ready after {timeout} s:\n{self.output()}"
+            time.sleep(0.1)
+        self.children = psutil.Process(self.proc.pid).children(recursive=True)
+        return self
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
 
     def output(self) -> str:
         return self.log_path.read_text()
 
-    def wait_ready(self) -> None:
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while "Loom is ready" not in self.output():
-            assert self.proc.poll() is None, f"loom exited with {self.proc.returncode}:\n{self.output()}"
-            assert time.monotonic() < deadline, f"loom not ready:\n{self.output()}"
-            time.sleep(0.2)
-        self.children = psutil.Process(self.proc.pid).children(recursive=True)
-
     def shard(self, rank: int) -> psutil.Process:
-        return next(p for p in self.children if "shard" in p.cmdline() and p.cmdline()[p.cmdline().index("--rank") + 1] == str(rank))
+        return next(p for p in self.children if child_kind(p) == "shard" and flag(p, "--rank") == str(rank))
 
     def wait_exit(self, timeout: float) -> int:
         try:
@@ -173,15 +90,35 @@ class Launcher:
             pytest.fail(f"loom still running after {timeout} s:\n{self.output()}")
 
     def kill(self) -> None:
-        """Cleanup after a failed test: nothing may leak into the next one."""
+        """Cleanup: nothing may outlive the module, whatever state a test left this launch in."""
+        if self.alive():
+            try:
+                self.children += psutil.Process(self.proc.pid).children(recursive=True)
+            except psutil.NoSuchProcess:
+                pass
         for proc in self.children:
             try:
                 proc.kill()
             except psutil.NoSuchProcess:
                 pass
-        if self.proc.poll() is None:
+        if self.alive():
             self.proc.kill()
+        if self.proc is not None:
             self.proc.wait()
+
+
+def child_kind(proc: psutil.Process) -> str | None:
+    """"shard" or "router" for a `python -m shard|router` process."""
+    try:
+        cmdline = proc.cmdline()
+    except psutil.NoSuchProcess:
+        return None
+    return cmdline[cmdline.index("-m") + 1] if "-m" in cmdline else None
+
+
+def flag(proc: psutil.Process, name: str) -> str:
+    cmdline = proc.cmdline()
+    return cmdline[cmdline.index(name) + 1]
 
 
 def gone(procs: list[psutil.Process], timeout: float = 10.0) -> bool:
@@ -197,31 +134,156 @@ def gone(procs: list[psutil.Process], timeout: float = 10.0) -> bool:
     return False
 
 
+def hermetic_env(root: Path, **extra: str) -> dict[str, str]:
+    """A private demo cache and hub cache, no hub access, nothing from the developer's shell."""
+    env = {k: v for k, v in os.environ.items() if k not in SCRUBBED_ENV}
+    env.update(LOOM_CACHE=str(root / "loom-cache"), HF_HOME=str(root / "hf"), HF_HUB_OFFLINE="1", **extra)
+    return env
+
+
+class Fleet:
+    """The module's launches by fixture name. `get` hands out the running one, or launches a fresh one when
+    it was never started or a test has already stopped it, so that tests pass in any order."""
+
+    def __init__(self, specs: dict[str, Callable[[], Launch]]):
+        self.specs = specs
+        self.paths = SimpleNamespace()  # what the specs were made from, for the tests' checks
+        self.current: dict[str, Launch] = {}
+        self.all: list[Launch] = []
+
+    def launch(self, name: str) -> Launch:
+        launch = self.specs[name]().launch()
+        self.current[name] = launch
+        self.all.append(launch)
+        return launch
+
+    def get(self, name: str) -> Launch:
+        launch = self.current.get(name)
+        return launch if launch is not None and launch.alive() else self.launch(name)
+
+    def kill_all(self) -> None:
+        for launch in self.all:
+            launch.kill()
+
+
+LAUNCHES = ("shared_loom", "loom_for_shard_kill", "loom_for_launcher_kill", "loom_with_corrupt_weights")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fleet(request, tmp_path_factory):
+    """Starts, in the background, every launch that the selected tests of this module will use."""
+    wanted = [name for name in LAUNCHES
+              if any(name in item.fixturenames for item in request.session.items if item.module is request.module)]
+    if not wanted:
+        yield Fleet({})
+        return
+    llama_dir: Path = request.getfixturevalue("llama_dir")
+    root = tmp_path_factory.mktemp("launches")
+    adapter_root = root / "adapters"
+    (adapter_root / "mine").mkdir(parents=True)
+    corrupt = root / "corrupt-model"
+    shutil.copytree(llama_dir, corrupt)
+    weights = corrupt / "model.safetensors"
+    os.truncate(weights, weights.stat().st_size // 2)  # a real reason for the real shard to fail
+    logs = iter(range(1000))
+
+    def spec(model_dir: Path, *args: str, **env: str) -> Callable[[], Launch]:
+        return lambda: Launch(root / f"loom-{next(logs)}.log", model_dir, *args, env=hermetic_env(root, **env))
+
+    fleet = Fleet({
+        "shared_loom": spec(llama_dir, "--num-shard", "2", "--device", "cpu",
+                            "--adapter", f"mine={adapter_root / 'mine'}", "--adapter", "pirate=org/pirate-lora",
+                            "--local-adapter-root", str(adapter_root), "--max-concurrent-requests", "7",
+                            LOOM_API_KEY=API_KEY),
+        "loom_for_shard_kill": spec(llama_dir, "--num-shard", "2", "--device", "cpu", *SMALL_CACHE),
+        "loom_for_launcher_kill": spec(llama_dir, "--device", "cpu", *SMALL_CACHE),
+        "loom_with_corrupt_weights": spec(corrupt, "--device", "cpu"),
+    })
+    fleet.paths.__dict__.update(llama_dir=llama_dir, adapter_root=adapter_root, corrupt=corrupt)
+    for name in wanted:
+        fleet.launch(name)
+    yield fleet
+    fleet.kill_all()
+
+
 @pytest.fixture
-def start_loom(tmp_path, env):
-    launchers: list[Launcher] = []
+def shared_loom(fleet) -> Launch:
+    """2 shards, named adapters, a local adapter root and an api key; only the SIGTERM test stops it."""
+    return fleet.get("shared_loom")
 
-    def start(root: Path, *args: str, extra_env: dict[str, str] | None = None) -> Launcher:
-        launcher = Launcher(root, {**env, **(extra_env or {})}, tmp_path / f"loom-{len(launchers)}.log", *args)
-        launchers.append(launcher)
-        return launcher
 
-    yield start
-    for launcher in launchers:
-        launcher.kill()
+@pytest.fixture
+def loom_for_shard_kill(fleet) -> Launch:
+    return fleet.get("loom_for_shard_kill")
+
+
+@pytest.fixture
+def loom_for_launcher_kill(fleet) -> Launch:
+    return fleet.get("loom_for_launcher_kill")
+
+
+@pytest.fixture
+def loom_with_corrupt_weights(fleet) -> Launch:
+    return fleet.get("loom_with_corrupt_weights")
+
+
+# ---- helpers for the quick tests -------------------------------------------------------------------------
+
+
+@pytest.fixture
+def env(tmp_path) -> dict[str, str]:
+    return hermetic_env(tmp_path)
+
+
+def loom(*args: str, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "launcher", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.fixture
+def loom_main(tmp_path, monkeypatch, capsys):
+    """Runs `loom ARGS` in this process; returns (exit code, stdout, stderr).
+
+    LOOM_CACHE points below a regular file, so the demo model cannot be built: were a flag checked only after
+    resolving the model, `main` would fail on the cache (exit 1) instead of building the demo and starting
+    a server inside pytest.
+    """
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("LOOM_CACHE", str(blocker / "loom-cache"))
+    for name in SCRUBBED_ENV:
+        monkeypatch.delenv(name, raising=False)
+    logger = logging.getLogger("loom")
+    monkeypatch.setattr(logger, "handlers", list(logger.handlers))  # main adds one per call
+
+    def run(*args: str) -> tuple[int | str | None, str, str]:
+        try:
+            code = main(list(args))
+        except SystemExit as e:
+            code = e.code
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run
 
 
 # ---- flags ---------------------------------------------------------------------------------------------
 
 
-def test_help_mentions_every_flag(env):
-    result = loom("--help", env=env)
-    assert result.returncode == 0
-    for flag in ALL_FLAGS:
-        assert flag in result.stdout, flag
+def test_help_mentions_every_flag(loom_main):
+    code, out, _ = loom_main("--help")
+    assert code == 0
+    for name in ALL_FLAGS:
+        assert name in out, name
 
 
-@pytest.mark.parametrize("args, flag", [
+def test_help_works_as_a_command(env):
+    """The same through `python -m launcher`, the entry point `.venv/bin/loom` runs."""
+    result = loom("--help", env=env, timeout=60)
+    assert result.returncode == 0 and "--model-id" in result.stdout
+
+
+@pytest.mark.parametrize("args, name", [
     (["--adapter", "no-equals-sign"], "--adapter"),
     (["--adapter", "=some/adapter"], "--adapter"),
     (["--adapter", "a=x/y", "--adapter", "a=x/z"], "--adapter"),
@@ -235,26 +297,25 @@ def test_help_mentions_every_flag(env):
     (["--dtype", "int8"], "--dtype"),
     (["--local-adapter-root", "/no/such/dir"], "--local-adapter-root"),
 ])
-def test_invalid_flags_exit_2_naming_the_flag(env, args, flag):
-    result = loom(*args, env=env)
-    assert result.returncode == 2, result.stderr
-    assert flag in result.stderr
-    assert not Path(env["LOOM_CACHE"]).exists(), "flags must be checked before the demo model is built"
+def test_invalid_flags_exit_2_naming_the_flag(loom_main, args, name):
+    code, _, err = loom_main(*args)
+    assert code == 2, err
+    assert name in err
 
 
-def test_max_total_tokens_beyond_the_model_exits_2(env, tiny_model):
-    result = loom("--model-id", str(tiny_model), "--device", "cpu", "--max-total-tokens", "4096", env=env)
-    assert result.returncode == 2
-    assert "--max-total-tokens" in result.stderr and "max_position_embeddings (512)" in result.stderr
+def test_max_total_tokens_beyond_the_model_exits_2(loom_main, llama_dir):
+    code, _, err = loom_main("--model-id", str(llama_dir), "--device", "cpu", "--max-total-tokens", "4096")
+    assert code == 2, err
+    assert "--max-total-tokens" in err and "max_position_embeddings (512)" in err
 
 
-def test_device_cuda_without_gpu_exits_2(env):
+def test_device_cuda_without_gpu_exits_2(loom_main):
     import torch
 
     if torch.cuda.is_available():
         pytest.skip("a GPU is visible")
-    result = loom("--device", "cuda", env=env)
-    assert result.returncode == 2 and "--device" in result.stderr
+    code, _, err = loom_main("--device", "cuda")
+    assert code == 2 and "--device" in err
 
 
 def limits(max_positions: int | None, **flags: int):
@@ -282,9 +343,9 @@ def test_limits_follow_the_explicit_flags():
 # ---- model resolution -------------------------------------------------------------------------------------
 
 
-def test_local_model_dir_is_used_as_is(tiny_model):
-    model = resolve_model(str(tiny_model))
-    assert model.path == tiny_model.resolve() and model.name == str(tiny_model)
+def test_local_model_dir_is_used_as_is(llama_dir):
+    model = resolve_model(str(llama_dir))
+    assert model.path == llama_dir.resolve() and model.name == str(llama_dir)
 
 
 def test_local_dir_without_config_is_a_clear_error(tmp_path):
@@ -303,52 +364,64 @@ def test_malformed_model_id_is_a_clear_error():
         resolve_model("org/bad name")
 
 
-def test_demo_model_is_built_once_and_reused(tmp_path, monkeypatch):
-    monkeypatch.setenv("LOOM_CACHE", str(tmp_path / "cache"))
-    started = time.monotonic()
-    first = resolve_model(None)
-    assert time.monotonic() - started < 30
-    assert first.name == "demo" and first.path == tmp_path / "cache" / DEMO_DIR_NAME
-    assert (first.path / "tokenizer.json").is_file() and (first.path / "model.safetensors").is_file()
-    mtime = (first.path / "model.safetensors").stat().st_mtime_ns
-    assert resolve_model(None).path == first.path
-    assert (first.path / "model.safetensors").stat().st_mtime_ns == mtime
-
-
-def test_concurrent_launches_build_the_demo_model_once(env):
-    code = "from launcher.model_source import resolve_model; print(resolve_model(None).path)"
+@pytest.fixture(scope="module")
+def demo_build(tmp_path_factory) -> SimpleNamespace:
+    """Two launches resolving the demo model at once into an empty cache: the module's only demo build."""
+    env = hermetic_env(tmp_path_factory.mktemp("demo"))
+    # CPU seconds rather than wall time: the module's launches boot on the same cores meanwhile.
+    code = ("import time; from launcher.model_source import resolve_model; t = time.process_time(); "
+            "path = resolve_model(None).path; print(path, time.process_time() - t)")
     procs = [subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=env, stdout=subprocess.PIPE, text=True)
              for _ in range(2)]
-    paths = {proc.communicate(timeout=120)[0].strip() for proc in procs}
-    assert all(proc.returncode == 0 for proc in procs)
-    cache = Path(env["LOOM_CACHE"])
-    assert paths == {str(cache / DEMO_DIR_NAME)}
-    assert sorted(p.name for p in cache.iterdir() if p.is_dir()) == [DEMO_DIR_NAME]  # no staging dirs left
+    outputs = [proc.communicate(timeout=180)[0].split() for proc in procs]
+    return SimpleNamespace(cache=Path(env["LOOM_CACHE"]), returncodes=[proc.returncode for proc in procs],
+                           paths={out[0] for out in outputs if out},
+                           cpu_seconds=max((float(out[1]) for out in outputs if out), default=None))
 
 
-def make_hub_cache(hf_home: Path, repo_id: str, model_dir: Path) -> Path:
-    """The layout huggingface_hub writes: blobs behind snapshots/<commit>/, refs/main naming the commit."""
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    repo = hf_home / "hub" / f"models--{repo_id.replace('/', '--')}"
-    snapshot = repo / "snapshots" / commit
-    shutil.copytree(model_dir, snapshot)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(commit)
-    return snapshot
+def test_concurrent_launches_build_the_demo_model_once(demo_build):
+    assert demo_build.returncodes == [0, 0]
+    assert demo_build.paths == {str(demo_build.cache / DEMO_DIR_NAME)}
+    assert sorted(p.name for p in demo_build.cache.iterdir() if p.is_dir()) == [DEMO_DIR_NAME]  # no staging dirs left
 
 
-def resolve_in_subprocess(model_id: str, env: dict[str, str]) -> subprocess.CompletedProcess:
-    """huggingface_hub reads HF_HOME and HF_HUB_OFFLINE when imported, hence a fresh interpreter."""
-    code = f"from launcher.model_source import resolve_model; print(resolve_model({model_id!r}).path)"
-    return subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+def test_demo_model_is_built_once_and_reused(demo_build, monkeypatch):
+    monkeypatch.setenv("LOOM_CACHE", str(demo_build.cache))
+    assert demo_build.cpu_seconds < 30, "the demo model should build in seconds"
+    path = demo_build.cache / DEMO_DIR_NAME
+    assert (path / "tokenizer.json").is_file() and (path / "model.safetensors").is_file()
+    mtime = (path / "model.safetensors").stat().st_mtime_ns
+    started = time.monotonic()
+    model = resolve_model(None)
+    assert model.name == "demo" and model.path == path
+    assert time.monotonic() - started < 1, "a built demo model is reused, not rebuilt"
+    assert (path / "model.safetensors").stat().st_mtime_ns == mtime
 
 
-@pytest.mark.parametrize("model_id", ["org/tiny", "org/tiny@main", "org/tiny@0123456789abcdef0123456789abcdef01234567"])
-def test_hub_model_resolves_from_the_offline_cache(env, tiny_model, model_id):
-    snapshot = make_hub_cache(Path(env["HF_HOME"]), "org/tiny", tiny_model)
-    result = resolve_in_subprocess(model_id, env)
+HUB_IDS = ["org/tiny", "org/tiny@main", "org/tiny@0123456789abcdef0123456789abcdef01234567"]
+
+
+@pytest.fixture(scope="module")
+def hub_resolutions(tmp_path_factory, llama_dir) -> tuple[Path, dict[str, str]]:
+    """(snapshot dir, model id -> resolved path or error) for HUB_IDS with "org/tiny" in an offline hub cache.
+    huggingface_hub reads HF_HOME and HF_HUB_OFFLINE when imported, hence a fresh interpreter (one for all)."""
+    env = hermetic_env(tmp_path_factory.mktemp("hub"))
+    snapshot = install_in_hub_cache(llama_dir, Path(env["HF_HOME"]), "org/tiny")
+    code = ("import json, sys; from launcher.model_source import resolve_model\n"
+            "def resolve(i):\n"
+            "    try: return str(resolve_model(i).path)\n"
+            "    except Exception as e: return f'{type(e).__name__}: {e}'\n"
+            "print(json.dumps({i: resolve(i) for i in sys.argv[1:]}))")
+    result = subprocess.run([sys.executable, "-c", code, *HUB_IDS], cwd=REPO, env=env, capture_output=True,
+                            text=True, timeout=60)
     assert result.returncode == 0, result.stderr
-    assert Path(result.stdout.strip()) == snapshot
+    return snapshot, json.loads(result.stdout)
+
+
+@pytest.mark.parametrize("model_id", HUB_IDS)
+def test_hub_model_resolves_from_the_offline_cache(hub_resolutions, model_id):
+    snapshot, resolved = hub_resolutions
+    assert resolved[model_id] == str(snapshot)
 
 
 def test_missing_hub_model_offline_is_one_clear_line(env):
@@ -358,65 +431,79 @@ def test_missing_hub_model_offline_is_one_clear_line(env):
     assert "Traceback" not in result.stderr
 
 
-# ---- supervision -------------------------------------------------------------------------------------------
+# ---- supervision (real shards and router) ---------------------------------------------------------------
 
 
-def test_serves_until_sigterm_then_stops_every_child(impl_root, start_loom, tiny_model):
-    loom_proc = start_loom(impl_root, "--model-id", str(tiny_model), "--num-shard", "2", "--device", "cpu")
-    loom_proc.wait_ready()
-    assert f"Loom is ready: http://127.0.0.1:{loom_proc.port}/v1 (model {tiny_model}, 2 shard(s))" in loom_proc.output()
-    with urllib.request.urlopen(f"http://127.0.0.1:{loom_proc.port}/health", timeout=10) as response:
-        assert response.status == 200
-    assert len(loom_proc.children) >= 3
-    loom_proc.proc.send_signal(signal.SIGTERM)
-    assert loom_proc.wait_exit(60) == 0
-    assert gone(loom_proc.children)
+def test_a_shard_failing_at_startup_is_named(loom_with_corrupt_weights, fleet):
+    launch = loom_with_corrupt_weights
+    assert launch.wait_exit(READY_TIMEOUT_S) == 1
+    output = launch.output()
+    failed = re.search(r"shard 0 \(pid (\d+)\) exited with code (-?\d+) while starting; shutting down", output)
+    assert failed and failed.group(2) != "0", output
+    assert "Loom is ready" not in output and "started router" not in output
+    corrupt = str(fleet.paths.corrupt)
+    left = [p.pid for p in psutil.process_iter(["cmdline"]) if corrupt in (p.info["cmdline"] or [])]
+    assert not left, f"processes still running on the corrupt model: {left}"
 
 
-def test_a_dead_shard_takes_everything_down(impl_root, start_loom, tiny_model):
-    loom_proc = start_loom(impl_root, "--model-id", str(tiny_model), "--num-shard", "2", "--device", "cpu")
-    loom_proc.wait_ready()
-    shard = loom_proc.shard(1)
+def test_children_get_the_resolved_settings(shared_loom, fleet):
+    launch = shared_loom.start()
+    llama_dir, adapter_root = fleet.paths.llama_dir, fleet.paths.adapter_root
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    with httpx.Client(base_url=launch.url, timeout=30) as client:
+        assert client.get("/health").status_code == 200  # the only route without the key
+        assert client.get("/info").status_code == 401  # LOOM_API_KEY reached the router
+        info = client.get("/info", headers=auth).json()
+        assert info["model_id"] == str(llama_dir) and info["num_shard"] == 2
+        # Derived from the model's max_position_embeddings (512) and LoRAX's defaults.
+        assert (info["max_input_length"], info["max_total_tokens"], info["max_batch_prefill_tokens"]) == (511, 512, 4096)
+        assert info["max_concurrent_requests"] == 7
+        assert info["model_device_type"] == "cpu" and "float32" in info["model_dtype"]
+        models = {m["id"]: m for m in client.get("/v1/models", headers=auth).json()["data"]}
+        assert {"mine", "pirate"} <= models.keys() and models["pirate"]["parent"] == str(llama_dir)
+        # --local-adapter-root: a path inside it is looked up (and missing), one outside is refused.
+        inside = client.post("/v1/completions", headers=auth,
+                             json={"model": str(adapter_root / "missing"), "prompt": "hi", "max_tokens": 1})
+        assert inside.status_code == 404, inside.text
+        outside = client.post("/v1/completions", headers=auth,
+                              json={"model": "/elsewhere/adapter", "prompt": "hi", "max_tokens": 1})
+        assert outside.status_code == 400 and "--local-adapter-root" in outside.text
+
+    shards = sorted((p for p in launch.children if child_kind(p) == "shard"), key=lambda p: int(flag(p, "--rank")))
+    routers = [p for p in launch.children if child_kind(p) == "router"]
+    assert [flag(p, "--rank") for p in shards] == ["0", "1"] and len(routers) == 1
+    for rank, shard in enumerate(shards):
+        assert flag(shard, "--world-size") == "2"
+        assert flag(shard, "--device") == "cpu" and flag(shard, "--dtype") == "float32"
+        assert flag(shard, "--model-dir") == str(llama_dir.resolve())
+        assert flag(shard, "--uds").endswith(f"shard-{rank}.sock")
+        assert int(shard.environ()["LOOM_NUM_THREADS"]) >= 1
+    assert flag(shards[0], "--master-port") == flag(shards[1], "--master-port")
+
+
+def test_serves_until_sigterm_then_stops_every_child(shared_loom, fleet):
+    """Runs after the settings test and ends the shared launch."""
+    launch = shared_loom.start()
+    assert (f"Loom is ready: http://127.0.0.1:{launch.port}/v1 (model {fleet.paths.llama_dir}, 2 shard(s))"
+            in launch.output())
+    assert httpx.get(f"{launch.url}/health", timeout=10).status_code == 200
+    assert len(launch.children) >= 3
+    launch.proc.terminate()
+    assert launch.wait_exit(60) == 0
+    assert gone(launch.children)
+
+
+def test_a_dead_shard_takes_everything_down(loom_for_shard_kill):
+    launch = loom_for_shard_kill.start()
+    shard = launch.shard(1)
     shard.kill()
-    assert loom_proc.wait_exit(15) != 0
-    assert f"shard 1 (pid {shard.pid}) exited with code -9; shutting down" in loom_proc.output()
-    assert gone(loom_proc.children)
+    assert launch.wait_exit(15) != 0
+    assert f"shard 1 (pid {shard.pid}) exited with code -9; shutting down" in launch.output()
+    assert gone(launch.children)
 
 
-def test_children_die_with_the_launcher(impl_root, start_loom, tiny_model):
-    loom_proc = start_loom(impl_root, "--model-id", str(tiny_model), "--device", "cpu")
-    loom_proc.wait_ready()
-    loom_proc.proc.kill()
-    assert gone(loom_proc.children)
-
-
-def test_a_shard_failing_at_startup_is_named(fake_root, start_loom, tiny_model):
-    loom_proc = start_loom(fake_root, "--model-id", str(tiny_model), "--num-shard", "2", "--device", "cpu",
-                           extra_env={"FAKE_SHARD_EXIT_RANK": "1"})
-    assert loom_proc.wait_exit(60) == 1
-    assert "shard 1 (pid " in loom_proc.output() and "exited with code 3 while starting" in loom_proc.output()
-    assert "Loom is ready" not in loom_proc.output()
-
-
-def test_children_get_the_resolved_settings(fake_root, start_loom, tiny_model, tmp_path):
-    adapter_dir = tmp_path / "my-adapter"
-    adapter_dir.mkdir()
-    loom_proc = start_loom(fake_root, "--model-id", str(tiny_model), "--num-shard", "2", "--device", "cpu",
-                           "--adapter", f"mine={adapter_dir}", "--adapter", "pirate=org/pirate-lora",
-                           "--local-adapter-root", str(tmp_path), "--max-concurrent-requests", "7",
-                           extra_env={"LOOM_API_KEY": "secret"})
-    loom_proc.wait_ready()
-    config = json.loads((tmp_path / "router.json").read_text())
-    assert config["model_dir"] == str(tiny_model.resolve()) and config["model_id"] == str(tiny_model)
-    assert len(config["shard_sockets"]) == 2 and config["port"] == loom_proc.port
-    assert (config["max_total_tokens"], config["max_input_length"], config["max_batch_prefill_tokens"]) == (512, 511, 4096)
-    assert config["max_concurrent_requests"] == 7 and config["api_key"] == "secret"
-    assert config["adapters"] == {"mine": str(adapter_dir), "pirate": "org/pirate-lora"}
-    assert config["local_adapter_roots"] == [str(tmp_path)]
-    for rank in range(2):
-        shard = json.loads((tmp_path / f"shard-{rank}.json").read_text())
-        argv = shard["argv"]
-        assert argv[argv.index("--uds") + 1] == config["shard_sockets"][rank]
-        assert argv[argv.index("--world-size") + 1] == "2" and argv[argv.index("--device") + 1] == "cpu"
-        assert argv[argv.index("--dtype") + 1] == "float32"
-        assert int(shard["LOOM_NUM_THREADS"]) >= 1
+def test_children_die_with_the_launcher(loom_for_launcher_kill):
+    launch = loom_for_launcher_kill.start()
+    assert len(launch.children) >= 2
+    launch.proc.kill()
+    assert gone(launch.children)
