@@ -4,11 +4,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import os
+import logging
 import signal
+import sys
 
 import torch
+
+from router.logs import configure_logging  # one log format (text or JSON lines) for every process
+
+from shard.adapter_cache import (
+    DEFAULT_ADAPTER_HOST_CACHE_BYTES,
+    DEFAULT_ADAPTER_MEMORY_FRACTION,
+    DEFAULT_ADAPTER_PAGE_RANK,
+)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -24,6 +33,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument("--kv-cache-bytes", type=int, default=None, help="KV cache budget (default: decided by the engine)")
+    p.add_argument("--adapter-memory-fraction", type=float, default=DEFAULT_ADAPTER_MEMORY_FRACTION,
+                   help="adapter pool size: this fraction of free GPU memory at warmup (CPU: of the KV cache budget)")
+    p.add_argument("--adapter-pool-pages", type=int, default=None,
+                   help="adapter pool size in pages, overriding --adapter-memory-fraction")
+    p.add_argument("--adapter-page-rank", type=int, default=DEFAULT_ADAPTER_PAGE_RANK,
+                   help="LoRA rank held by one pool page; an adapter of rank r takes ceil(r / this) pages")
+    p.add_argument("--adapter-host-cache-bytes", type=int, default=DEFAULT_ADAPTER_HOST_CACHE_BYTES,
+                   help="bound of the host-memory LRU cache of adapters evicted from the device pool")
     return p.parse_args(argv)
 
 
@@ -42,7 +59,7 @@ def init_distributed(args: argparse.Namespace) -> None:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s shard{args.rank} %(levelname)s %(message)s")
+    configure_logging(f"shard{args.rank}")
     threads = int(os.environ.get("LOOM_NUM_THREADS", "0"))
     if threads > 0:
         torch.set_num_threads(threads)
@@ -53,15 +70,24 @@ def main(argv=None) -> None:
 
     from shard.engine import Engine
     from shard.server import serve
+    from shard.weights import CheckpointError
 
-    engine = Engine(
-        args.model_dir,
-        device=device,
-        dtype=DTYPES[args.dtype],
-        kv_cache_bytes=args.kv_cache_bytes,
-        tp_rank=args.rank,
-        tp_size=args.world_size,
-    )
+    try:
+        engine = Engine(
+            args.model_dir,
+            device=device,
+            dtype=DTYPES[args.dtype],
+            kv_cache_bytes=args.kv_cache_bytes,
+            tp_rank=args.rank,
+            tp_size=args.world_size,
+            adapter_memory_fraction=args.adapter_memory_fraction,
+            adapter_pool_pages=args.adapter_pool_pages,
+            adapter_host_cache_bytes=args.adapter_host_cache_bytes,
+            adapter_page_rank=args.adapter_page_rank,
+        )
+    except CheckpointError as e:  # a bad checkpoint is the user's to fix: one line that names the file
+        logging.getLogger("loom.shard").error("cannot load the model: %s", e)
+        sys.exit(1)
     # The launcher stops us with SIGTERM; exit promptly without a traceback.
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
     asyncio.run(serve(engine, args.uds, args.rank, args.world_size))

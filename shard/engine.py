@@ -13,9 +13,16 @@ import torch
 import torch.distributed as dist
 from transformers import AutoConfig
 
+from shard.adapter_cache import (
+    DEFAULT_ADAPTER_HOST_CACHE_BYTES,
+    DEFAULT_ADAPTER_MEMORY_FRACTION,
+    DEFAULT_ADAPTER_PAGE_RANK,
+    AdapterCache,
+)
 from shard.attention import decode_metadata, prefill_metadata
 from shard.kv_cache import (
     DEFAULT_BLOCK_SIZE,
+    DEFAULT_CPU_KV_BYTES,
     BlockManager,
     KVCacheExhausted,
     allocate_kv_cache,
@@ -23,11 +30,13 @@ from shard.kv_cache import (
     kv_budget_bytes,
     num_blocks_for_budget,
 )
+from shard.lora import AdapterError, LoraBatch, PageLayout, projection_shapes
 from shard.model import head_dim_of
 from shard.sampler import SamplerOutput, SamplerRow, SamplingParams, sample
+from shard.grammar import GrammarError, Grammars
 from shard.weights import load_model
 
-__all__ = ["Engine", "EngineInfo", "SamplingParams", "SequenceRequest", "TokenResult"]
+__all__ = ["AdapterError", "AdapterInfo", "Engine", "EngineInfo", "SamplingParams", "SequenceRequest", "TokenResult"]
 
 
 @dataclass(slots=True)
@@ -40,6 +49,9 @@ class SequenceRequest:
     adapter_id: str = ""  # "" = base model
     top_n_tokens: int = 0
     prefill_logprobs: bool = False
+    grammar: str = ""  # llguidance grammar the output must follow; "" = free
+    min_new_tokens: int = 0  # stop_token_ids are masked until this many tokens were generated
+    stop_token_ids: list[int] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -71,6 +83,19 @@ class EngineInfo:
     world_size: int
 
 
+@dataclass(slots=True)
+class AdapterInfo:
+    rank: int
+    pages: int  # adapter pool pages it occupies while resident
+
+
+def _accept(row: SamplerRow, token_id: int) -> None:
+    """Appends a sampled token to its sequence and advances the sequence's grammar."""
+    row.token_ids.append(token_id)
+    if row.matcher is not None:
+        row.matcher.consume_token(token_id)
+
+
 def _error(request_id: int, message: str) -> TokenResult:
     return TokenResult(request_id, 0, 0.0, error=message)
 
@@ -78,11 +103,17 @@ def _error(request_id: int, message: str) -> TokenResult:
 class Engine:
     def __init__(self, model_dir: str, device: str = "cpu", dtype: torch.dtype = torch.float32,
                  block_size: int = DEFAULT_BLOCK_SIZE, kv_cache_bytes: int | None = None,
-                 tp_rank: int = 0, tp_size: int = 1):
+                 tp_rank: int = 0, tp_size: int = 1,
+                 adapter_memory_fraction: float = DEFAULT_ADAPTER_MEMORY_FRACTION,
+                 adapter_pool_pages: int | None = None,
+                 adapter_host_cache_bytes: int = DEFAULT_ADAPTER_HOST_CACHE_BYTES,
+                 adapter_page_rank: int = DEFAULT_ADAPTER_PAGE_RANK):
         self.device = torch.device(device)
         self.dtype = dtype
         self.block_size = block_size
         self.kv_cache_bytes = kv_cache_bytes
+        self.adapter_memory_fraction = adapter_memory_fraction
+        self.adapter_pool_pages = adapter_pool_pages
         config = AutoConfig.from_pretrained(model_dir)
         self.model = load_model(config, model_dir, dtype, self.device, tp_rank, tp_size)
         self.vocab_size = config.vocab_size
@@ -105,6 +136,10 @@ class Engine:
         self.blocks: BlockManager | None = None
         # A sequence's state is exactly what sampling needs: its tokens, params and generator.
         self.sequences: dict[int, SamplerRow] = {}
+        layout = PageLayout.build(config.num_hidden_layers, adapter_page_rank, projection_shapes(self.model))
+        self.adapters = AdapterCache(layout, dtype, self.device, adapter_host_cache_bytes)
+        self.seq_adapters: dict[int, str] = {}  # sequences with an adapter -> its id, pinned while they live
+        self.grammars = Grammars(model_dir, config.vocab_size)
 
     @property
     def _distributed(self) -> bool:
@@ -126,12 +161,22 @@ class Engine:
                                    info.head_dim, self.dtype, self.device)
         self.model.set_kv_cache(caches)
         self.blocks = BlockManager(num_blocks, self.block_size)
-        self.sequences.clear()
+        self._forget_all()
 
     def _drop_cache(self) -> None:
         self.model.set_kv_cache([torch.empty(0)] * self.info.num_layers)
         self.blocks = None
+        self._forget_all()
+
+    def _forget(self, seq_id: int) -> None:
+        self.sequences.pop(seq_id, None)
+        if adapter_id := self.seq_adapters.pop(seq_id, None):
+            self.adapters.unpin(adapter_id)
+
+    def _forget_all(self) -> None:
         self.sequences.clear()
+        self.seq_adapters.clear()
+        self.adapters.unpin_all()
 
     def _dummy_prefill(self, num_tokens: int) -> None:
         # Prompts no longer than the model's positions, together `num_tokens` long.
@@ -143,7 +188,7 @@ class Engine:
             if r.error:
                 raise RuntimeError(f"warmup prefill failed: {r.error}")
             self.blocks.release(r.request_id)
-            del self.sequences[r.request_id]
+            self._forget(r.request_id)
 
     def _activation_peak(self, num_tokens: int) -> int:
         """CUDA bytes a prefill of `num_tokens` needs beyond weights and KV cache."""
@@ -160,8 +205,11 @@ class Engine:
         """Sizes and allocates the KV cache, runs a dummy prefill of `max_batch_prefill_tokens` tokens and
         returns the number of blocks. Budget: kv_cache_bytes when given; else on CUDA 90% of free memory
         less the measured prefill activation peak, on CPU 1 GiB. max_batch_total_tokens > 0 caps the cache
-        at ceil(max_batch_total_tokens / block_size) blocks. Drops every sequence."""
+        at ceil(max_batch_total_tokens / block_size) blocks. Allocates the adapter pool first (see
+        _allocate_adapter_pool), so that on CUDA the KV cache is sized from what the pool leaves. Drops every
+        sequence."""
         self._drop_cache()
+        self._allocate_adapter_pool()
         reserved = 0
         if self.device.type == "cuda" and not self.kv_cache_bytes:
             reserved = self._activation_peak(max_batch_prefill_tokens)
@@ -185,9 +233,58 @@ class Engine:
         self._dummy_prefill(max_batch_prefill_tokens)
         return num_blocks
 
+    def _allocate_adapter_pool(self) -> None:
+        """Pages: adapter_pool_pages when given, else adapter_memory_fraction of free CUDA memory (taken before
+        the KV cache is sized) or, on CPU, of the KV cache budget."""
+        pages = self.adapter_pool_pages
+        if pages is None:
+            if self.device.type == "cuda":
+                budget = torch.cuda.mem_get_info(self.device)[0]
+            else:
+                budget = self.kv_cache_bytes or DEFAULT_CPU_KV_BYTES
+            pages = int(budget * self.adapter_memory_fraction) // self.adapters.page_bytes
+        if self._distributed:
+            count = torch.tensor([pages], device=self.device)
+            dist.all_reduce(count, op=dist.ReduceOp.MIN)
+            pages = int(count.item())
+        self.adapters.allocate(pages)
+
+    # ---- adapters -------------------------------------------------------------------------------------
+
+    @property
+    def adapter_pages(self) -> int:
+        return self.adapters.num_pages
+
+    @property
+    def adapter_page_rank(self) -> int:
+        return self.adapters.layout.page_rank
+
+    def load_adapter(self, adapter_id: str, path: str) -> AdapterInfo:
+        """Checks a PEFT LoRA dir against the model and registers it under `adapter_id` (read into the host
+        cache); requests may then name it. Raises AdapterError with a message naming the file or tensor."""
+        if not adapter_id:
+            raise AdapterError("adapter id must not be empty (\"\" is the base model)")
+        entry = self.adapters.register(adapter_id, path)
+        return AdapterInfo(entry.rank, entry.num_pages)
+
+    def _lora_batch(self, adapter_ids: list[str], lengths: list[int]) -> LoraBatch | None:
+        """The step's LoRA hook: one segment per adapter over its sequences' tokens; None when all are base."""
+        if not any(adapter_ids):
+            return None
+        segments: dict[str, list[int]] = {}
+        offset = 0
+        for adapter_id, n in zip(adapter_ids, lengths):
+            if adapter_id:
+                segments.setdefault(adapter_id, []).extend(range(offset, offset + n))
+            offset += n
+        self.adapters.touch(list(segments))
+        entries = [self.adapters.entries[a] for a in segments]
+        return LoraBatch(self.adapters.views, self.adapter_page_rank, list(segments.values()),
+                         [e.pages for e in entries], set().union(*(e.targets for e in entries)), self.device)
+
     def clear(self) -> None:
-        """Drops every sequence and frees all KV blocks."""
-        self.sequences.clear()
+        """Drops every sequence (unpinning their adapters) and frees all KV blocks."""
+        self._forget_all()
         if self.blocks:
             self.blocks.reset()
 
@@ -201,15 +298,13 @@ class Engine:
             raise RuntimeError("Engine.step before warmup: the KV cache is not allocated")
         for seq_id in release:
             self.blocks.release(seq_id)
-            self.sequences.pop(seq_id, None)
+            self._forget(seq_id)
         results = self._prefill(prefill) if prefill else []
         if decode:
             results += self._decode(decode)
         return results
 
     def _validate(self, req: SequenceRequest, taken: set[int], free_blocks: int) -> str:
-        if req.adapter_id:
-            return f"adapter {req.adapter_id!r} is not loaded on this shard"
         if not req.input_ids:
             return "empty prompt: input_ids must hold at least one token"
         bad = [t for t in req.input_ids if not 0 <= t < self.vocab_size]
@@ -220,6 +315,11 @@ class Engine:
         needed = self.blocks.blocks_for(len(req.input_ids))
         if needed > free_blocks:
             return f"KV cache out of blocks: the prompt needs {needed}, {free_blocks} free"
+        if req.grammar:
+            try:
+                self.grammars.matcher(req.grammar)
+            except (GrammarError, ValueError, RuntimeError) as e:
+                return str(e)
         return ""
 
     def _prefill(self, requests: list[SequenceRequest]) -> list[TokenResult]:
@@ -234,6 +334,13 @@ class Engine:
             accepted.append(i)
             taken.add(req.id)
             free -= self.blocks.blocks_for(len(req.input_ids))
+        # Page in the adapters; requests whose adapter is unknown or does not fit the pool fail alone.
+        failed = self.adapters.make_resident([requests[i].adapter_id for i in accepted if requests[i].adapter_id])
+        if failed:
+            for i in accepted:
+                if message := failed.get(requests[i].adapter_id):
+                    results[i] = _error(requests[i].id, message)
+            accepted = [i for i in accepted if results[i] is None]
         if not accepted:
             return results
 
@@ -253,14 +360,15 @@ class Engine:
 
         dev = self.device
         meta = prefill_metadata(seq_lens, torch.tensor(slots, device=dev), self.model.sliding_window)
-        hidden = self.model(torch.tensor(ids, device=dev), torch.tensor(positions, device=dev), meta)
+        lora = self._lora_batch([requests[i].adapter_id for i in accepted], seq_lens)
+        hidden = self.model(torch.tensor(ids, device=dev), torch.tensor(positions, device=dev), meta, lora)
         logits = self.model.compute_logits(hidden[torch.tensor(logit_rows, device=dev)])
 
         rows = [self._new_sequence(requests[i]) for i in accepted]
         out = self._sample(logits[last_rows], rows)
         for j, i in enumerate(accepted):
             req, row = requests[i], rows[j]
-            row.token_ids.append(out.token_ids[j])
+            _accept(row, out.token_ids[j])
             result = TokenResult(req.id, out.token_ids[j], out.logprobs[j], out.top_tokens[j])
             if req.prefill_logprobs:
                 result.prefill_logprobs = self._prompt_logprobs(logits, last_rows[j], req.input_ids)
@@ -281,8 +389,13 @@ class Engine:
         if req.sampling.seed is not None:
             generator = torch.Generator(self.device)
             generator.manual_seed(req.sampling.seed)
-        row = SamplerRow(req.sampling, list(req.input_ids), len(req.input_ids), req.top_n_tokens, generator)
+        row = SamplerRow(req.sampling, list(req.input_ids), len(req.input_ids), req.top_n_tokens, generator,
+                         matcher=self.grammars.matcher(req.grammar) if req.grammar else None,
+                         min_new_tokens=req.min_new_tokens, stop_token_ids=list(req.stop_token_ids))
         self.sequences[req.id] = row
+        if req.adapter_id:
+            self.adapters.pin(req.adapter_id)
+            self.seq_adapters[req.id] = req.adapter_id
         return row
 
     @staticmethod
@@ -328,10 +441,11 @@ class Engine:
         )
         input_ids = torch.tensor([r.token_ids[-1] for r in rows], device=dev)
         positions = torch.tensor([n - 1 for n in context_lens], device=dev)
-        logits = self.model.compute_logits(self.model(input_ids, positions, meta))
+        lora = self._lora_batch([self.seq_adapters.get(seq_ids[i], "") for i in live], [1] * len(live))
+        logits = self.model.compute_logits(self.model(input_ids, positions, meta, lora))
 
         out = self._sample(logits, rows)
         for j, i in enumerate(live):
-            rows[j].token_ids.append(out.token_ids[j])
+            _accept(rows[j], out.token_ids[j])
             results[i] = TokenResult(seq_ids[i], out.token_ids[j], out.logprobs[j], out.top_tokens[j])
         return results

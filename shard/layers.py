@@ -154,8 +154,14 @@ class RowParallelLinear(nn.Module):
         self.bias = _param((out_features,), dtype, device) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.reduce(self.partial(x))
+
+    def partial(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's partial sum; LoRA deltas of row-parallel targets are added to it before `reduce`."""
+        return F.linear(x, self.weight)
+
+    def reduce(self, y: torch.Tensor) -> torch.Tensor:
         # The bias is added once, after the reduction, not once per rank.
-        y = F.linear(x, self.weight)
         if _is_distributed(self.tp_size):
             dist.all_reduce(y)
         return y if self.bias is None else y + self.bias

@@ -29,7 +29,8 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
 class LoraHook(Protocol):
     """Adds adapter deltas to a projection's output. `proj` is the PEFT module name (q_proj, k_proj, v_proj,
-    o_proj, gate_proj, up_proj, down_proj); `x` is the projection's input, `y` its base output."""
+    o_proj, gate_proj, up_proj, down_proj); `x` is the projection's input (this rank's slice), `y` its base
+    output (for the row-parallel o_proj/down_proj: this rank's partial sum, before the all-reduce)."""
 
     def apply(self, layer_idx: int, proj: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor: ...
 
@@ -73,8 +74,10 @@ class Attention(nn.Module):
         q = apply_rotary(q.reshape(t, -1, hd), cos, sin)
         k = apply_rotary(k.reshape(t, -1, hd), cos, sin)
         o = self.attn(q, k, v.reshape(t, -1, hd), meta, self.kv_cache)
-        y = self.o_proj(o)
-        return y if lora is None else lora.apply(self.layer_idx, "o_proj", o, y)
+        if lora is None:
+            return self.o_proj(o)
+        # Under tensor parallelism o holds this rank's heads: the delta joins the partial sum before the all-reduce.
+        return self.o_proj.reduce(lora.apply(self.layer_idx, "o_proj", o, self.o_proj.partial(o)))
 
 
 class MLP(nn.Module):
@@ -93,8 +96,9 @@ class MLP(nn.Module):
             gate = lora.apply(self.layer_idx, "gate_proj", x, gate)
             up = lora.apply(self.layer_idx, "up_proj", x, up)
         h = self.act(gate) * up
-        y = self.down_proj(h)
-        return y if lora is None else lora.apply(self.layer_idx, "down_proj", h, y)
+        if lora is None:
+            return self.down_proj(h)
+        return self.down_proj.reduce(lora.apply(self.layer_idx, "down_proj", h, self.down_proj.partial(h)))
 
 
 class DecoderLayer(nn.Module):

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from shard.grammar import mask_constrained
+
 
 @dataclass(slots=True)
 class SamplingParams:
@@ -44,6 +46,13 @@ class SamplerRow:
     num_prompt: int
     top_n: int = 0
     generator: torch.Generator | None = None
+    matcher: object | None = None  # llguidance matcher of a constrained sequence
+    min_new_tokens: int = 0  # stop_token_ids are masked until this many tokens were generated
+    stop_token_ids: list[int] = field(default_factory=list)
+
+    @property
+    def holds_stop(self) -> bool:
+        return bool(self.stop_token_ids) and len(self.token_ids) - self.num_prompt < self.min_new_tokens
 
 
 @dataclass(slots=True)
@@ -143,13 +152,26 @@ def _top_tokens(logits: torch.Tensor, lse: torch.Tensor, rows: list[SamplerRow])
     return out
 
 
+def mask_forbidden(logits: torch.Tensor, rows: list[SamplerRow]) -> None:
+    """Grammar masks and min_tokens: forbidden tokens get -inf, in place."""
+    constrained = [i for i, r in enumerate(rows) if r.matcher is not None]
+    if constrained:
+        mask_constrained(logits, [rows[i].matcher for i in constrained], constrained)
+    for i, row in enumerate(rows):
+        if row.holds_stop:
+            logits[i, row.stop_token_ids] = float("-inf")
+
+
 def sample(logits: torch.Tensor, rows: list[SamplerRow]) -> SamplerOutput:
     """logits: float32 [R, V], one row per entry of `rows`; logprobs are log_softmax(logits[row]) after
-    penalties and temperature (greedy rows: no temperature), before truncation."""
+    grammar masks, penalties and temperature (greedy rows: no temperature), before truncation."""
     penalised = [i for i, r in enumerate(rows) if r.params.penalized]
     sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
-    if penalised or sampled:
+    masked = any(r.matcher is not None or r.holds_stop for r in rows)
+    if penalised or sampled or masked:
         logits = logits.clone()  # the caller's tensor stays untouched
+    if masked:
+        mask_forbidden(logits, rows)
     if penalised:
         logits[penalised] = apply_penalties(logits[penalised], [rows[i] for i in penalised])
     if sampled:

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 
 from proto import generate_pb2 as pb
 from proto import generate_pb2_grpc as pb_grpc
-from shard.engine import Engine, SamplingParams, SequenceRequest, TokenResult
+from shard.engine import AdapterError, Engine, SamplingParams, SequenceRequest, TokenResult
 
 log = logging.getLogger("loom.shard")
 
@@ -41,6 +42,9 @@ def request_from_proto(r: pb.Request) -> SequenceRequest:
         adapter_id=r.adapter_id,
         top_n_tokens=r.top_n_tokens,
         prefill_logprobs=r.prefill_logprobs,
+        grammar=r.grammar,
+        min_new_tokens=r.min_new_tokens,
+        stop_token_ids=list(r.stop_token_ids),
     )
 
 
@@ -87,14 +91,17 @@ class ShardService(pb_grpc.ShardServicer):
         )
         block_size = self.engine.info.block_size
         return pb.WarmupResponse(
-            num_blocks=num_blocks, block_size=block_size, max_supported_total_tokens=num_blocks * block_size
+            num_blocks=num_blocks, block_size=block_size, max_supported_total_tokens=num_blocks * block_size,
+            adapter_pages=self.engine.adapter_pages, adapter_page_rank=self.engine.adapter_page_rank,
         )
 
     async def Step(self, request, context):
         prefill = [request_from_proto(r) for r in request.prefill]
+        started = time.perf_counter()
         results = await self._run(self.engine.step, prefill, list(request.decode), list(request.release))
         return pb.StepResponse(
-            generations=[generation_to_proto(t) for t in results], free_blocks=self.engine.free_blocks
+            generations=[generation_to_proto(t) for t in results], free_blocks=self.engine.free_blocks,
+            forward_ms=(time.perf_counter() - started) * 1000,
         )
 
     async def Clear(self, request, context):
@@ -102,7 +109,12 @@ class ShardService(pb_grpc.ShardServicer):
         return pb.ClearResponse()
 
     async def LoadAdapter(self, request, context):
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "adapters are not supported by this shard yet")
+        # On the engine thread: registration reads the disk and must not race a step's paging.
+        try:
+            info = await self._run(self.engine.load_adapter, request.adapter_id, request.path)
+        except AdapterError as e:
+            return pb.LoadAdapterResponse(error=str(e))
+        return pb.LoadAdapterResponse(rank=info.rank, pages=info.pages)
 
 
 async def serve(engine: Engine, socket_path: str, rank: int, world_size: int) -> None:

@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from shard.model import CausalLM
 
@@ -70,13 +70,21 @@ def expected_tensors(model: CausalLM) -> set[str]:
     return names
 
 
+def _open_checkpoint(path: Path):
+    """safe_open, failing with the file's name: a truncated download or a damaged header fails here."""
+    try:
+        return safe_open(str(path), framework="pt", device="cpu")
+    except SafetensorError as e:
+        raise CheckpointError(f"checkpoint file {path} is corrupt or truncated: {e}") from None
+
+
 def load_weights(model: CausalLM, model_dir: str | Path) -> None:
     """Copies every checkpoint tensor into `model` (converting dtype); raises naming the file and tensor
     when a tensor is unknown or has the wrong shape, and naming the tensors the checkpoint lacks."""
     missing = expected_tensors(model)
     tied = model.config.tie_word_embeddings
     for path in checkpoint_files(model_dir):
-        with safe_open(str(path), framework="pt", device="cpu") as f:
+        with _open_checkpoint(path) as f:
             for name in f.keys():
                 if _IGNORED.match(name) or (tied and name == "lm_head.weight"):
                     continue

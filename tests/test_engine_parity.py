@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from launcher.tiny_model import FAMILIES, build_tiny_model
+from launcher.tiny_model import FAMILIES, build_tiny_adapter, build_tiny_model
 from shard.engine import Engine, SamplingParams, SequenceRequest
 
 NEW_TOKENS = 32
@@ -208,32 +209,47 @@ def test_missing_tensor_is_named(tmp_path: Path):
         Engine(str(path))
 
 
-def _tp_worker(rank: int, world: int, init_file: str, path: str, prompt: list[int], n: int, out_file: str):
+def _tp_worker(rank: int, world: int, init_file: str, path: str, prompt: list[int], n: int, out_file: str,
+               adapters: list[str]):
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     engine = Engine(path, tp_rank=rank, tp_size=world)
     engine.warmup(64, 1024)
+    for i, adapter in enumerate(adapters):
+        engine.load_adapter(f"a{i}", adapter)
     # Unseeded sampling in the batch: ranks must still agree on every token.
     requests = [SequenceRequest(1, prompt), SequenceRequest(2, prompt, SamplingParams(temperature=1.0))]
+    requests += [SequenceRequest(10 + i, prompt[i:], adapter_id=f"a{i}") for i in range(len(adapters))]
     tokens = generate(engine, requests, n)
     if rank == 0:
-        Path(out_file).write_text(" ".join(map(str, tokens[1])))
+        Path(out_file).write_text(json.dumps([tokens[1]] + [tokens[10 + i] for i in range(len(adapters))]))
     dist.destroy_process_group()
 
 
 def test_tensor_parallel_gloo(tmp_path: Path):
     """Two gloo ranks, each holding half the heads, MLP and vocab of a qwen2 model (qkv bias, tied
-    vocab-parallel embeddings), match transformers."""
+    vocab-parallel embeddings), match transformers; with LoRA adapters in the same batch (column-parallel
+    targets split lora_B, row-parallel ones lora_A), match peft."""
     import torch.multiprocessing as mp
+    from peft import PeftModel
 
     path = build_tiny_model(tmp_path / "qwen2", "qwen2")
+    adapters = [
+        build_tiny_adapter(tmp_path / "all", path, 8, 16, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                           "up_proj", "down_proj"], seed=1),
+        build_tiny_adapter(tmp_path / "attn", path, 4, 8, ["k_proj", "o_proj"], use_rslora=True, seed=2),
+        build_tiny_adapter(tmp_path / "mlp", path, 16, 16, ["up_proj", "down_proj"], seed=3),
+    ]
     prompt = list(range(3, 60))
     with torch.inference_mode():
-        expected = hf_greedy(load_hf(path), prompt, 20)
+        expected = [hf_greedy(load_hf(path), prompt, 20)]
+        for i, adapter in enumerate(adapters):
+            expected.append(hf_greedy(PeftModel.from_pretrained(load_hf(path), adapter), prompt[i:], 20))
     out_file = tmp_path / "tokens"
-    mp.spawn(_tp_worker, args=(2, str(tmp_path / "init"), str(path), prompt, 20, str(out_file)), nprocs=2)
-    assert list(map(int, out_file.read_text().split())) == expected
+    mp.spawn(_tp_worker, args=(2, str(tmp_path / "init"), str(path), prompt, 20, str(out_file),
+                               [str(a) for a in adapters]), nprocs=2)
+    assert json.loads(out_file.read_text()) == expected
 
 
 def test_sampler_truncation_and_penalties():

@@ -1,0 +1,169 @@
+"""The paged adapter cache: device pool pages <-> bounded host LRU <-> disk.
+
+The device pool is one tensor [num_pages + 1, page_numel] allocated at warmup; page 0 stays all zero and
+pads adapters of smaller rank in a step's page tables. Adapters are copied into free pages when a step needs
+them and evicted least-recently-used, but never while a live sequence pins them. Evicted adapters keep their
+host copy while the host cache has room; past that they are re-read from disk.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from shard.lora import AdapterError, HostAdapter, PageLayout, load_adapter
+
+DEFAULT_ADAPTER_MEMORY_FRACTION = 0.1
+DEFAULT_ADAPTER_HOST_CACHE_BYTES = 2 << 30
+DEFAULT_ADAPTER_PAGE_RANK = 8
+
+
+@dataclass(slots=True)
+class AdapterEntry:
+    path: str
+    rank: int
+    num_pages: int
+    targets: frozenset[str]
+    pages: list[int] | None = None  # device pool pages while resident
+    pins: int = 0  # live sequences using it
+
+
+class AdapterCache:
+    def __init__(self, layout: PageLayout, dtype: torch.dtype, device: torch.device, host_cache_bytes: int):
+        self.layout, self.dtype, self.device = layout, dtype, device
+        self.host_cache_bytes = host_cache_bytes
+        self.entries: dict[str, AdapterEntry] = {}
+        self.host: OrderedDict[str, torch.Tensor] = OrderedDict()  # LRU host copies, oldest first
+        self.host_bytes = 0
+        self.resident: OrderedDict[str, None] = OrderedDict()  # LRU device residents, oldest first
+        self.pool: torch.Tensor | None = None
+        self.views: list = []
+        self.free_pages: list[int] = []
+
+    @property
+    def num_pages(self) -> int:
+        return 0 if self.pool is None else self.pool.shape[0] - 1
+
+    @property
+    def page_bytes(self) -> int:
+        return self.layout.page_numel * torch.empty((), dtype=self.dtype).element_size()
+
+    def allocate(self, num_pages: int) -> None:
+        """(Re)allocates the device pool; every adapter becomes non-resident and unpinned."""
+        self.pool = None  # free the old pool before allocating the new one
+        self.pool = torch.zeros(num_pages + 1, self.layout.page_numel, dtype=self.dtype, device=self.device)
+        self.views = self.layout.views(self.pool)
+        self.free_pages = list(range(num_pages, 0, -1))
+        self.resident.clear()
+        for entry in self.entries.values():
+            entry.pages, entry.pins = None, 0
+
+    # ---- registry and host cache ---------------------------------------------------------------------
+
+    def _read(self, adapter_id: str, path: str) -> HostAdapter:
+        return load_adapter(adapter_id, path, self.layout, self.dtype, pin_memory=self.device.type == "cuda")
+
+    def _keep_on_host(self, adapter_id: str, pages: torch.Tensor) -> None:
+        self._drop_host(adapter_id)
+        size = pages.numel() * pages.element_size()
+        if size > self.host_cache_bytes:
+            return
+        self.host[adapter_id] = pages
+        self.host_bytes += size
+        while self.host_bytes > self.host_cache_bytes:
+            self._drop_host(next(iter(self.host)))
+
+    def _drop_host(self, adapter_id: str) -> None:
+        pages = self.host.pop(adapter_id, None)
+        if pages is not None:
+            self.host_bytes -= pages.numel() * pages.element_size()
+
+    def register(self, adapter_id: str, path: str) -> AdapterEntry:
+        """Checks the adapter dir against the model and reads it into the host cache. Registering an id again
+        with another path replaces it, unless live sequences use it."""
+        path = str(Path(path))
+        old = self.entries.get(adapter_id)
+        if old is not None and old.path == path:
+            return old
+        if old is not None and old.pins:
+            raise AdapterError(f"adapter {adapter_id}: in use by running requests, cannot replace it with {path}")
+        host = self._read(adapter_id, path)
+        if old is not None:
+            self._evict(adapter_id)
+        entry = AdapterEntry(path, host.rank, host.pages.shape[0], host.targets)
+        self.entries[adapter_id] = entry
+        self._keep_on_host(adapter_id, host.pages)
+        return entry
+
+    # ---- device residency ----------------------------------------------------------------------------
+
+    def _evict(self, adapter_id: str) -> None:
+        entry = self.entries[adapter_id]
+        if entry.pages is not None:
+            self.free_pages.extend(reversed(entry.pages))
+            entry.pages = None
+            del self.resident[adapter_id]
+
+    def _page_in(self, adapter_id: str, entry: AdapterEntry) -> None:
+        pages = self.host.get(adapter_id)
+        if pages is None:  # evicted from the host cache too: back to disk
+            pages = self._read(adapter_id, entry.path).pages
+            self._keep_on_host(adapter_id, pages)
+        else:
+            self.host.move_to_end(adapter_id)
+        entry.pages = [self.free_pages.pop() for _ in range(entry.num_pages)]
+        # Copies into pages allocated once; from pinned memory these overlap with compute on CUDA.
+        for page, src in zip(entry.pages, pages):
+            self.pool[page].copy_(src, non_blocking=True)
+        self.resident[adapter_id] = None
+
+    def make_resident(self, adapter_ids: list[str]) -> dict[str, str]:
+        """Pages in every adapter of `adapter_ids` (in order) that is not on the device yet, evicting unpinned
+        adapters not in this list. Returns an error message for each adapter that could not be made resident."""
+        errors: dict[str, str] = {}
+        needed = set(adapter_ids)
+        for adapter_id in dict.fromkeys(adapter_ids):
+            entry = self.entries.get(adapter_id)
+            if entry is None:
+                errors[adapter_id] = f"adapter {adapter_id!r} is not loaded on this shard (LoadAdapter it first)"
+                continue
+            if entry.pages is None:
+                if message := self._make_room(adapter_id, entry, needed):
+                    errors[adapter_id] = message
+                    continue
+                try:
+                    self._page_in(adapter_id, entry)
+                except AdapterError as e:
+                    errors[adapter_id] = str(e)
+        return errors
+
+    def _make_room(self, adapter_id: str, entry: AdapterEntry, keep: set[str]) -> str:
+        """Evicts LRU adapters until `entry` fits; returns an error (evicting nothing) when it cannot."""
+        evictable = [a for a in self.resident if self.entries[a].pins == 0 and a not in keep]
+        room = len(self.free_pages) + sum(self.entries[a].num_pages for a in evictable)
+        if entry.num_pages > room:
+            return (f"adapter {adapter_id!r} needs {entry.num_pages} adapter pool pages, only {room} of "
+                    f"{self.num_pages} are free or held by idle adapters")
+        for victim in evictable:
+            if len(self.free_pages) >= entry.num_pages:
+                break
+            self._evict(victim)
+        return ""
+
+    def touch(self, adapter_ids: list[str]) -> None:
+        """Marks resident adapters as just used (LRU order)."""
+        for adapter_id in adapter_ids:
+            self.resident.move_to_end(adapter_id)
+
+    def pin(self, adapter_id: str) -> None:
+        self.entries[adapter_id].pins += 1
+
+    def unpin(self, adapter_id: str) -> None:
+        self.entries[adapter_id].pins -= 1
+
+    def unpin_all(self) -> None:
+        for entry in self.entries.values():
+            entry.pins = 0

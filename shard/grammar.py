@@ -1,0 +1,62 @@
+"""Constrained decoding: llguidance matchers that turn a grammar into a per-step mask of allowed tokens.
+
+The tokenizer is loaded (once, lazily) from the model directory; compiled grammars are cached, and each
+sequence gets its own copy of the matcher, advanced by every token it samples.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+
+CACHE_SIZE = 256  # compiled grammars kept
+
+
+class GrammarError(ValueError):
+    pass
+
+
+class Grammars:
+    def __init__(self, model_dir: str, vocab_size: int):
+        self.model_dir = model_dir
+        self.vocab_size = vocab_size
+        self._tokenizer = None
+        self._compiled: OrderedDict[str, object] = OrderedDict()
+
+    def matcher(self, grammar: str):
+        """A fresh matcher for `grammar` (an llguidance grammar, e.g. from grammar_from_json_schema)."""
+        import llguidance
+
+        template = self._compiled.get(grammar)
+        if template is None:
+            template = llguidance.LLMatcher(self._llg_tokenizer(), grammar)
+            if template.is_error():
+                raise GrammarError(f"bad grammar: {template.get_error()}")
+            self._compiled[grammar] = template
+            if len(self._compiled) > CACHE_SIZE:
+                self._compiled.popitem(last=False)
+        else:
+            self._compiled.move_to_end(grammar)
+        return template.deep_copy()
+
+    def _llg_tokenizer(self):
+        if self._tokenizer is None:
+            import llguidance.hf
+            from transformers import AutoTokenizer
+
+            hf = AutoTokenizer.from_pretrained(self.model_dir)
+            self._tokenizer = llguidance.hf.from_tokenizer(hf, n_vocab=self.vocab_size)
+        return self._tokenizer
+
+
+def mask_constrained(logits: torch.Tensor, matchers: list, rows: list[int]) -> None:
+    """Sets the logits of tokens the grammar forbids to -inf, in place, for `rows` (one matcher each)."""
+    import llguidance.torch as llt
+
+    bitmask = llt.allocate_token_bitmask(len(rows), logits.shape[1])
+    for i, matcher in enumerate(matchers):
+        llt.fill_next_token_bitmask(matcher, bitmask, i)
+    sub = logits[rows]
+    llt.apply_token_bitmask_inplace(sub, bitmask.to(logits.device))
+    logits[rows] = sub

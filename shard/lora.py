@@ -1,0 +1,297 @@
+"""LoRA adapters: the PEFT on-disk format, the page layout they are stored in, and batched compute.
+
+A page holds `page_rank` rank-rows of every target projection of every layer: rows of lora_A ([rank, in])
+and of lora_B transposed with the scaling folded in ([rank, out]), each cut to this rank's tensor-parallel
+slice. An adapter of rank r fills ceil(r / page_rank) pages; rows past r and projections it does not target
+stay zero, so they add nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_PARENT = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
+           "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+# Modules PEFT could target that Loom does not serve adapters on.
+_UNSUPPORTED_PATHS = ("lm_head", "model.embed_tokens", "model.norm")
+_KEY = re.compile(r"base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])\.weight")
+CONFIG_FILE = "adapter_config.json"
+WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+
+
+class AdapterError(ValueError):
+    pass
+
+
+# ---- base model shapes and the page layout ---------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ProjShape:
+    """Full in/out features of a projection and this rank's slice of each (start, size)."""
+
+    in_features: int
+    out_features: int
+    in_start: int
+    in_size: int
+    out_start: int
+    out_size: int
+
+
+def projection_shapes(model) -> dict[str, ProjShape]:
+    """Every target's shape, read off the parallel layers so LoRA slices exactly like the base weights."""
+    cfg, attn, mlp = model.config, model.model.layers[0].self_attn, model.model.layers[0].mlp
+    hidden, inter = cfg.hidden_size, cfg.intermediate_size
+    head_dim = attn.qkv_proj.head_dim
+    shapes = {}
+    for proj, full in (("q_proj", cfg.num_attention_heads * head_dim), ("k_proj", cfg.num_key_value_heads * head_dim),
+                       ("v_proj", cfg.num_key_value_heads * head_dim)):
+        _, start, size = attn.qkv_proj._rows(proj[0])
+        shapes[proj] = ProjShape(hidden, full, 0, hidden, start, size)
+    for part, proj in enumerate(("gate_proj", "up_proj")):
+        _, start, size = mlp.gate_up_proj._rows(part)
+        shapes[proj] = ProjShape(hidden, inter, 0, hidden, start, size)
+    for proj, layer, full_in in (("o_proj", attn.o_proj, cfg.num_attention_heads * head_dim),
+                                 ("down_proj", mlp.down_proj, inter)):
+        shapes[proj] = ProjShape(full_in, hidden, layer.tp_rank * layer.local_in, layer.local_in, 0, hidden)
+    return shapes
+
+
+@dataclass(slots=True)
+class PageLayout:
+    """Where each (layer, projection) lives inside a page: A rows at a_offset, B^T rows at b_offset."""
+
+    num_layers: int
+    page_rank: int
+    shapes: dict[str, ProjShape]
+    offsets: dict[tuple[int, str], tuple[int, int]]
+    page_numel: int
+
+    @classmethod
+    def build(cls, num_layers: int, page_rank: int, shapes: dict[str, ProjShape]) -> PageLayout:
+        offsets, pos = {}, 0
+        for layer in range(num_layers):
+            for proj in TARGETS:
+                s = shapes[proj]
+                offsets[layer, proj] = (pos, pos + page_rank * s.in_size)
+                pos += page_rank * (s.in_size + s.out_size)
+        return cls(num_layers, page_rank, shapes, offsets, pos)
+
+    def pages_for(self, rank: int) -> int:
+        return math.ceil(rank / self.page_rank)
+
+    def views(self, pages: torch.Tensor) -> list[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+        """Per layer and projection, ([n, page_rank, in], [n, page_rank, out]) views of `pages` [n, page_numel]."""
+        n, pr = pages.shape[0], self.page_rank
+        out = []
+        for layer in range(self.num_layers):
+            per_proj = {}
+            for proj in TARGETS:
+                s, (a, b) = self.shapes[proj], self.offsets[layer, proj]
+                per_proj[proj] = (pages[:, a:a + pr * s.in_size].view(n, pr, s.in_size),
+                                  pages[:, b:b + pr * s.out_size].view(n, pr, s.out_size))
+            out.append(per_proj)
+        return out
+
+
+# ---- the PEFT format ---------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class HostAdapter:
+    """An adapter laid out as pages in host memory, ready to copy into the device pool."""
+
+    rank: int
+    targets: frozenset[str]
+    pages: torch.Tensor  # [ceil(rank / page_rank), page_numel]
+
+
+def _pattern_value(patterns: dict, module_path: str, default):
+    """PEFT's rank_pattern / alpha_pattern lookup: a key matches a module path's dotted suffix."""
+    for pattern, value in patterns.items():
+        if re.match(rf"(.*\.)?({pattern})$", module_path):
+            return value
+    return default
+
+
+def _check_targets(name: str, target_modules, num_layers: int) -> None:
+    paths = [f"model.layers.{i}.{_PARENT[p]}.{p}" for i in range(num_layers) for p in TARGETS]
+    if isinstance(target_modules, str):
+        if target_modules == "all-linear":
+            return
+        hit = [p for p in _UNSUPPORTED_PATHS if re.fullmatch(target_modules, p)]
+        if hit:
+            raise AdapterError(f"adapter {name}: unsupported target module {hit[0]!r} "
+                               f"(supported: {', '.join(TARGETS)})")
+        if not any(re.fullmatch(target_modules, p) for p in paths):
+            raise AdapterError(f"adapter {name}: target_modules {target_modules!r} matches no supported target "
+                               f"({', '.join(TARGETS)})")
+        return
+    for target in target_modules or []:
+        if target.rpartition(".")[2] not in TARGETS:
+            raise AdapterError(f"adapter {name}: unsupported target module {target!r} "
+                               f"(supported: {', '.join(TARGETS)})")
+    if not target_modules:
+        raise AdapterError(f"adapter {name}: target_modules is empty")
+
+
+def _read_config(name: str, path: Path, num_layers: int) -> dict:
+    if not path.is_dir():
+        raise AdapterError(f"adapter {name}: {path} is not a directory")
+    config_path = path / CONFIG_FILE
+    if not config_path.is_file():
+        raise AdapterError(f"adapter {name}: {config_path} is missing")
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, ValueError) as e:
+        raise AdapterError(f"adapter {name}: {config_path} is not valid JSON: {e}") from e
+    checks = [
+        (config.get("peft_type", "LORA") == "LORA", f"peft_type {config.get('peft_type')!r} is not LORA"),
+        (not config.get("fan_in_fan_out", False), "fan_in_fan_out adapters are not supported"),
+        (config.get("bias", "none") == "none", f"bias {config.get('bias')!r} is not supported (only 'none')"),
+        (not config.get("use_dora", False), "DoRA adapters are not supported"),
+        (not config.get("modules_to_save"), "modules_to_save is not supported"),
+        (not config.get("lora_bias", False), "lora_bias is not supported"),
+        (not config.get("target_parameters"), "target_parameters is not supported"),
+        (isinstance(config.get("r"), int) and config["r"] > 0, f"r must be a positive integer, got {config.get('r')!r}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise AdapterError(f"adapter {name}: {config_path.name}: {message}")
+    _check_targets(name, config.get("target_modules"), num_layers)
+    return config
+
+
+def _read_tensors(name: str, path: Path, layout: PageLayout) -> dict[tuple[int, str, str], torch.Tensor]:
+    """(layer, proj, "A"|"B") -> this rank's slice, checking every tensor's full shape against the model."""
+    files = [path / f for f in WEIGHT_FILES if (path / f).is_file()]
+    if not files:
+        raise AdapterError(f"adapter {name}: no weights in {path} (expected {' or '.join(WEIGHT_FILES)})")
+    file = files[0]
+    try:
+        if file.suffix == ".safetensors":
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                sources = {key: f.get_slice(key) for key in f.keys()}
+                return _slice_all(name, file, sources, layout)
+        state = torch.load(file, map_location="cpu", weights_only=True)
+        return _slice_all(name, file, state, layout)
+    except AdapterError:
+        raise
+    except Exception as e:  # a corrupt or truncated file: report it as this adapter's error
+        raise AdapterError(f"adapter {name}: cannot read {file}: {e}") from e
+
+
+def _slice_all(name: str, file: Path, sources: dict, layout: PageLayout) -> dict:
+    tensors = {}
+    for key, src in sources.items():
+        m = _KEY.fullmatch(key)
+        if m is None or m[3] not in TARGETS or _PARENT[m[3]] != m[2]:
+            raise AdapterError(f"adapter {name}: {file.name}: tensor {key!r} is on an unsupported target module "
+                               f"(supported: {', '.join(TARGETS)})")
+        layer, proj, ab = int(m[1]), m[3], m[4]
+        if layer >= layout.num_layers:
+            raise AdapterError(f"adapter {name}: {file.name}: tensor {key!r} names layer {layer}, the base model "
+                               f"has {layout.num_layers}")
+        s = layout.shapes[proj]
+        shape = list(src.get_shape() if hasattr(src, "get_shape") else src.shape)
+        if len(shape) != 2 or shape[1 if ab == "A" else 0] != (s.in_features if ab == "A" else s.out_features):
+            needed = ["r", s.in_features] if ab == "A" else [s.out_features, "r"]
+            raise AdapterError(f"adapter {name}: lora_{ab} of layers.{layer}.{_PARENT[proj]}.{proj} has shape "
+                               f"{shape}, the base model needs [{', '.join(map(str, needed))}]")
+        if ab == "A":  # row-parallel targets split A's input features
+            tensors[layer, proj, ab] = src[:, s.in_start:s.in_start + s.in_size]
+        else:  # column-parallel targets split B's output features
+            tensors[layer, proj, ab] = src[s.out_start:s.out_start + s.out_size, :]
+    return tensors
+
+
+def load_adapter(name: str, path: str | Path, layout: PageLayout, dtype: torch.dtype,
+                 pin_memory: bool = False) -> HostAdapter:
+    """Reads and checks a PEFT LoRA adapter dir and lays it out as pages; raises AdapterError naming the
+    file or tensor that is wrong."""
+    path = Path(path)
+    config = _read_config(name, path, layout.num_layers)
+    tensors = _read_tensors(name, path, layout)
+    modules = sorted({(layer, proj) for layer, proj, _ in tensors})
+    if not modules:
+        raise AdapterError(f"adapter {name}: no LoRA tensors on a supported target module in {path}")
+    ranks = {}
+    for layer, proj in modules:
+        a, b = tensors.get((layer, proj, "A")), tensors.get((layer, proj, "B"))
+        where = f"layers.{layer}.{_PARENT[proj]}.{proj}"
+        if a is None or b is None:
+            raise AdapterError(f"adapter {name}: {where} has lora_{'A' if a is None else 'B'} missing")
+        r = _pattern_value(config.get("rank_pattern") or {}, f"model.{where}", config["r"])
+        if a.shape[0] != r or b.shape[1] != r:
+            raise AdapterError(f"adapter {name}: {where} has rank {a.shape[0]} (lora_A) / {b.shape[1]} (lora_B), "
+                               f"adapter_config.json says {r}")
+        ranks[layer, proj] = r
+    rank = max(ranks.values())
+    pages = torch.zeros(layout.pages_for(rank), layout.page_numel, dtype=dtype)
+    num_rows = pages.shape[0] * layout.page_rank
+    views = layout.views(pages)
+    for (layer, proj), r in ranks.items():
+        where = f"model.layers.{layer}.{_PARENT[proj]}.{proj}"
+        alpha = _pattern_value(config.get("alpha_pattern") or {}, where, config.get("lora_alpha", 8))
+        scale = alpha / (math.sqrt(r) if config.get("use_rslora") else r)
+        for view, rows in zip(views[layer][proj], (tensors[layer, proj, "A"].float(),
+                                                   tensors[layer, proj, "B"].float().t() * scale)):
+            padded = rows.new_zeros(num_rows, rows.shape[1])
+            padded[:r] = rows
+            view.copy_(padded.view(view.shape))
+    targets = frozenset(proj for _, proj in modules)
+    return HostAdapter(rank, targets, pages.pin_memory() if pin_memory else pages)
+
+
+# ---- batched heterogeneous compute -----------------------------------------------------------------------
+
+
+class LoraBatch:
+    """One step's LoRA: implements model.LoraHook for a batch where every sequence has its own adapter or
+    none. Tokens are grouped into one segment per adapter, padded to the longest segment, and each projection
+    does a fixed handful of ops whatever the number of adapters: gather the segments' pages into
+    [n, R, in] / [n, R, out] stacks, shrink and expand with two bmm, and index_add the deltas back onto the
+    adapter rows. Base-model rows are in no segment and cost nothing."""
+
+    def __init__(self, views: list[dict[str, tuple[torch.Tensor, torch.Tensor]]], page_rank: int,
+                 segments: list[list[int]], page_tables: list[list[int]], targets: set[str], device: torch.device):
+        n, longest = len(segments), max(len(s) for s in segments)
+        width = max(len(t) for t in page_tables)
+        self.views, self.targets = views, targets
+        self.num_segments, self.length, self.rank = n, longest, width * page_rank
+        # Pages past an adapter's own are page 0, the pool's all-zero page.
+        self.pages = torch.tensor([p for t in page_tables for p in t + [0] * (width - len(t))], device=device)
+        self.src = torch.tensor([t for s in segments for t in s], device=device)
+        self.dense = all(len(s) == longest for s in segments)
+        self.dst = None if self.dense else torch.tensor(
+            [i * longest + j for i, s in enumerate(segments) for j in range(len(s))], device=device)
+        self._x: torch.Tensor | None = None
+        self._xs: torch.Tensor | None = None
+
+    def _segments(self, x: torch.Tensor) -> torch.Tensor:
+        # q/k/v (and gate/up) share one input: pack it into segments once.
+        if x is not self._x:
+            rows = x.index_select(0, self.src)
+            if not self.dense:
+                rows = x.new_zeros(self.num_segments * self.length, x.shape[1]).index_copy_(0, self.dst, rows)
+            self._x, self._xs = x, rows.view(self.num_segments, self.length, -1)
+        return self._xs
+
+    def apply(self, layer_idx: int, proj: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if proj not in self.targets:
+            return y
+        a_pages, b_pages = self.views[layer_idx][proj]
+        a = a_pages.index_select(0, self.pages).view(self.num_segments, self.rank, -1)
+        b = b_pages.index_select(0, self.pages).view(self.num_segments, self.rank, -1)
+        delta = torch.bmm(torch.bmm(self._segments(x), a.transpose(1, 2)), b).view(-1, y.shape[1])
+        if not self.dense:
+            delta = delta.index_select(0, self.dst)
+        return y.index_add_(0, self.src, delta)
