@@ -33,6 +33,13 @@ def positive_int(text: str) -> int:
     return value
 
 
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
 def port_number(text: str) -> int:
     value = int(text)
     if not 0 < value < 65536:
@@ -83,6 +90,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Requests accepted at once (queued + running); more are answered with 429 (default: %(default)s).")
     p.add_argument("--max-active-adapters", metavar="N", type=positive_int, default=128,
                    help="Adapters that may be scheduled in the running batch at once (default: %(default)s).")
+    p.add_argument("--adapter-memory-fraction", metavar="F", type=float, default=0.1,
+                   help="Share of the shard's memory (free GPU memory on cuda, the KV cache budget on cpu) held "
+                   "by the paged adapter pool (default: %(default)s).")
+    p.add_argument("--adapter-pool-pages", metavar="N", type=positive_int, default=None,
+                   help="Size the adapter pool in pages instead (a page holds 8 LoRA ranks of every layer).")
+    p.add_argument("--adapter-host-cache-mb", metavar="MB", type=positive_int, default=2048,
+                   help="Bound of the host-memory LRU cache of adapters paged out of the pool; adapters "
+                   "evicted from it are re-read from disk (default: %(default)s).")
+    p.add_argument("--kv-cache-mb", metavar="MB", type=positive_int, default=None,
+                   help="KV cache memory per shard. Default: 90%% of free GPU memory after the weights on cuda, "
+                   "1024 MB on cpu.")
+    p.add_argument("--max-queue-time", metavar="SECONDS", type=positive_float, default=600.0,
+                   help="A request not scheduled within this many seconds fails with 503 (default: %(default)s).")
     p.add_argument("--api-key", metavar="KEY", default=os.environ.get("LOOM_API_KEY"),
                    help="When set, every route but /health needs 'Authorization: Bearer KEY'. Default: $LOOM_API_KEY.")
     p.add_argument("--json-output", action="store_true", help="Log as JSON lines; the shards and router see LOOM_LOG_FORMAT=json in their environment.")
@@ -211,9 +231,21 @@ def main(argv: list[str] | None = None) -> int:
         max_batch_total_tokens=limits.max_batch_total_tokens,
         max_concurrent_requests=args.max_concurrent_requests,
         max_active_adapters=args.max_active_adapters,
+        max_queue_time_s=args.max_queue_time,
         api_key=args.api_key or None,
         adapters=adapters,
         local_adapter_roots=adapter_roots,
         adapter_source=args.adapter_source,
     )
-    return launch(config, device=device, dtype=dtype, num_shard=num_shard)
+    return launch(config, device=device, dtype=dtype, num_shard=num_shard, shard_flags=shard_flags(args))
+
+
+def shard_flags(args: argparse.Namespace) -> list[str]:
+    """Memory settings every shard gets on its command line."""
+    flags = ["--adapter-memory-fraction", str(args.adapter_memory_fraction),
+             "--adapter-host-cache-bytes", str(args.adapter_host_cache_mb << 20)]
+    if args.adapter_pool_pages:
+        flags += ["--adapter-pool-pages", str(args.adapter_pool_pages)]
+    if args.kv_cache_mb:
+        flags += ["--kv-cache-bytes", str(args.kv_cache_mb << 20)]
+    return flags

@@ -73,13 +73,13 @@ class StopRequest:
         return self.count > 1
 
 
-def launch(config: RouterConfig, device: str, dtype: str, num_shard: int) -> int:
+def launch(config: RouterConfig, device: str, dtype: str, num_shard: int, shard_flags: list[str] = ()) -> int:
     """Runs Loom until a signal (returns 0) or until a child fails (returns 1)."""
     stop = StopRequest()
     run_dir = Path(tempfile.mkdtemp(prefix="loom-"))  # private (0700): shard sockets, router config + api key
     children: list[Child] = []
     try:
-        config = start(config, device, dtype, num_shard, run_dir, children, stop)
+        config = start(config, device, dtype, num_shard, run_dir, children, stop, list(shard_flags))
         if stop.requested:
             return 0
         url = f"http://{url_host(config.hostname)}:{config.port}/v1"
@@ -99,7 +99,7 @@ def launch(config: RouterConfig, device: str, dtype: str, num_shard: int) -> int
 
 
 def start(config: RouterConfig, device: str, dtype: str, num_shard: int, run_dir: Path,
-          children: list[Child], stop: StopRequest) -> RouterConfig:
+          children: list[Child], stop: StopRequest, shard_flags: list[str]) -> RouterConfig:
     """Spawns the shards, waits for their Health, then spawns the router and waits for its /health.
     Appends each child to `children` as soon as it exists so that the caller can always stop it."""
     check_port_free(config.hostname, config.port)
@@ -108,7 +108,7 @@ def start(config: RouterConfig, device: str, dtype: str, num_shard: int, run_dir
     for rank, path in enumerate(sockets):
         argv = [sys.executable, "-m", "shard", "--model-dir", config.model_dir, "--uds", path,
                 "--rank", str(rank), "--world-size", str(num_shard), "--master-addr", "127.0.0.1",
-                "--master-port", str(master_port), "--device", device, "--dtype", dtype]
+                "--master-port", str(master_port), "--device", device, "--dtype", dtype, *shard_flags]
         children.append(spawn(f"shard {rank}", argv, shard_env(device, num_shard)))
 
     pending = set(sockets)

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import logging
 
 import uvicorn
 
 from router.app import create_app
 from router.config import RouterConfig
+from router.logs import configure_logging
+
+# On SIGTERM uvicorn stops accepting and waits this long for in-flight requests before cancelling them;
+# the launcher allows a little more (supervisor.ROUTER_GRACE_S) before it kills the router.
+GRACEFUL_SHUTDOWN_S = 25
 
 
 def main(argv=None) -> None:
@@ -16,9 +20,10 @@ def main(argv=None) -> None:
     p.add_argument("--config", required=True, help="RouterConfig as JSON, written by the launcher")
     args = p.parse_args(argv)
     config = RouterConfig.from_file(args.config)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s router %(levelname)s %(message)s")
+    configure_logging("router")
+    # log_config=None: uvicorn's own lines go through our handler (and so become JSON when asked).
     uvicorn.run(create_app(config), host=config.hostname, port=config.port, log_level="warning",
-                timeout_graceful_shutdown=30)
+                log_config=None, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import contextlib
 import hmac
 import logging
 import time
+import uuid
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -14,7 +15,7 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from proto import generate_pb2 as pb
 from router import native_api, openai_api
@@ -22,9 +23,12 @@ from router.adapters import AdapterRegistry
 from router.backend import Backend, parse_body
 from router.config import RouterConfig
 from router.errors import APIError
+from router.logs import RequestLine
 from router.metrics import Metrics
-from router.scheduler import Overloaded, Scheduler
+from router.scheduler import GenerationStats, Overloaded, QueueTimeout, Scheduler, request_generations
 from router.shard_client import ShardClient
+from router.structured import GrammarChecker
+from router.sse import DONE, sse_event
 from router.tokenization import ModelTokenizer
 
 log = logging.getLogger("loom.router")
@@ -88,7 +92,8 @@ ROUTES = [
 
 
 class GuardMiddleware:
-    """Auth, the error shape of every failure, and request metrics, in one place."""
+    """Auth, the error shape of every failure, client disconnects, request metrics and the request log,
+    in one place."""
 
     def __init__(self, app: ASGIApp, api_key: str | None, metrics: Metrics):
         self.app = app
@@ -99,27 +104,28 @@ class GuardMiddleware:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path = scope["path"]
-        status = {}
-
-        async def send_wrapper(message):
-            if message["type"] == "http.response.start":
-                status["code"] = message["status"]
-            await send(message)
-
+        exchange = _Exchange(receive, send, _request_id(scope))
+        generations: list[GenerationStats] = []
+        context = request_generations.set(generations)
         start = time.perf_counter()
         try:
             self._authorize(scope)
-            await self.app(scope, receive, send_wrapper)
+            await exchange.run(self.app, scope)
         except Exception as e:
-            if "code" in status:  # the response already started; nothing else can be sent
-                raise
             error = e if isinstance(e, APIError) else _as_api_error(e)
-            status["code"] = error.status
-            await error.response(path)(scope, receive, send)
+            if exchange.complete:
+                raise
+            if exchange.status is None:
+                exchange.status = error.status
+                await error.response(path)(scope, receive, exchange.send)
+            elif exchange.streaming:  # mid-stream: an error event ends the stream in the route's shape
+                await exchange.end_stream_with(error.body_for(path), done=path.startswith("/v1/"))
+            else:
+                raise
         finally:
-            if path != "/metrics":
-                self.metrics.requests.labels(path, str(status.get("code", 500))).inc()
-                self.metrics.request_duration.labels(path).observe(time.perf_counter() - start)
+            request_generations.reset(context)
+            if path not in UNLOGGED:
+                self._account(scope, exchange, generations, time.perf_counter() - start)
 
     def _authorize(self, scope: Scope) -> None:
         if not self.api_key or scope["path"] == "/health":
@@ -128,6 +134,114 @@ class GuardMiddleware:
         supplied = headers.get(b"authorization", b"").decode("latin-1")
         if not hmac.compare_digest(supplied.encode(), f"Bearer {self.api_key}".encode()):
             raise APIError(401, "missing or wrong API key: send `Authorization: Bearer <key>`")
+
+    def _account(self, scope: Scope, exchange: "_Exchange", generations: list[GenerationStats],
+                 seconds: float) -> None:
+        # Unknown paths share one label: a scanner must not grow the metrics without bound.
+        route = scope["path"] if scope["path"] in ROUTE_PATHS else "other"
+        status = CLIENT_GONE if exchange.gone else exchange.status or 500
+        self.metrics.requests.labels(route, str(status)).inc()
+        self.metrics.request_duration.labels(route).observe(seconds)
+        reason = _failure_reason(status, generations)
+        if reason is None:
+            self.metrics.request_success.inc()
+        else:
+            self.metrics.request_failures.labels(reason).inc()
+        line = RequestLine(exchange.request_id, scope["method"], route, status, round(seconds * 1000, 1))
+        line.add_generations(generations)
+        line.log()
+
+
+UNLOGGED = {"/metrics", "/health"}  # polled by monitors and the launcher: no metrics, no log lines
+ROUTE_PATHS = {route.path for route in ROUTES}
+CLIENT_GONE = 499  # nginx's "client closed request"
+# A generation's own failure wins over the HTTP status, which is 200 once a stream has started.
+_GENERATION_FAILURES = {"shard_error": "shard_error", "queue_timeout": "queue_timeout", "error": "invalid_request"}
+_STATUS_FAILURES = {401: "unauthorized", 404: "not_found", 429: "overloaded", 503: "queue_timeout",
+                    CLIENT_GONE: "cancelled"}
+
+
+def _failure_reason(status: int, generations: list[GenerationStats]) -> str | None:
+    for g in generations:
+        if g.finish_reason in _GENERATION_FAILURES:
+            return _GENERATION_FAILURES[g.finish_reason]
+    if status < 400:
+        return None
+    return _STATUS_FAILURES.get(status, "invalid_request" if status < 500 else "server_error")
+
+
+def _request_id(scope: Scope) -> str:
+    """The client's X-Request-Id when it sent a sane one, else a fresh id."""
+    supplied = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
+    if 0 < len(supplied) <= 64 and supplied.isprintable() and " " not in supplied:
+        return supplied
+    return uuid.uuid4().hex
+
+
+class _Exchange:
+    """One HTTP exchange as the middleware sees it: the response's progress, and the client's disconnect.
+
+    Starlette does not cancel a handler when its client goes away, and a non-streaming generation would
+    run to the end for nobody, holding its KV blocks. So once the request body has been read, a watcher
+    keeps reading the connection and cancels the handler when the client disconnects; the handler's
+    Generation releases its sequence on the way out.
+    """
+
+    def __init__(self, receive: Receive, send: Send, request_id: str):
+        self._receive = receive
+        self._send = send
+        self.request_id = request_id
+        self.status: int | None = None
+        self.streaming = False
+        self.complete = False
+        self.gone = False  # the client disconnected before the response was complete
+        self._body_read = asyncio.Event()
+        self._disconnected = asyncio.Event()
+
+    async def run(self, app: ASGIApp, scope: Scope) -> None:
+        handler = asyncio.create_task(app(scope, self.receive, self.send))
+        watcher = asyncio.create_task(self._watch(handler))
+        try:
+            await handler
+        except asyncio.CancelledError:
+            if not self.gone or asyncio.current_task().cancelling():
+                raise
+        finally:
+            watcher.cancel()
+
+    async def _watch(self, handler: asyncio.Task) -> None:
+        await self._body_read.wait()
+        while (await self._receive())["type"] != "http.disconnect":
+            pass
+        if not self.complete:
+            self.gone = True
+            self._disconnected.set()
+            handler.cancel()
+
+    async def receive(self) -> Message:
+        """The handler's receive: the body as usual, then (the watcher owns the connection) the disconnect."""
+        if self._body_read.is_set():
+            await self._disconnected.wait()
+            return {"type": "http.disconnect"}
+        message = await self._receive()
+        if message["type"] == "http.request" and not message.get("more_body", False):
+            self._body_read.set()
+        return message
+
+    async def send(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self.status = message["status"]
+            headers = list(message.get("headers", []))
+            self.streaming = (b"content-type", b"text/event-stream") in [
+                (k.lower(), v.split(b";")[0]) for k, v in headers]
+            message = {**message, "headers": headers + [(b"x-request-id", self.request_id.encode())]}
+        elif message["type"] == "http.response.body" and not message.get("more_body", False):
+            self.complete = True
+        await self._send(message)
+
+    async def end_stream_with(self, payload: dict, done: bool) -> None:
+        body = sse_event(payload) + (DONE if done else b"")
+        await self.send({"type": "http.response.body", "body": body, "more_body": False})
 
 
 async def _http_exception(request: Request, exc: HTTPException) -> Response:
@@ -138,6 +252,8 @@ async def _http_exception(request: Request, exc: HTTPException) -> Response:
 def _as_api_error(e: Exception) -> APIError:
     if isinstance(e, Overloaded):
         return APIError(429, str(e), headers={"Retry-After": "1"})
+    if isinstance(e, QueueTimeout):
+        return APIError(503, str(e), headers={"Retry-After": "5"})
     log.exception("unhandled error")
     return APIError(500, f"internal error: {type(e).__name__}: {e}")
 
@@ -157,10 +273,12 @@ async def _start_backend(app: Starlette, config: RouterConfig) -> None:
                            f"{config.max_total_tokens}: lower it or give the shards more memory")
     tokenizer = await asyncio.to_thread(ModelTokenizer.from_dir, config.model_dir)
     scheduler = Scheduler(client, warm.num_blocks, warm.block_size, config.max_batch_prefill_tokens,
-                          config.max_concurrent_requests, config.max_active_adapters, warm.adapter_pages)
+                          config.max_concurrent_requests, config.max_active_adapters, warm.adapter_pages,
+                          config.max_queue_time_s)
     adapters = AdapterRegistry(config.model_id, tokenizer, client, config.adapters, config.local_adapter_roots,
                                config.adapter_source, warm.adapter_pages, app.state.metrics)
-    app.state.backend = Backend(config, tokenizer, scheduler, capacity, app.state.shard_info.vocab_size, adapters)
+    app.state.backend = Backend(config, tokenizer, scheduler, capacity, app.state.shard_info.vocab_size, adapters,
+                                GrammarChecker(tokenizer))
     app.state.metrics.watch(scheduler)
     log.info("KV cache: %d blocks of %d tokens (%d tokens)", warm.num_blocks, warm.block_size, capacity)
 
@@ -174,8 +292,10 @@ def create_app(config: RouterConfig) -> Starlette:
         loop_task = asyncio.create_task(app.state.backend.scheduler.run(), name="scheduler")
         try:
             yield
-        finally:
+        finally:  # uvicorn has drained the in-flight requests (or given up on them) by now
             loop_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await loop_task
             await app.state.backend.scheduler.client.close()
 
     app = Starlette(routes=ROUTES, lifespan=lifespan,

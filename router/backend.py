@@ -16,6 +16,7 @@ from router.adapters import Adapter, AdapterRegistry
 from router.config import RouterConfig
 from router.errors import bad_request
 from router.scheduler import GenerationRequest, Scheduler
+from router.structured import GrammarChecker
 from router.tokenization import ModelTokenizer
 
 
@@ -27,6 +28,7 @@ class Backend:
     max_supported_total_tokens: int
     vocab_size: int  # the model's (embedding rows), which can exceed the tokenizer's
     adapters: AdapterRegistry
+    grammars: GrammarChecker
     started: int = field(default_factory=lambda: int(time.time()))
 
     async def resolve_model(self, name: str | None, source: str | None = None, api_token: str | None = None,
@@ -62,7 +64,7 @@ class Backend:
     def generation_request(self, input_ids: list[int], max_new_tokens: int, adapter: Adapter | None,
                            tokenizer: ModelTokenizer, sampling: pb.SamplingParameters, ignore_eos: bool = False,
                            top_n_tokens: int = 0, prefill_logprobs: bool = False,
-                           min_new_tokens: int = 0) -> GenerationRequest:
+                           min_new_tokens: int = 0, grammar: str = "") -> GenerationRequest:
         return GenerationRequest(
             input_ids=input_ids,
             max_new_tokens=max_new_tokens,
@@ -74,10 +76,11 @@ class Backend:
             top_n_tokens=top_n_tokens,
             prefill_logprobs=prefill_logprobs,
             min_new_tokens=min_new_tokens,
+            grammar=grammar,
         )
 
-    async def tokenize(self, fn, *args) -> list[int]:
-        """Tokenizers can take milliseconds on long prompts: keep them off the event loop."""
+    async def tokenize(self, fn, *args):
+        """Tokenizers and grammar checks can take milliseconds: keep them off the event loop."""
         return await asyncio.to_thread(fn, *args)
 
 

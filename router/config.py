@@ -25,6 +25,7 @@ class RouterConfig:
     local_adapter_roots: list[str] = field(default_factory=list)
     adapter_source: str = "hub"
     step_timeout_s: float = 120.0  # a shard step slower than this counts as a hung shard
+    max_queue_time_s: float = 600.0  # a request not admitted within this fails with 503 (`--max-queue-time`)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

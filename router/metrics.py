@@ -4,26 +4,72 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from router.scheduler import Scheduler
+from proto import generate_pb2 as pb
+from router.scheduler import GenerationStats, Scheduler
+
+# Latency buckets from a few ms (one decode step on a GPU) to minutes (a long generation in a queue).
+SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+TOKENS = (1, 4, 16, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
+BATCH = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+# Why a request did not succeed (`loom_request_failures_total{reason}`).
+FAILURE_REASONS = ("invalid_request", "unauthorized", "not_found", "overloaded", "queue_timeout", "shard_error",
+                   "cancelled", "server_error")
 
 
 class Metrics:
     def __init__(self):
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("loom_requests", "HTTP requests by route and status", ["route", "status"], registry=r)
+        # -- HTTP requests (GuardMiddleware) --
+        self.requests = Counter("loom_requests", "HTTP requests by route and status (499: client went away)",
+                                ["route", "status"], registry=r)
         self.request_duration = Histogram("loom_request_duration_seconds", "Time from request to last byte",
-                                          ["route"], registry=r)
+                                          ["route"], buckets=SECONDS, registry=r)
+        self.request_success = Counter("loom_request_success", "Requests that completed without error",
+                                       registry=r)
+        self.request_failures = Counter("loom_request_failures", "Requests that failed, by reason", ["reason"],
+                                        registry=r)
+        # -- generations (the scheduler's on_finish) --
+        self.generations = Counter("loom_generations", "Finished generations by finish reason", ["finish_reason"],
+                                   registry=r)
+        self.queue_duration = Histogram("loom_queue_duration_seconds", "Time from queueing to admission",
+                                        buckets=SECONDS, registry=r)
+        self.ttft = Histogram("loom_time_to_first_token_seconds", "Time from queueing to the first token",
+                              buckets=SECONDS, registry=r)
+        self.tpot = Histogram("loom_time_per_output_token_seconds", "Mean time per generated token after the first",
+                              buckets=SECONDS, registry=r)
+        self.prompt_tokens = Histogram("loom_prompt_tokens", "Prompt tokens per generation", buckets=TOKENS,
+                                       registry=r)
+        self.generated_tokens = Histogram("loom_generated_tokens", "Generated tokens per generation",
+                                          buckets=TOKENS, registry=r)
+        # -- batch steps (the scheduler's on_step) --
+        self.batch_size = Histogram("loom_batch_size", "Sequences per batch step (prefill + decode)",
+                                    buckets=BATCH, registry=r)
+        self.step_duration = Histogram("loom_step_duration_seconds", "Batch step round trip, router to shards",
+                                       buckets=SECONDS, registry=r)
+        self.forward_duration = Histogram("loom_forward_duration_seconds", "Batch step compute time on shard 0",
+                                          buckets=SECONDS, registry=r)
+        self.kv_blocks_free = Gauge("loom_kv_blocks_free", "Free KV blocks on shard 0 after the last step",
+                                    registry=r)
+        # -- scheduler state, read at scrape time --
         self.running = Gauge("loom_running_requests", "Requests being generated on the shards", registry=r)
         self.waiting = Gauge("loom_waiting_requests", "Requests queued for admission", registry=r)
         self.kv_blocks_total = Gauge("loom_kv_blocks_total", "KV cache blocks on the shards", registry=r)
+        self.kv_blocks_reserved = Gauge("loom_kv_blocks_reserved", "KV blocks reserved by admitted requests",
+                                        registry=r)
+        self.active_adapters = Gauge("loom_active_adapters", "Distinct adapters in the running batch", registry=r)
+        self.adapter_pages_used = Gauge("loom_adapter_pages_used", "Adapter-pool pages held by the running batch",
+                                        registry=r)
+        # -- adapters (the registry) --
         self.adapter_loads = Counter("loom_adapter_loads", "Adapters resolved and registered on the shards",
                                      registry=r)
         self.adapter_load_seconds = Histogram("loom_adapter_load_seconds", "Time to resolve and register an adapter",
-                                              registry=r)
-        self.active_adapters = Gauge("loom_active_adapters", "Distinct adapters in the running batch", registry=r)
-        self.kv_blocks_reserved = Gauge("loom_kv_blocks_reserved", "KV blocks reserved by admitted requests",
-                                        registry=r)
+                                              buckets=SECONDS, registry=r)
+        self.adapter_activations = Counter("loom_adapter_activations",
+                                           "Adapters entering the running batch (paged in unless still resident)",
+                                           registry=r)
+        for reason in FAILURE_REASONS:  # so that dashboards see zeros, not missing series
+            self.request_failures.labels(reason)
 
     def watch(self, scheduler: Scheduler) -> None:
         """Gauges read the scheduler at scrape time, so the step loop pays nothing for them."""
@@ -32,6 +78,27 @@ class Metrics:
         self.kv_blocks_total.set_function(lambda: scheduler.num_blocks)
         self.kv_blocks_reserved.set_function(lambda: scheduler.reserved_blocks)
         self.active_adapters.set_function(lambda: scheduler.active_adapters)
+        self.adapter_pages_used.set_function(lambda: scheduler.adapter_pages_used)
+        self.kv_blocks_free.set(scheduler.num_blocks)
+        scheduler.on_step = self.observe_step
+        scheduler.on_finish = self.observe_generation
+        scheduler.on_adapter_active = self.adapter_activations.inc
+
+    def observe_step(self, batch: int, reply: pb.StepResponse, seconds: float) -> None:
+        self.batch_size.observe(batch)
+        self.step_duration.observe(seconds)
+        self.forward_duration.observe(reply.forward_ms / 1000)
+        self.kv_blocks_free.set(reply.free_blocks)
+
+    def observe_generation(self, stats: GenerationStats) -> None:
+        self.generations.labels(stats.finish_reason).inc()
+        self.queue_duration.observe(stats.queue_s)
+        self.prompt_tokens.observe(stats.prompt_tokens)
+        self.generated_tokens.observe(stats.generated)
+        if (ttft := stats.ttft_s) is not None:
+            self.ttft.observe(ttft)
+        if (tpot := stats.tpot_s) is not None:
+            self.tpot.observe(tpot)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

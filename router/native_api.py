@@ -16,6 +16,7 @@ from router.backend import Backend, parse_body, sampling_parameters
 from router.errors import APIError, bad_request
 from router.scheduler import GenerationFailed
 from router.sse import sse_event, sse_response
+from router.structured import response_format_grammar
 from router.text_stream import TextChunk, generate_text
 from router.tokenization import ModelTokenizer
 
@@ -50,7 +51,7 @@ class Parameters(_Lax):
     response_format: dict | None = None
     return_k_alternatives: int | None = Field(None, ge=0)
 
-    @field_validator("adapter_parameters", "merged_adapters", "response_format")
+    @field_validator("adapter_parameters", "merged_adapters")
     @classmethod
     def _not_yet(cls, value, info: ValidationInfo):
         if value not in (None, 1):
@@ -97,7 +98,7 @@ class _Native:
     """One native request, prepared: validation done, ready to run or stream."""
 
     def __init__(self, backend: Backend, adapter: Adapter | None, tokenizer: ModelTokenizer, body: GenerateRequest,
-                 input_ids: list[int]):
+                 input_ids: list[int], grammar: str):
         p = body.parameters
         self.backend = backend
         self.tokenizer = tokenizer
@@ -115,7 +116,7 @@ class _Native:
             sampling_parameters(temperature=temperature, top_k=p.top_k, top_p=p.top_p, typical_p=p.typical_p,
                                 repetition_penalty=p.repetition_penalty, seed=seed),
             ignore_eos=p.ignore_eos_token, top_n_tokens=p.return_k_alternatives or 0,
-            prefill_logprobs=p.decoder_input_details) for seed in self.seeds]
+            prefill_logprobs=p.decoder_input_details, grammar=grammar) for seed in self.seeds]
 
     def chunks(self, candidate: int = 0):
         return generate_text(self.backend.scheduler, self.tokenizer, self.requests[candidate], self.body.parameters.stop)
@@ -172,7 +173,10 @@ async def _prepare(request: Request, body: GenerateRequest | None = None) -> _Na
     input_ids = await backend.tokenize(tokenizer.encode, body.inputs)
     if p.truncate is not None and len(input_ids) > p.truncate:
         input_ids = input_ids[-p.truncate:]
-    return _Native(backend, adapter, tokenizer, body, input_ids)
+    grammar = response_format_grammar(p.response_format, "parameters.response_format")
+    if grammar:
+        grammar = await backend.tokenize(backend.grammars.check, grammar, "parameters.response_format")
+    return _Native(backend, adapter, tokenizer, body, input_ids, grammar)
 
 
 async def _generate_response(native: _Native) -> dict:
@@ -216,6 +220,7 @@ async def generate(request: Request):
 
 async def generate_stream(request: Request):
     native = await _prepare(request)
+    native.backend.scheduler.check_capacity()
     return sse_response(_stream_events(native))
 
 
@@ -224,5 +229,6 @@ async def compat_generate(request: Request):
     body = await parse_body(request, GenerateRequest)
     native = await _prepare(request, body)
     if body.stream:
+        native.backend.scheduler.check_capacity()
         return sse_response(_stream_events(native))
     return JSONResponse([await _generate_response(native)])

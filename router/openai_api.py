@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import time
 import uuid
@@ -19,6 +20,7 @@ from router.backend import Backend, parse_body, sampling_parameters
 from router.errors import APIError, bad_request
 from router.scheduler import GenerationFailed, GenerationRequest
 from router.sse import DONE, sse_event, sse_response
+from router.structured import parse_tool_call, response_format_grammar, tool_choice_grammar
 from router.text_stream import TextChunk, generate_text
 from router.tokenization import ChatTemplateError, ModelTokenizer
 
@@ -34,11 +36,44 @@ class TextPart(_Strict):
     text: str
 
 
+class FunctionCall(_Strict):
+    name: str
+    arguments: str
+
+
+class ToolCall(_Strict):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class FunctionDefinition(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    description: str | None = None
+    parameters: dict | None = None
+    strict: bool | None = None
+
+
+class Tool(_Strict):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Strict):
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: NamedFunction
+
+
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
     tool_call_id: str | None = None
+    tool_calls: list[ToolCall] | None = None
 
     def as_template_input(self) -> dict:
         content = self.content
@@ -49,7 +84,18 @@ class ChatMessage(_Strict):
             message["name"] = self.name
         if self.tool_call_id is not None:
             message["tool_call_id"] = self.tool_call_id
+        if self.tool_calls:
+            # Chat templates render arguments with `tojson`: hand them the object, not its JSON text.
+            message["tool_calls"] = [{"id": c.id, "type": "function", "function": {
+                "name": c.function.name, "arguments": _json_or_text(c.function.arguments)}} for c in self.tool_calls]
         return message
+
+
+def _json_or_text(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
 
 
 class StreamOptions(_Strict):
@@ -94,6 +140,38 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    response_format: dict | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> "ChatCompletionRequest":
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("`top_logprobs` requires `logprobs` to be true")
+        if self.tool_choice not in (None, "none", "auto") and not self.tools:
+            raise ValueError("`tool_choice` other than 'none'/'auto' needs `tools`")
+        if self.response_format and self.forced_tool_call:
+            raise ValueError("`response_format` cannot be combined with a required or named `tool_choice`")
+        return self
+
+    @property
+    def tool_dicts(self) -> list[dict]:
+        """The tools the model may call (none when tool_choice is 'none')."""
+        if not self.tools or self.tool_choice == "none":
+            return []
+        return [t.model_dump(exclude_none=True) for t in self.tools]
+
+    @property
+    def forced_tool_call(self) -> bool:
+        return self.tool_choice == "required" or isinstance(self.tool_choice, NamedToolChoice)
+
+    def grammar(self) -> tuple[str, str]:
+        """(grammar, the field it comes from) for constrained decoding; "" when unconstrained."""
+        if self.forced_tool_call:
+            choice = self.tool_choice if self.tool_choice == "required" else self.tool_choice.model_dump()
+            return tool_choice_grammar(self.tool_dicts, choice), "tools"
+        return response_format_grammar(self.response_format), "response_format"
 
 
 class CompletionRequest(_Sampling):
@@ -161,6 +239,7 @@ class _Completion:
         self.prompt_tokens = prompt_tokens
         self.completion_tokens = 0
         self.top_logprobs = top_logprobs  # None: no logprobs asked
+        self.tools: list[dict] = []  # chat tools: finished text that is a tool call becomes `tool_calls`
 
     def add(self, choice: _Choice, chunk: TextChunk) -> dict | None:
         """Records `chunk` on `choice`; returns its logprobs entry (None when not asked)."""
@@ -212,6 +291,13 @@ class _Completion:
     def choice(self, index: int, text: str, logprobs: dict | None, finish_reason: str | None, stream: bool,
                first: bool = False) -> dict:
         reason = FINISH_REASONS[finish_reason] if finish_reason else None
+        call = parse_tool_call(text, self.tools) if self.tools and finish_reason else None
+        if call is not None:
+            if stream:
+                return {"index": index, "delta": {"tool_calls": [{"index": 0, **call}]}, "logprobs": logprobs,
+                        "finish_reason": "tool_calls"}
+            return {"index": index, "message": {"role": "assistant", "content": None, "tool_calls": [call]},
+                    "logprobs": logprobs, "finish_reason": "tool_calls"}
         if self.kind == "chat":
             if stream:
                 delta = {"role": "assistant", "content": text} if first else {"content": text}
@@ -312,6 +398,10 @@ async def _stream(completion: _Completion, choices: dict[int, _Choice], events, 
                 text = choice.job.echo + text
             token_lp = completion.add(choice, chunk)
             lp = _merge_logprobs([p for p in (lp, token_lp) if p])
+            if completion.tools:  # a tool call is only known once complete: send the whole text at the end
+                if not chunk.finish_reason:
+                    continue
+                text, lp = "".join(choice.texts), _merge_logprobs(choice.logprobs)
             if text or lp or chunk.finish_reason:
                 out = completion.choice(index, text, lp, chunk.finish_reason, stream=True)
                 yield sse_event(completion.envelope([out], stream=True, usage=None))
@@ -336,7 +426,8 @@ def _seeded(sampling, offset: int):
 
 async def _respond(backend: Backend, adapter: Adapter | None, tokenizer: ModelTokenizer, body: _Sampling, kind: str,
                    prompts: list[tuple[list[int], str]], max_tokens: int | None, default_max_tokens: int | None,
-                   input_param: str, top_logprobs: int | None, best_of: int | None = None, echo: bool = False):
+                   input_param: str, top_logprobs: int | None, best_of: int | None = None, echo: bool = False,
+                   grammar: str = "", tools: list[dict] | None = None):
     tokens_param = "max_completion_tokens" if kind == "chat" and body.max_tokens is None else "max_tokens"
     per_prompt = best_of or body.n
     jobs = []
@@ -346,12 +437,14 @@ async def _respond(backend: Backend, adapter: Adapter | None, tokenizer: ModelTo
             request = backend.generation_request(
                 input_ids, max_new, adapter, tokenizer, _seeded(body.sampling(), j), ignore_eos=body.ignore_eos,
                 top_n_tokens=top_logprobs or 0, prefill_logprobs=echo and top_logprobs is not None,
-                min_new_tokens=body.min_tokens)
+                min_new_tokens=body.min_tokens, grammar=grammar)
             jobs.append(_Job(len(jobs), p, request, echo=text if echo else ""))
     completion = _Completion(backend, tokenizer, body, kind, sum(len(ids) for ids, _ in prompts), top_logprobs)
+    completion.tools = tools or []
     choices = {job.index: _Choice(job) for job in jobs}
     stops = body.stop_strings()
     events = _merged({job.index: generate_text(backend.scheduler, tokenizer, job.request, stops) for job in jobs})
+    backend.scheduler.check_capacity(len(jobs))
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return sse_response(_stream(completion, choices, events, include_usage))
@@ -366,16 +459,17 @@ async def chat_completions(request: Request):
     body: ChatCompletionRequest = await parse_body(request, ChatCompletionRequest)
     messages = [m.as_template_input() for m in body.messages]
     adapter, tokenizer = await backend.resolve_model(body.model)
+    tools = body.tool_dicts
     try:
-        input_ids = await backend.tokenize(tokenizer.apply_chat_template, messages)
+        input_ids = await backend.tokenize(tokenizer.apply_chat_template, messages, tools or None)
     except ChatTemplateError as e:
         raise bad_request(str(e), param="messages") from None
+    grammar, param = body.grammar()
+    grammar = await backend.tokenize(backend.grammars.check, grammar, param) if grammar else ""
     top_logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    if body.top_logprobs and not body.logprobs:
-        raise bad_request("`top_logprobs` requires `logprobs` to be true", param="top_logprobs")
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     return await _respond(backend, adapter, tokenizer, body, "chat", [(input_ids, "")], max_tokens, None,
-                          "messages", top_logprobs)
+                          "messages", top_logprobs, grammar=grammar, tools=tools)
 
 
 async def completions(request: Request):

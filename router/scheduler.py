@@ -38,6 +38,7 @@ class GenerationRequest:
     top_n_tokens: int = 0
     prefill_logprobs: bool = False
     min_new_tokens: int = 0
+    grammar: str = ""
 
 
 @dataclass(slots=True)
@@ -190,10 +191,16 @@ class Scheduler:
 
     # -- what request handlers call -------------------------------------------------------------
 
+    def check_capacity(self, count: int = 1) -> None:
+        """Raises Overloaded unless `count` more requests fit under --max-concurrent-requests.
+
+        Handlers call it before they start a streamed response, so that overload is a plain 429."""
+        if self.num_active + count > self.max_concurrent_requests:
+            raise Overloaded(f"the server is at --max-concurrent-requests={self.max_concurrent_requests}")
+
     def generate(self, request: GenerationRequest) -> Generation:
         """Queues `request`; raises Overloaded past --max-concurrent-requests."""
-        if self.num_active >= self.max_concurrent_requests:
-            raise Overloaded(f"the server is at --max-concurrent-requests={self.max_concurrent_requests}")
+        self.check_capacity()
         blocks = math.ceil((len(request.input_ids) + request.max_new_tokens) / self.block_size)
         stats = GenerationStats(request.adapter_id, len(request.input_ids), time.perf_counter())
         seq = Sequence(id=next(self._ids), request=request, blocks=blocks, stats=stats)
@@ -406,5 +413,6 @@ class Scheduler:
             top_n_tokens=r.top_n_tokens,
             prefill_logprobs=r.prefill_logprobs,
             min_new_tokens=r.min_new_tokens,
+            grammar=r.grammar,
             stop_token_ids=sorted(r.stop_token_ids) if r.min_new_tokens else [],
         )

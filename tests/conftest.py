@@ -103,13 +103,14 @@ def free_port() -> int:
 class LoomServer:
     """A real `loom` launcher process (shards + router) on a free loopback port."""
 
-    def __init__(self, model_dir: Path | None, *args: str, env: dict | None = None):
+    def __init__(self, model_dir: Path | None, *args: str, env: dict | None = None, stderr=None):
         self.port = free_port()
         cmd = [sys.executable, "-m", "launcher", "--port", str(self.port)]
         if model_dir is not None:
             cmd += ["--model-id", str(model_dir)]
         self.cmd = cmd + list(args)
         self.env = {**os.environ, **(env or {})}
+        self.stderr = stderr  # a file to capture the logs of loom and its children in
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -117,7 +118,7 @@ class LoomServer:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 120.0) -> "LoomServer":
-        self.proc = subprocess.Popen(self.cmd, cwd=REPO, env=self.env)
+        self.proc = subprocess.Popen(self.cmd, cwd=REPO, env=self.env, stderr=self.stderr)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -163,3 +164,15 @@ def tokenizer(llama_dir):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(llama_dir)
+
+
+@pytest.fixture(scope="session")
+def ops_server(llama_dir, tmp_path_factory):
+    """One server shared by the operations tests that only observe it (metrics, logs, cancellation, load);
+    it logs JSON lines into `ops_server.log_path`."""
+    log_path = tmp_path_factory.mktemp("logs") / "loom.log"
+    with open(log_path, "w") as log_file:
+        srv = LoomServer(llama_dir, "--json-output", "--max-batch-total-tokens", "16384", stderr=log_file).start()
+        srv.log_path = log_path
+        yield srv
+        srv.stop()

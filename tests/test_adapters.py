@@ -30,6 +30,9 @@ def adapters(tmp_path_factory, llama_dir):
     for i, (rank, targets, rslora) in enumerate(SPECS):
         built[f"a{i}"] = build_tiny_adapter(local / f"a{i}", llama_dir, rank=rank, alpha=2 * rank,
                                             target_modules=targets, use_rslora=rslora, seed=100 + i)
+    # Used by no test but the one that checks a first use loads it once.
+    built["fresh"] = build_tiny_adapter(local / "fresh", llama_dir, rank=4, alpha=4, target_modules=["q_proj"],
+                                       seed=55)
     # An adapter that ships its own chat template (tokenizer files + template).
     templated = build_tiny_adapter(local / "templated", llama_dir, rank=8, alpha=16, target_modules=ATTN, seed=7)
     tok = AutoTokenizer.from_pretrained(llama_dir)
@@ -181,7 +184,7 @@ def adapter_loads(url: str) -> float:
 
 
 def test_concurrent_first_requests_load_an_adapter_once(lora_server, adapters):
-    path = str(adapters["dirs"]["a5"])
+    path = str(adapters["dirs"]["fresh"])
     before = adapter_loads(lora_server.url)
 
     async def run():

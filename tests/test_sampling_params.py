@@ -156,3 +156,18 @@ def test_lorax_decoder_input_details(server, reference, llama_dir, tokenizer):
     for pos in range(1, len(ids)):
         assert prefill[pos]["logprob"] == pytest.approx(logprobs[pos - 1, ids[pos]].item(), abs=1e-4)
     assert all(len(t["alternative_tokens"]) == 3 for t in r["details"]["tokens"])
+
+
+def test_min_tokens_holds_back_eos_like_transformers(openai_client, reference, llama_dir, tokenizer):
+    """"quick quick" makes the tiny llama emit EOS after 8 tokens; min_tokens=20 must mask it until then."""
+    ids = tokenizer("quick quick")["input_ids"]
+    natural = reference.greedy(llama_dir, ids, 30)
+    assert natural[-1] == tokenizer.eos_token_id and len(natural) < 20
+    resp = openai_client.completions.create(model="", prompt=ids, max_tokens=30, extra_body={"min_tokens": 20})
+    model = reference.model(llama_dir)
+    with torch.inference_mode():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=30, min_new_tokens=20, do_sample=False,
+                             eos_token_id=tokenizer.eos_token_id, pad_token_id=model.generation_config.pad_token_id)
+    want = out[0, len(ids):].tolist()
+    assert resp.usage.completion_tokens == len(want) >= 20
+    assert resp.choices[0].text == tokenizer.decode(want, skip_special_tokens=True)
