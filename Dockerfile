@@ -1,0 +1,21 @@
+# Loom on a GPU host: `docker compose up` (see docker-compose.yml). The same torch pin as everywhere:
+# on Linux x86_64, PyPI's torch==2.13.0 wheel carries its own CUDA runtime; the host needs only the driver
+# and the NVIDIA container toolkit.
+FROM python:3.11-slim
+
+ENV PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    HF_HOME=/data/hf
+
+WORKDIR /opt/loom
+COPY pyproject.toml README.md ./
+COPY proto ./proto
+COPY router ./router
+COPY shard ./shard
+COPY launcher ./launcher
+RUN pip install --upgrade pip && pip install .
+
+EXPOSE 8080
+# Inside the container the router must listen on every interface; publish the port with care and set
+# LOOM_API_KEY when it is reachable from other machines.
+ENTRYPOINT ["loom", "--hostname", "0.0.0.0", "--port", "8080"]
