@@ -167,12 +167,24 @@ def tokenizer(llama_dir):
 
 
 @pytest.fixture(scope="session")
-def ops_server(llama_dir, tmp_path_factory):
+def ops_adapters(llama_dir, tmp_path_factory) -> list[Path]:
+    """Three small adapters of the tiny llama, under one local adapter root."""
+    from launcher.tiny_model import build_tiny_adapter
+
+    root = tmp_path_factory.mktemp("ops-adapters")
+    targets = [["q_proj", "v_proj"], ["gate_proj", "up_proj", "down_proj"], ["o_proj"]]
+    return [build_tiny_adapter(root / f"ops{i}", llama_dir, rank=4 * (i + 1), alpha=8, target_modules=t, seed=30 + i)
+            for i, t in enumerate(targets)]
+
+
+@pytest.fixture(scope="session")
+def ops_server(llama_dir, ops_adapters, tmp_path_factory):
     """One server shared by the operations tests that only observe it (metrics, logs, cancellation, load);
-    it logs JSON lines into `ops_server.log_path`."""
+    it logs JSON lines into `ops_server.log_path` and serves `ops_adapters` by path."""
     log_path = tmp_path_factory.mktemp("logs") / "loom.log"
     with open(log_path, "w") as log_file:
-        srv = LoomServer(llama_dir, "--json-output", "--max-batch-total-tokens", "16384", stderr=log_file).start()
+        srv = LoomServer(llama_dir, "--json-output", "--max-batch-total-tokens", "16384",
+                         "--local-adapter-root", str(ops_adapters[0].parent), stderr=log_file).start()
         srv.log_path = log_path
         yield srv
         srv.stop()

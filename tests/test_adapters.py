@@ -194,3 +194,34 @@ def test_concurrent_first_requests_load_an_adapter_once(lora_server, adapters):
 
     assert all(r.status_code == 200 for r in asyncio.run(run()))
     assert adapter_loads(lora_server.url) == before + 1
+
+
+def test_max_active_adapters_bounds_the_batch_and_starves_none(llama_dir, adapters, reference, tokenizer):
+    """Six adapters, at most two in the running batch at once; every request still finishes, exactly."""
+    dirs = [adapters["dirs"][f"a{i}"] for i in range(6)]
+    srv = LoomServer(llama_dir, "--max-active-adapters", "2", "--local-adapter-root",
+                     str(adapters["local_root"]), "--max-batch-total-tokens", "8192").start()
+    seen = []
+    try:
+        async def run():
+            async with httpx.AsyncClient(timeout=120) as client:
+                async def watch():
+                    while True:
+                        text = (await client.get(f"{srv.url}/metrics")).text
+                        seen.extend(float(line.split()[-1]) for line in text.splitlines()
+                                    if line.startswith("loom_active_adapters "))
+                        await asyncio.sleep(0.01)
+
+                watcher = asyncio.create_task(watch())
+                jobs = [client.post(f"{srv.url}/generate", json={"inputs": f"sail {i}", "parameters": {
+                    "max_new_tokens": 12, "details": True, "adapter_id": str(dirs[i % 6])}}) for i in range(12)]
+                results = await asyncio.gather(*jobs)
+                watcher.cancel()
+                return results
+
+        for i, r in enumerate(asyncio.run(run())):
+            want = reference.greedy(llama_dir, tokenizer(f"sail {i}")["input_ids"], 12, adapter_dir=dirs[i % 6])
+            assert ids_of(r) == want
+    finally:
+        srv.stop()
+    assert seen and max(seen) <= 2

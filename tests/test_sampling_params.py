@@ -171,3 +171,24 @@ def test_min_tokens_holds_back_eos_like_transformers(openai_client, reference, l
     want = out[0, len(ids):].tolist()
     assert resp.usage.completion_tokens == len(want) >= 20
     assert resp.choices[0].text == tokenizer.decode(want, skip_special_tokens=True)
+
+
+def test_truncate_keeps_the_last_prompt_tokens(server, reference, llama_dir, tokenizer):
+    prompt = "The quick brown fox jumps over the lazy dog again and again"
+    ids = tokenizer(prompt)["input_ids"]
+    r = httpx.post(f"{server.url}/generate", json={"inputs": prompt, "parameters": {
+        "max_new_tokens": 8, "truncate": 5, "details": True}}, timeout=60).json()
+    assert r["details"]["prompt_tokens"] == 5
+    assert [t["id"] for t in r["details"]["tokens"]] == reference.greedy(llama_dir, ids[-5:], 8)
+
+
+@pytest.mark.parametrize("extra", [{"min_p": 0.2}, {"top_p": 0.5}, {"top_k": 3}])
+def test_truncating_samplers_are_seeded_and_stay_in_their_set(openai_client, extra):
+    kwargs = dict(model="", prompt=PROMPT, max_tokens=12, temperature=1.0, seed=8, logprobs=5)
+    a = openai_client.completions.create(extra_body=extra, **kwargs)
+    b = openai_client.completions.create(extra_body=extra, **kwargs)
+    assert a.choices[0].text == b.choices[0].text
+    if "top_k" in extra:  # every sampled token is among the 3 most likely
+        lp = a.choices[0].logprobs
+        for token, top in zip(lp.tokens, lp.top_logprobs):
+            assert token in list(top)[:3]
