@@ -25,5 +25,7 @@ test: install
 proto: install
 	$(BIN)/python -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. --pyi_out=. proto/generate.proto
 
+# The standard benchmark set (README, "Benchmarks"); the bench extra brings matplotlib.
 bench: install
+	$(BIN)/python -m pip install --quiet -e '.[bench]'
 	$(BIN)/python -m bench

@@ -1,7 +1,9 @@
-"""`python -m bench` (`make bench`): decode speed of a launched Loom server, one request and concurrent.
+"""`python -m bench` (`make bench`): the standard benchmark set, every figure side by side in one run.
 
-Starts `loom` on a free port (the demo model unless --model-id is given), warms it up, then streams the
-same workload at concurrency 1 and 16 and prints the figures as JSON.
+Builds (once, cached) a random Llama and its PEFT adapters, launches Loom on them, and serves one fixed
+workload several ways: Loom over HTTP for each adapter distribution and base-only, the engine driven
+in-process, 1,000 adapters against 16, and the transformers + PEFT baseline. Writes results/latest.json and
+PNG plots, and prints a table with each target's ratio.
 """
 
 from __future__ import annotations
@@ -9,15 +11,24 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import platform
 import socket
 import subprocess
 import sys
 import time
+from dataclasses import asdict, replace
+from pathlib import Path
 
 import httpx
 
-from bench.client import run_concurrent
+from bench import report
+from bench.client import run_http, warm_adapters
+from bench.inprocess import make_engine, run_engine
+from bench.stats import summarize
+from bench.workload import DISTRIBUTIONS, ModelSpec, WorkloadSpec, build_adapters, build_model, make_requests
+
+HERE = Path(__file__).resolve().parent
 
 
 def free_port() -> int:
@@ -26,10 +37,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model_id: str | None, extra: list[str]) -> tuple[subprocess.Popen, str]:
+def start_server(model_dir: Path, adapter_root: Path, args) -> tuple[subprocess.Popen, str]:
+    """Launches loom on the bench model; its logs go to <out-dir>/server.log."""
     port = free_port()
-    cmd = [sys.executable, "-m", "launcher", "--port", str(port)] + (["--model-id", model_id] if model_id else [])
-    proc = subprocess.Popen(cmd + extra)
+    cmd = [sys.executable, "-m", "launcher", "--model-id", str(model_dir), "--port", str(port),
+           "--local-adapter-root", str(adapter_root), "--adapter-pool-pages", str(args.adapter_pool_pages),
+           "--adapter-host-cache-mb", str(args.host_cache_mb), "--max-active-adapters", str(args.adapter_pool_pages)]
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    with open(args.out_dir / "server.log", "w") as log:
+        proc = subprocess.Popen(cmd, env=os.environ | {"HF_HUB_OFFLINE": "1"}, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -45,33 +61,117 @@ def start_server(model_id: str | None, extra: list[str]) -> tuple[subprocess.Pop
     raise SystemExit("loom did not become healthy")
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    p.add_argument("--model-id", default=None, help="model to serve (default: the demo model)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--prompt-words", type=int, default=32)
-    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
-    p.add_argument("--requests-per-level", type=int, default=32)
-    p.add_argument("--out", default=None, help="also write the JSON here")
-    args = p.parse_args(argv)
+def machine() -> dict:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    return {"nproc": os.cpu_count(), "cpu": cpu, "python": platform.python_version(),
+            "torch": __import__("torch").__version__}
 
-    proc, url = start_server(args.model_id, [])
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--requests", type=int, default=64)
+    p.add_argument("--input-len", type=int, nargs=2, default=[16, 64], metavar=("MIN", "MAX"))
+    p.add_argument("--output-len", type=int, nargs=2, default=[32, 32], metavar=("MIN", "MAX"))
+    p.add_argument("--adapters", type=int, default=16, help="adapter pool of the standard runs")
+    p.add_argument("--many-adapters", type=int, default=1000, help="adapter pool of the scaling run (0: skip)")
+    p.add_argument("--rate", type=float, default=64.0, help="mean arrivals per second (0: all at once)")
+    p.add_argument("--cv", type=float, default=1.0, help="CV of inter-arrival gaps (1: Poisson, else Gamma)")
+    p.add_argument("--alpha", type=float, default=1.0, help="power-law exponent of the skewed distribution")
+    p.add_argument("--distributions", nargs="+", default=list(DISTRIBUTIONS), choices=DISTRIBUTIONS)
+    p.add_argument("--repeats", type=int, default=3, help="rounds of the Loom runs (the median is reported)")
+    p.add_argument("--no-peft", action="store_true", help="skip the transformers + PEFT baseline")
+    p.add_argument("--adapter-pool-pages", type=int, default=256)
+    p.add_argument("--host-cache-mb", type=int, default=6144)
+    p.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "loom-bench")
+    p.add_argument("--out-dir", type=Path, default=HERE / "results")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def workloads(args) -> dict[str, WorkloadSpec]:
+    base = WorkloadSpec(args.requests, args.adapters, "distinct", args.alpha, args.rate, args.cv,
+                        tuple(args.input_len), tuple(args.output_len), args.seed)
+    specs = {("base" if d == "base" else f"{d}-{args.adapters}"): replace(base, distribution=d)
+             for d in args.distributions}
+    if args.many_adapters:
+        specs[f"uniform-{args.adapters}"] = replace(base, distribution="uniform")
+        specs[f"uniform-{args.many_adapters}"] = replace(base, distribution="uniform", num_adapters=args.many_adapters)
+    return specs
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    from transformers import AutoTokenizer
+
+    load_before = os.getloadavg()
+    spec = ModelSpec()
+    model_dir = build_model(args.cache_dir, spec)
+    adapters = build_adapters(model_dir, spec, max(args.adapters, args.many_adapters))
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    specs = workloads(args)
+    requests = {name: make_requests(s, tokenizer) for name, s in specs.items()}
+    used = {name: {r.adapter for r in reqs if r.adapter >= 0} for name, reqs in requests.items()}
+    served = f"distinct-{args.adapters}"
+    prefill_budget = 4096  # the launcher's default --max-batch-prefill-tokens; the in-process loop uses the same
+
+    samples: dict[str, list[dict]] = {}
+    proc, url = start_server(model_dir, adapters[0].parent, args)
     try:
-        prompt = " ".join(["the quick brown fox jumps over the lazy dog"] * (args.prompt_words // 9 + 1))
-        asyncio.run(run_concurrent(url, [prompt] * 4, 8, 4))  # warm-up
-        results = {"machine": f"{platform.machine()} {platform.processor() or ''} ({__import__('os').cpu_count()} cores)",
-                   "model": args.model_id or "demo", "max_new_tokens": args.max_new_tokens, "levels": {}}
-        for c in args.concurrency:
-            n = max(c, args.requests_per_level if c > 1 else 4)
-            results["levels"][str(c)] = asyncio.run(run_concurrent(url, [prompt] * n, args.max_new_tokens, c))
+        first = requests[next(iter(requests))][0]
+        ids = httpx.post(f"{url}/tokenize", json={"inputs": first.text}).json()
+        assert [t["id"] for t in ids] == first.input_ids, "the server tokenizes the prompts differently"
+        print(f"loom up at {url}; registering {len(set().union(*used.values()))} adapters", flush=True)
+        asyncio.run(warm_adapters(url, adapters, set().union(*used.values())))
+        asyncio.run(run_http(url, requests[next(iter(requests))][:16], adapters))  # warm-up, not measured
+        engine = None
+        for rep in range(args.repeats):
+            for name, reqs in requests.items():
+                timings, wall = asyncio.run(run_http(url, reqs, adapters))
+                samples.setdefault(f"http/{name}", []).append(summarize(timings, wall))
+                print(f"[{rep}] http/{name}: {samples[f'http/{name}'][-1]['throughput_tok_s']} tok/s", flush=True)
+            # The in-process engine runs while the server idles, right after the served runs it is compared to.
+            if engine is None:
+                engine = make_engine(model_dir, adapters, set().union(*used.values()), prefill_budget,
+                                     args.adapter_pool_pages, args.host_cache_mb << 20)
+                run_engine(engine, requests[served][:16], adapters, prefill_budget)  # warm-up
+            for name in ("base", served):
+                if name in requests:
+                    timings, wall = run_engine(engine, requests[name], adapters, prefill_budget)
+                    samples.setdefault(f"engine/{name}", []).append(summarize(timings, wall))
+                    print(f"[{rep}] engine/{name}: {samples[f'engine/{name}'][-1]['throughput_tok_s']} tok/s", flush=True)
+        del engine
     finally:
         proc.terminate()
         proc.wait(timeout=60)
-    text = json.dumps(results, indent=2)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+
+    if not args.no_peft and served in requests:
+        from bench.baseline import load_peft, run_peft
+        print("PEFT baseline: one request at a time...", flush=True)
+        model = load_peft(model_dir, adapters, used[served])
+        timings, wall = run_peft(model, requests[served])
+        samples[f"peft/{served}"] = [summarize(timings, wall)]
+
+    runs = {name: report.merge_repeats(s) for name, s in samples.items()}
+    checks = report.ratios(runs)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    result = {
+        "machine": machine(),
+        "load_average": {"before": [round(x, 2) for x in load_before], "after": [round(x, 2) for x in os.getloadavg()]},
+        "command": "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "model": asdict(spec) | {"adapters": args.adapters, "many_adapters": args.many_adapters},
+        "workloads": {name: asdict(s) for name, s in specs.items()},
+        "runs": runs,
+        "targets": checks,
+    }
+    result["plots"] = [str(p) for p in report.plot(runs, args.out_dir)]
+    (args.out_dir / "latest.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(report.table(runs, checks))
+    print(f"machine: {result['machine']}; load average before {result['load_average']['before']}, "
+          f"after {result['load_average']['after']}")
+    print(f"wrote {args.out_dir / 'latest.json'} and {', '.join(result['plots'])}")
 
 
 if __name__ == "__main__":

@@ -1,77 +1,62 @@
-"""Streams requests at a running Loom server and times them: TTFT, time per output token, throughput."""
+"""Open-loop HTTP load: each request is sent at its arrival time and streamed over /generate_stream, so that
+TTFT and every token's arrival are seen as a client sees them."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-import statistics
 import time
-from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 
-
-@dataclass(slots=True)
-class Timing:
-    ttft: float  # seconds to the first token
-    tpot: float  # seconds per output token after the first
-    tokens: int
-    latency: float
+from bench.stats import Timing
+from bench.workload import BenchRequest
 
 
-async def stream_one(client: httpx.AsyncClient, url: str, prompt: str, max_new_tokens: int,
-                     adapter_id: str | None = None) -> Timing:
-    params = {"max_new_tokens": max_new_tokens, "ignore_eos_token": True, "details": False}
-    if adapter_id:
-        params["adapter_id"] = adapter_id
-    start = time.perf_counter()
-    first = None
-    tokens = 0
-    async with client.stream("POST", f"{url}/generate_stream", json={"inputs": prompt, "parameters": params}) as r:
+def _params(req: BenchRequest, adapters: list[Path]) -> dict:
+    params = {"max_new_tokens": req.output_len, "ignore_eos_token": True, "details": False}
+    if req.adapter >= 0:
+        params |= {"adapter_id": str(adapters[req.adapter]), "adapter_source": "local"}
+    return params
+
+
+async def stream_one(client: httpx.AsyncClient, url: str, req: BenchRequest, adapters: list[Path],
+                     start: float) -> Timing:
+    """Waits for the request's arrival, streams it; times count from the arrival (queueing included)."""
+    await asyncio.sleep(max(0.0, start + req.arrival - time.perf_counter()))
+    sent = time.perf_counter()
+    stamps: list[float] = []
+    body = {"inputs": req.text, "parameters": _params(req, adapters)}
+    async with client.stream("POST", f"{url}/generate_stream", json=body) as r:
         r.raise_for_status()
         async for line in r.aiter_lines():
-            if not line.startswith("data:"):
-                continue
-            event = json.loads(line[5:])
-            if "error" in event:
-                raise RuntimeError(event["error"])
-            tokens += 1
-            first = first or time.perf_counter()
-    end = time.perf_counter()
-    return Timing(ttft=first - start, tpot=(end - first) / max(tokens - 1, 1), tokens=tokens, latency=end - start)
+            if line.startswith("data:"):
+                if '"error"' in line and "error" in (event := json.loads(line[5:])):
+                    raise RuntimeError(event["error"])
+                stamps.append(time.perf_counter())
+    if len(stamps) != req.output_len:
+        raise RuntimeError(f"asked for {req.output_len} tokens, got {len(stamps)}")
+    return Timing(sent - start, [s - sent for s in stamps])
 
 
-async def run_concurrent(url: str, prompts: list[str], max_new_tokens: int, concurrency: int,
-                         adapters: list[str | None] | None = None) -> dict:
-    """Runs every prompt with at most `concurrency` in flight; returns throughput and latency percentiles."""
-    adapters = adapters or [None] * len(prompts)
+async def run_http(url: str, requests: list[BenchRequest], adapters: list[Path]) -> tuple[list[Timing], float]:
+    """Timings of every request and the run's wall time (first arrival to last token)."""
+    limits = httpx.Limits(max_connections=len(requests) + 8, max_keepalive_connections=len(requests) + 8)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+        start = time.perf_counter()
+        timings = await asyncio.gather(*(stream_one(client, url, r, adapters, start) for r in requests))
+        return list(timings), time.perf_counter() - start
+
+
+async def warm_adapters(url: str, adapters: list[Path], used: set[int], concurrency: int = 8) -> None:
+    """One 1-token request per adapter the run uses, so that adapters are registered (read from disk into the
+    shard's host cache) before measuring, as they would be on a server that has been up for a while."""
     gate = asyncio.Semaphore(concurrency)
     async with httpx.AsyncClient(timeout=600) as client:
-        async def one(prompt, adapter):
+        async def one(i: int) -> None:
             async with gate:
-                return await stream_one(client, url, prompt, max_new_tokens, adapter)
+                body = {"inputs": "warm up", "parameters": _params(BenchRequest(0, [], "", 1, i), adapters)}
+                (await client.post(f"{url}/generate", json=body)).raise_for_status()
 
-        start = time.perf_counter()
-        timings = await asyncio.gather(*(one(p, a) for p, a in zip(prompts, adapters)))
-        wall = time.perf_counter() - start
-    return summarize(timings, wall)
-
-
-def percentile(values: list[float], q: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
-
-
-def summarize(timings: list[Timing], wall: float) -> dict:
-    tokens = sum(t.tokens for t in timings)
-    return {
-        "requests": len(timings),
-        "output_tokens": tokens,
-        "wall_s": round(wall, 3),
-        "throughput_tok_s": round(tokens / wall, 1),
-        "ttft_p50_ms": round(percentile([t.ttft for t in timings], 0.5) * 1000, 1),
-        "ttft_p99_ms": round(percentile([t.ttft for t in timings], 0.99) * 1000, 1),
-        "tpot_p50_ms": round(percentile([t.tpot for t in timings], 0.5) * 1000, 2),
-        "tpot_p99_ms": round(percentile([t.tpot for t in timings], 0.99) * 1000, 2),
-        "decode_tok_s_per_request": round(1 / statistics.median([t.tpot for t in timings]), 1),
-    }
+        await asyncio.gather(*(one(i) for i in sorted(used) or [-1]))

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from shard.lora import AdapterError, HostAdapter, PageLayout, load_adapter
+from shard.lora import AdapterError, HostAdapter, PageLayout, StackCache, load_adapter
 
 DEFAULT_ADAPTER_MEMORY_FRACTION = 0.1
 DEFAULT_ADAPTER_HOST_CACHE_BYTES = 2 << 30
@@ -42,6 +42,7 @@ class AdapterCache:
         self.pool: torch.Tensor | None = None
         self.views: list = []
         self.free_pages: list[int] = []
+        self.stacks = StackCache()  # LoraBatch's gathered page stacks; stale once pool pages are written
 
     @property
     def num_pages(self) -> int:
@@ -56,6 +57,7 @@ class AdapterCache:
         self.pool = None  # free the old pool before allocating the new one
         self.pool = torch.zeros(num_pages + 1, self.layout.page_numel, dtype=self.dtype, device=self.device)
         self.views = self.layout.views(self.pool)
+        self.stacks.clear()
         self.free_pages = list(range(num_pages, 0, -1))
         self.resident.clear()
         for entry in self.entries.values():
@@ -115,6 +117,7 @@ class AdapterCache:
         else:
             self.host.move_to_end(adapter_id)
         entry.pages = [self.free_pages.pop() for _ in range(entry.num_pages)]
+        self.stacks.clear()
         # Copies into pages allocated once; from pinned memory these overlap with compute on CUDA.
         for page, src in zip(entry.pages, pages):
             self.pool[page].copy_(src, non_blocking=True)

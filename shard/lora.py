@@ -254,25 +254,56 @@ def load_adapter(name: str, path: str | Path, layout: PageLayout, dtype: torch.d
 # ---- batched heterogeneous compute -----------------------------------------------------------------------
 
 
+class StackCache:
+    """The page stacks LoraBatch gathers per (layer, projection), kept for the next step: decode steps over the
+    same adapters reuse them instead of gathering every projection's pages again. The adapter cache clears it
+    whenever pool pages are written."""
+
+    __slots__ = ("key", "stacks")
+
+    def __init__(self):
+        self.key: tuple | None = None
+        self.stacks: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def use(self, key: tuple) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]:
+        if key != self.key:
+            self.key, self.stacks = key, {}
+        return self.stacks
+
+    def clear(self) -> None:
+        self.key, self.stacks = None, {}
+
+
 class LoraBatch:
     """One step's LoRA: implements model.LoraHook for a batch where every sequence has its own adapter or
     none. Tokens are grouped into one segment per adapter, padded to the longest segment, and each projection
-    does a fixed handful of ops whatever the number of adapters: gather the segments' pages into
-    [n, R, in] / [n, R, out] stacks, shrink and expand with two bmm, and index_add the deltas back onto the
-    adapter rows. Base-model rows are in no segment and cost nothing."""
+    does a fixed handful of ops whatever the number of adapters: take the segments' pages as [n, R, in] /
+    [n, R, out] stacks (gathered once and cached while the step's pages stay the same), shrink and expand with
+    two bmm, and gather the deltas back into token order (base-model rows read a zero row) to add them."""
 
     def __init__(self, views: list[dict[str, tuple[torch.Tensor, torch.Tensor]]], page_rank: int,
-                 segments: list[list[int]], page_tables: list[list[int]], targets: set[str], device: torch.device):
+                 segments: list[list[int]], page_tables: list[list[int]], targets: set[str], num_tokens: int,
+                 device: torch.device, cache: StackCache | None = None):
         n, longest = len(segments), max(len(s) for s in segments)
         width = max(len(t) for t in page_tables)
         self.views, self.targets = views, targets
         self.num_segments, self.length, self.rank = n, longest, width * page_rank
         # Pages past an adapter's own are page 0, the pool's all-zero page.
-        self.pages = torch.tensor([p for t in page_tables for p in t + [0] * (width - len(t))], device=device)
+        pages = [p for t in page_tables for p in t + [0] * (width - len(t))]
+        self.pages = torch.tensor(pages, device=device)
+        self.stacks = (cache or StackCache()).use((width, tuple(pages)))
         self.src = torch.tensor([t for s in segments for t in s], device=device)
         self.dense = all(len(s) == longest for s in segments)
         self.dst = None if self.dense else torch.tensor(
             [i * longest + j for i, s in enumerate(segments) for j in range(len(s))], device=device)
+        # Each token's row in the segment-major deltas; base-model tokens read the zero row past them. A gather
+        # then a dense add is far cheaper on CPU than index_add_'s scatter.
+        rows = n * longest
+        back = [rows] * num_tokens
+        for i, s in enumerate(segments):
+            for j, t in enumerate(s):
+                back[t] = i * longest + j
+        self.back = torch.tensor(back, device=device)
         self._x: torch.Tensor | None = None
         self._xs: torch.Tensor | None = None
 
@@ -285,13 +316,21 @@ class LoraBatch:
             self._x, self._xs = x, rows.view(self.num_segments, self.length, -1)
         return self._xs
 
+    def _stack(self, layer_idx: int, proj: str) -> tuple[torch.Tensor, torch.Tensor]:
+        stack = self.stacks.get((layer_idx, proj))
+        if stack is None:
+            a_pages, b_pages = self.views[layer_idx][proj]
+            a = a_pages.index_select(0, self.pages).view(self.num_segments, self.rank, -1).transpose(1, 2)
+            b = b_pages.index_select(0, self.pages).view(self.num_segments, self.rank, -1)
+            stack = self.stacks[layer_idx, proj] = (a, b)
+        return stack
+
     def apply(self, layer_idx: int, proj: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if proj not in self.targets:
             return y
-        a_pages, b_pages = self.views[layer_idx][proj]
-        a = a_pages.index_select(0, self.pages).view(self.num_segments, self.rank, -1)
-        b = b_pages.index_select(0, self.pages).view(self.num_segments, self.rank, -1)
-        delta = torch.bmm(torch.bmm(self._segments(x), a.transpose(1, 2)), b).view(-1, y.shape[1])
-        if not self.dense:
-            delta = delta.index_select(0, self.dst)
-        return y.index_add_(0, self.src, delta)
+        a, b = self._stack(layer_idx, proj)
+        rows = self.num_segments * self.length
+        delta = y.new_empty(rows + 1, y.shape[1])
+        delta[rows].zero_()
+        torch.bmm(torch.bmm(self._segments(x), a), b, out=delta[:rows].view(self.num_segments, self.length, -1))
+        return y.add_(delta.index_select(0, self.back))

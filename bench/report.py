@@ -1,0 +1,88 @@
+"""The results: ratios against the targets, a compact table, and PNG plots."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+# (name, numerator run, denominator run, target): each target of the issue as a throughput ratio.
+TARGETS = (
+    ("loom_vs_peft", "http/distinct-16", "peft/distinct-16", 20.0),
+    ("lora_vs_base", "http/distinct-16", "http/base", 0.9),
+    ("http_vs_inprocess", "http/distinct-16", "engine/distinct-16", 0.9),
+    ("adapters_1000_vs_16", "http/uniform-1000", "http/uniform-16", 0.9),
+)
+
+
+def merge_repeats(repeats: list[dict]) -> dict:
+    """The repeat with the median throughput, plus every repeat's throughput."""
+    ordered = sorted(repeats, key=lambda r: r["throughput_tok_s"])
+    median = dict(ordered[(len(ordered) - 1) // 2])
+    median["throughput_repeats"] = [r["throughput_tok_s"] for r in repeats]
+    return median
+
+
+def ratios(runs: dict[str, dict]) -> dict[str, dict]:
+    """Each target's ratio of median throughputs, and the ratio within every repeat (runs of one repeat ran
+    back to back, so their ratio is the least noisy figure)."""
+    out = {}
+    for name, num, den, target in TARGETS:
+        if num not in runs or den not in runs:
+            continue
+        a, b = runs[num]["throughput_repeats"], runs[den]["throughput_repeats"]
+        per_repeat = [x / y for x, y in zip(a, b)] if len(a) == len(b) else []
+        value = runs[num]["throughput_tok_s"] / runs[den]["throughput_tok_s"]
+        out[name] = {"ratio": round(value, 3), "per_repeat": [round(r, 3) for r in per_repeat],
+                     "target": target, "met": value >= target, "of": f"{num} / {den}"}
+    return out
+
+
+def table(runs: dict[str, dict], checks: dict[str, dict]) -> str:
+    head = f"{'run':<22}{'tok/s':>9}{'req/s':>8}{'TTFT p50':>10}{'p99':>8}{'TPOT p50':>10}{'p99':>8}  repeats"
+    lines = [head, "-" * len(head)]
+    for name, r in runs.items():
+        reps = " ".join(f"{x:g}" for x in r["throughput_repeats"])
+        lines.append(f"{name:<22}{r['throughput_tok_s']:>9.1f}{r['throughput_req_s']:>8.2f}{r['ttft_p50_ms']:>10.0f}"
+                     f"{r['ttft_p99_ms']:>8.0f}{r['tpot_p50_ms']:>10.1f}{r['tpot_p99_ms']:>8.1f}  {reps}")
+    lines.append("")
+    for name, c in checks.items():
+        spread = f" (per repeat {', '.join(map(str, c['per_repeat']))})" if len(c["per_repeat"]) > 1 else ""
+        lines.append(f"{name:<22}{c['ratio']:>8.3f}  target >= {c['target']:g}  "
+                     f"{'MET' if c['met'] else 'MISSED'}  {c['of']}{spread}")
+    return "\n".join(lines)
+
+
+def plot(runs: dict[str, dict], out_dir: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(runs)
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    values = [runs[n]["throughput_tok_s"] for n in names]
+    ax.bar(names, values, color=["tab:gray" if n.startswith("peft") else "tab:blue" for n in names])
+    for i, n in enumerate(names):
+        reps = runs[n]["throughput_repeats"]
+        ax.vlines(i, min(reps), max(reps), color="black")
+    ax.set_ylabel("output tokens / s")
+    ax.set_title("Throughput (bar: median repeat, line: spread of repeats)")
+    ax.tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    throughput = out_dir / "throughput.png"
+    fig.savefig(throughput, dpi=110)
+    plt.close(fig)
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    x = range(len(names))
+    for ax, metric, label in ((ax1, "ttft", "TTFT (ms)"), (ax2, "tpot", "time per output token (ms)")):
+        ax.bar([i - 0.2 for i in x], [runs[n][f"{metric}_p50_ms"] for n in names], 0.4, label="p50")
+        ax.bar([i + 0.2 for i in x], [runs[n][f"{metric}_p99_ms"] for n in names], 0.4, label="p99")
+        ax.set_xticks(list(x), names, rotation=30, ha="right")
+        ax.set_yscale("log")
+        ax.set_ylabel(label)
+        ax.legend()
+    fig.tight_layout()
+    latency = out_dir / "latency.png"
+    fig.savefig(latency, dpi=110)
+    plt.close(fig)
+    return [throughput, latency]
