@@ -89,8 +89,11 @@ class GenerateRequest(_Lax):
         return self
 
 
-def _token(tok: ModelTokenizer, token_id: int, logprob: float) -> dict:
-    return {"id": token_id, "text": tok.decode_token(token_id), "logprob": logprob if math.isfinite(logprob) else None,
+def _token(tok: ModelTokenizer, token_id: int, logprob: float, text: str | None = None) -> dict:
+    """A token's details; `text` defaults to the token's own decoded text."""
+    if text is None:
+        text = tok.decode_token(token_id)
+    return {"id": token_id, "text": text, "logprob": logprob if math.isfinite(logprob) else None,
             "special": token_id in tok.special_ids}
 
 
@@ -124,8 +127,8 @@ class _Native:
     def full_text(self, generated: str) -> str:
         return self.body.inputs + generated if self.body.parameters.return_full_text else generated
 
-    def token(self, chunk: TextChunk) -> dict:
-        t = _token(self.tokenizer, chunk.token.token_id, chunk.token.logprob)
+    def token(self, chunk: TextChunk, text: str | None = None) -> dict:
+        t = _token(self.tokenizer, chunk.token.token_id, chunk.token.logprob, text)
         if self.body.parameters.return_k_alternatives:
             t["alternative_tokens"] = [_token(self.tokenizer, i, lp) for i, lp in chunk.token.top_tokens]
         return t
@@ -201,13 +204,12 @@ async def _stream_events(native: _Native):
         async for chunk in native.chunks():
             count += 1
             texts.append(chunk.text)
-            event = {"token": native.token(chunk), "generated_text": None, "details": None}
+            # LoRAX streams each token's own text; stop-string hold-back can shift text between tokens.
+            event = {"token": native.token(chunk, chunk.text), "generated_text": None, "details": None}
             if chunk.finish_reason:
                 event["generated_text"] = native.full_text("".join(texts))
                 event["details"] = {"finish_reason": chunk.finish_reason, "prompt_tokens": len(native.input_ids),
                                     "generated_tokens": count, "seed": native.seeds[0]}
-            # LoRAX streams each token's own text; stop-string hold-back can shift text between tokens.
-            event["token"]["text"] = chunk.text
             yield sse_event(event)
     except GenerationFailed as e:
         yield sse_event(APIError(500 if e.server_error else 400, str(e)).lorax_body())

@@ -182,6 +182,8 @@ class Scheduler:
         self._waiting: deque[Sequence] = deque()
         self._running: dict[int, Sequence] = {}
         self._to_release: list[int] = []
+        # Events of the last reply, handed to the consumers only once the next step is on its way (`_post`).
+        self._outbox: list[tuple[Sequence, TokenEvent | BaseException]] = []
         self._wake = asyncio.Event()
         self.max_queue_time_s = max_queue_time_s
         # Observers (the metrics): on_step(batch size, reply, step seconds), on_finish(stats) once per sequence.
@@ -237,6 +239,7 @@ class Scheduler:
     async def run(self) -> None:
         while True:
             if not (self._waiting or self._running or self._to_release):
+                self._post()
                 self._wake.clear()
                 await self._wake.wait()
                 continue
@@ -244,6 +247,7 @@ class Scheduler:
                 await self._step()
             except Exception as e:  # a bug here must not wedge every request: fail the batch, go on
                 log.exception("scheduler step crashed")
+                self._post()
                 self._fail_running(f"internal error: {e!r}")
                 await self._recover()
 
@@ -256,7 +260,11 @@ class Scheduler:
             self._running[seq.id] = seq
         started = time.perf_counter()
         try:
-            reply = await self.client.step(step)
+            call = self.client.step(step)
+            # The consumers of the last reply's tokens (detokenizer, SSE writes) run while the shards compute this
+            # step: woken now, they queue behind the call's send instead of delaying it.
+            self._post()
+            reply = await call
         except ShardError as e:
             log.error("step failed: %s", e)
             self._fail_running(str(e))
@@ -331,7 +339,7 @@ class Scheduler:
             return  # cancelled while the step ran; already queued for release
         if gen.error:
             self._finish(seq, "error")
-            seq.events.put_nowait(GenerationFailed(gen.error, server_error=False))
+            self._outbox.append((seq, GenerationFailed(gen.error, server_error=False)))
             return
         seq.generated += 1
         seq.stats.generated = seq.generated
@@ -343,17 +351,22 @@ class Scheduler:
             finish = "eos_token"
         elif seq.generated >= request.max_new_tokens:
             finish = "length"
-        seq.events.put_nowait(
-            TokenEvent(
-                token_id=gen.token_id,
-                logprob=gen.logprob,
-                top_tokens=[(t.token_id, t.logprob) for t in gen.top_tokens],
-                finish_reason=finish,
-                prefill_logprobs=list(gen.prefill_logprobs) if gen.prefill_logprobs else None,
-            )
-        )
+        self._outbox.append((seq, TokenEvent(
+            token_id=gen.token_id,
+            logprob=gen.logprob,
+            top_tokens=[(t.token_id, t.logprob) for t in gen.top_tokens],
+            finish_reason=finish,
+            prefill_logprobs=list(gen.prefill_logprobs) if gen.prefill_logprobs else None,
+        )))
         if finish:
             self._finish(seq, finish)
+
+    def _post(self) -> None:
+        """Hands the held events to their consumers. Between `_deliver` and here nothing awaits, so a consumer
+        never sees its sequence DONE before its last event is queued."""
+        for seq, item in self._outbox:
+            seq.events.put_nowait(item)
+        self._outbox.clear()
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         seq.state = State.DONE

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable
 
 import grpc
 
@@ -30,9 +31,14 @@ class ShardClient:
     def world_size(self) -> int:
         return len(self._stubs)
 
-    async def _all(self, method: str, request, timeout: float):
-        """Sends `request` to every rank at once; returns rank 0's reply or raises ShardError."""
+    def _all(self, method: str, request, timeout: float) -> Awaitable:
+        """Starts the call on every rank now (not when awaited); the awaitable gives rank 0's reply or raises
+        ShardError."""
         calls = [getattr(stub, method)(request, timeout=timeout) for stub in self._stubs]
+        return self._gather(method, calls)
+
+    @staticmethod
+    async def _gather(method: str, calls: list):
         results = await asyncio.gather(*calls, return_exceptions=True)
         for rank, result in enumerate(results):
             if isinstance(result, grpc.aio.AioRpcError):
@@ -54,8 +60,9 @@ class ShardClient:
     async def warmup(self, request: pb.WarmupRequest) -> pb.WarmupResponse:
         return await self._all("Warmup", request, timeout=600)
 
-    async def step(self, request: pb.StepRequest) -> pb.StepResponse:
-        return await self._all("Step", request, timeout=self.step_timeout_s)
+    def step(self, request: pb.StepRequest) -> Awaitable[pb.StepResponse]:
+        """Starts the step at once, so the caller can do other work while the request is on its way."""
+        return self._all("Step", request, timeout=self.step_timeout_s)
 
     async def clear(self) -> None:
         await self._all("Clear", pb.ClearRequest(), timeout=30)

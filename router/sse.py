@@ -8,10 +8,12 @@ from collections.abc import AsyncIterator
 from starlette.responses import StreamingResponse
 
 DONE = b"data: [DONE]\n\n"
+# One encoder for every event: json.dumps with options builds a new JSONEncoder per call.
+_encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 
 def sse_event(payload: dict) -> bytes:
-    return b"data: " + json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+    return b"data: " + _encode(payload).encode() + b"\n\n"
 
 
 def sse_response(events: AsyncIterator[bytes]) -> StreamingResponse:
