@@ -1,18 +1,20 @@
 """The Triton SGMV kernels (the CUDA LoRA path) equal the torch LoRA math, run on CPU through Triton's
-interpreter: random segments, ranks, page tables (with zero-page padding), sliced outputs."""
+interpreter: random segments, ranks, page tables (with zero-page padding), sliced outputs.
+
+The interpreter must be on before triton is first imported, and other test modules import it (peft does), so
+the Triton side of every test runs in one fresh spawned interpreter with TRITON_INTERPRET=1."""
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import random
+from concurrent.futures import ProcessPoolExecutor
 
 import pytest
 import torch
 
-os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: kernels run on the CPU, in numpy
-triton = pytest.importorskip("triton")
-
-from shard.kernels.sgmv import sgmv_lora  # noqa: E402
+pytest.importorskip("triton")
 
 PAGE_RANK = 8
 
@@ -27,8 +29,20 @@ def reference(x, y, pool, a_offset, b_offset, in_size, out_size, table, segments
     return out
 
 
-@pytest.mark.parametrize("seed", range(4))
-def test_sgmv_matches_torch(seed):
+@pytest.fixture(scope="module")
+def interpreted():
+    """A spawned process with Triton's interpreter on, which runs this module's functions."""
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            yield lambda fn, *args: pool.submit(fn, *args).result()
+    finally:
+        del os.environ["TRITON_INTERPRET"]
+
+
+def check_sgmv(seed: int) -> None:
+    from shard.kernels.sgmv import sgmv_lora
+
     rng = random.Random(seed)
     torch.manual_seed(seed)
     in_size, out_size = rng.choice([(40, 24), (64, 96), (33, 17)])
@@ -60,3 +74,8 @@ def test_sgmv_matches_torch(seed):
     torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
     untouched = sorted(set(range(total)) - {t for s in segments for t in s})
     torch.testing.assert_close(y[untouched], want[untouched])
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_sgmv_matches_torch(interpreted, seed):
+    interpreted(check_sgmv, seed)
