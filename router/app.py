@@ -20,7 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from proto import generate_pb2 as pb
 from router import native_api, openai_api
 from router.adapters import AdapterRegistry
-from router.backend import Backend, parse_body
+from router.backend import Backend, StrictModel, parse_body
 from router.config import RouterConfig
 from router.errors import APIError
 from router.logs import RequestLine
@@ -62,14 +62,14 @@ async def info(request: Request):
     })
 
 
-class TokenizeRequest(openai_api._Strict):
+class TokenizeRequest(StrictModel):
     inputs: str
 
 
 async def tokenize(request: Request):
     backend: Backend = request.app.state.backend
     body = await parse_body(request, TokenizeRequest)
-    pieces = await asyncio.to_thread(backend.tokenizer.tokenize_with_offsets, body.inputs)
+    pieces = await backend.off_loop(backend.tokenizer.tokenize_with_offsets, body.inputs)
     return JSONResponse([{"id": i, "text": text, "start": start, "stop": stop} for i, text, start, stop in pieces])
 
 

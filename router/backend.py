@@ -8,7 +8,7 @@ import json
 import time
 from dataclasses import dataclass, field
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.requests import Request
 
 from proto import generate_pb2 as pb
@@ -18,6 +18,11 @@ from router.errors import bad_request
 from router.scheduler import GenerationRequest, Scheduler
 from router.structured import GrammarChecker
 from router.tokenization import ModelTokenizer
+
+
+class StrictModel(BaseModel):
+    """Request bodies: types as sent (no "1" for 1) and unknown keys rejected, so a typo is a 400 that names it."""
+    model_config = ConfigDict(strict=True, extra="forbid")
 
 
 @dataclass(slots=True)
@@ -79,8 +84,8 @@ class Backend:
             grammar=grammar,
         )
 
-    async def tokenize(self, fn, *args):
-        """Tokenizers and grammar checks can take milliseconds: keep them off the event loop."""
+    async def off_loop(self, fn, *args):
+        """Tokenizers and grammar checks can take milliseconds: run them in a thread, off the event loop."""
         return await asyncio.to_thread(fn, *args)
 
 

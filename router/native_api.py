@@ -7,13 +7,13 @@ import math
 import random
 from dataclasses import dataclass, field
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from router.adapters import Adapter
-from router.backend import Backend, parse_body, sampling_parameters
-from router.errors import APIError, bad_request
+from router.backend import Backend, StrictModel, parse_body, sampling_parameters
+from router.errors import APIError
 from router.scheduler import GenerationFailed
 from router.sse import sse_event, sse_response
 from router.structured import response_format_grammar
@@ -21,12 +21,8 @@ from router.text_stream import TextChunk, generate_text
 from router.tokenization import ModelTokenizer
 
 
-class _Lax(BaseModel):
-    # LoRAX's client sends every parameter, most of them null; unknown keys are a client bug: reject.
-    model_config = ConfigDict(strict=True, extra="forbid")
-
-
-class Parameters(_Lax):
+class Parameters(StrictModel):
+    # LoRAX's client sends every parameter, most of them null (accepted); unknown keys are a client bug.
     adapter_id: str | None = None
     adapter_source: str | None = None
     adapter_parameters: dict | None = None
@@ -74,7 +70,7 @@ class Parameters(_Lax):
         )
 
 
-class GenerateRequest(_Lax):
+class GenerateRequest(StrictModel):
     inputs: str
     parameters: Parameters = Field(default_factory=Parameters)
     stream: bool = False
@@ -173,12 +169,12 @@ async def _prepare(request: Request, body: GenerateRequest | None = None) -> _Na
     p = body.parameters
     adapter, tokenizer = await backend.resolve_model(p.adapter_id, p.adapter_source, p.api_token,
                                                      param="parameters.adapter_id")
-    input_ids = await backend.tokenize(tokenizer.encode, body.inputs)
+    input_ids = await backend.off_loop(tokenizer.encode, body.inputs)
     if p.truncate is not None and len(input_ids) > p.truncate:
         input_ids = input_ids[-p.truncate:]
     grammar = response_format_grammar(p.response_format, "parameters.response_format")
     if grammar:
-        grammar = await backend.tokenize(backend.grammars.check, grammar, "parameters.response_format")
+        grammar = await backend.off_loop(backend.grammars.check, grammar, "parameters.response_format")
     return _Native(backend, adapter, tokenizer, body, input_ids, grammar)
 
 

@@ -11,12 +11,12 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from router.adapters import Adapter
-from router.backend import Backend, parse_body, sampling_parameters
+from router.backend import Backend, StrictModel, parse_body, sampling_parameters
 from router.errors import APIError, bad_request
 from router.scheduler import GenerationFailed, GenerationRequest
 from router.sse import DONE, sse_event, sse_response
@@ -27,48 +27,44 @@ from router.tokenization import ChatTemplateError, ModelTokenizer
 FINISH_REASONS = {"eos_token": "stop", "stop_sequence": "stop", "length": "length"}
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(strict=True, extra="forbid")
-
-
-class TextPart(_Strict):
+class TextPart(StrictModel):
     type: Literal["text"]
     text: str
 
 
-class FunctionCall(_Strict):
+class FunctionCall(StrictModel):
     name: str
     arguments: str
 
 
-class ToolCall(_Strict):
+class ToolCall(StrictModel):
     id: str
     type: Literal["function"] = "function"
     function: FunctionCall
 
 
-class FunctionDefinition(_Strict):
+class FunctionDefinition(StrictModel):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     description: str | None = None
     parameters: dict | None = None
     strict: bool | None = None
 
 
-class Tool(_Strict):
+class Tool(StrictModel):
     type: Literal["function"]
     function: FunctionDefinition
 
 
-class NamedFunction(_Strict):
+class NamedFunction(StrictModel):
     name: str
 
 
-class NamedToolChoice(_Strict):
+class NamedToolChoice(StrictModel):
     type: Literal["function"]
     function: NamedFunction
 
 
-class ChatMessage(_Strict):
+class ChatMessage(StrictModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
@@ -98,11 +94,11 @@ def _json_or_text(text: str):
         return text
 
 
-class StreamOptions(_Strict):
+class StreamOptions(StrictModel):
     include_usage: bool = False
 
 
-class _Sampling(_Strict):
+class _Sampling(StrictModel):
     """Fields chat and legacy completions share (OpenAI's, plus vLLM's common extensions)."""
 
     model: str
@@ -461,11 +457,11 @@ async def chat_completions(request: Request):
     adapter, tokenizer = await backend.resolve_model(body.model)
     tools = body.tool_dicts
     try:
-        input_ids = await backend.tokenize(tokenizer.apply_chat_template, messages, tools or None)
+        input_ids = await backend.off_loop(tokenizer.apply_chat_template, messages, tools or None)
     except ChatTemplateError as e:
         raise bad_request(str(e), param="messages") from None
     grammar, param = body.grammar()
-    grammar = await backend.tokenize(backend.grammars.check, grammar, param) if grammar else ""
+    grammar = await backend.off_loop(backend.grammars.check, grammar, param) if grammar else ""
     top_logprobs = (body.top_logprobs or 0) if body.logprobs else None
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     return await _respond(backend, adapter, tokenizer, body, "chat", [(input_ids, "")], max_tokens, None,
@@ -479,7 +475,7 @@ async def completions(request: Request):
     prompts = []
     for prompt in body.prompts():
         if isinstance(prompt, str):
-            prompts.append((await backend.tokenize(tokenizer.encode, prompt), prompt))
+            prompts.append((await backend.off_loop(tokenizer.encode, prompt), prompt))
             continue
         bad = [t for t in prompt if not 0 <= t < backend.vocab_size]
         if bad:
