@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from shard.lora import AdapterError, HostAdapter, PageLayout, StackCache, load_adapter
+from shard.lora import AdapterError, AdapterStacks, HostAdapter, PageLayout, load_adapter
 
 DEFAULT_ADAPTER_MEMORY_FRACTION = 0.1
 DEFAULT_ADAPTER_HOST_CACHE_BYTES = 2 << 30
@@ -42,7 +42,7 @@ class AdapterCache:
         self.pool: torch.Tensor | None = None
         self.views: list = []
         self.free_pages: list[int] = []
-        self.stacks = StackCache()  # LoraBatch's gathered page stacks; stale once pool pages are written
+        self.stacks = AdapterStacks([], layout.page_rank)  # the running adapters' rows, laid out for LoraBatch
 
     @property
     def num_pages(self) -> int:
@@ -57,7 +57,7 @@ class AdapterCache:
         self.pool = None  # free the old pool before allocating the new one
         self.pool = torch.zeros(num_pages + 1, self.layout.page_numel, dtype=self.dtype, device=self.device)
         self.views = self.layout.views(self.pool)
-        self.stacks.clear()
+        self.stacks = AdapterStacks(self.views, self.layout.page_rank)
         self.free_pages = list(range(num_pages, 0, -1))
         self.resident.clear()
         for entry in self.entries.values():
@@ -107,6 +107,7 @@ class AdapterCache:
         if entry.pages is not None:
             self.free_pages.extend(reversed(entry.pages))
             entry.pages = None
+            self.stacks.drop(adapter_id)
             del self.resident[adapter_id]
 
     def _page_in(self, adapter_id: str, entry: AdapterEntry) -> None:
@@ -117,7 +118,6 @@ class AdapterCache:
         else:
             self.host.move_to_end(adapter_id)
         entry.pages = [self.free_pages.pop() for _ in range(entry.num_pages)]
-        self.stacks.clear()
         # Copies into pages allocated once; from pinned memory these overlap with compute on CUDA.
         for page, src in zip(entry.pages, pages):
             self.pool[page].copy_(src, non_blocking=True)

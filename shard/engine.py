@@ -278,12 +278,10 @@ class Engine:
                 segments.setdefault(adapter_id, []).extend(range(offset, offset + n))
             offset += n
         self.adapters.touch(list(segments))
-        # Pool order, so that the same adapters give the same page stacks (and hit the stack cache) every step.
-        order = sorted(segments, key=lambda a: self.adapters.entries[a].pages[0])
-        entries = [self.adapters.entries[a] for a in order]
-        return LoraBatch(self.adapters.views, self.adapter_page_rank, [segments[a] for a in order],
-                         [e.pages for e in entries], set().union(*(e.targets for e in entries)), offset,
-                         self.device, self.adapters.stacks)
+        entries = {a: self.adapters.entries[a] for a in segments}
+        order = self.adapters.stacks.arrange({a: e.pages for a, e in entries.items()})
+        return LoraBatch(self.adapters.stacks, [segments[a] for a in order],
+                         set().union(*(e.targets for e in entries.values())), offset, self.device)
 
     def clear(self) -> None:
         """Drops every sequence (unpinning their adapters) and frees all KV blocks."""

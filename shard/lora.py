@@ -254,44 +254,92 @@ def load_adapter(name: str, path: str | Path, layout: PageLayout, dtype: torch.d
 # ---- batched heterogeneous compute -----------------------------------------------------------------------
 
 
-class StackCache:
-    """The page stacks LoraBatch gathers per (layer, projection), kept for the next step: decode steps over the
-    same adapters reuse them instead of gathering every projection's pages again. The adapter cache clears it
-    whenever pool pages are written."""
+class AdapterStacks:
+    """Each (layer, projection)'s LoRA rows of the adapters in the current step, adapter-major and dense:
+    A as [slots, R, in], B as [slots, R, out], R the widest rank among them (narrower adapters read the pool's
+    zero page past their own). A step's adapters hold slots 0..n-1, so bmm reads them as one batch. Slots
+    outlive the step: an adapter joining or leaving costs copying that adapter's rows (and moving one other
+    into the hole it leaves), never re-gathering the whole batch's pages. The adapter cache drops an adapter
+    whose pool pages it frees."""
 
-    __slots__ = ("key", "stacks")
+    __slots__ = ("views", "page_rank", "rank", "capacity", "slots", "a", "b")
 
-    def __init__(self):
-        self.key: tuple | None = None
-        self.stacks: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+    def __init__(self, views: list[dict[str, tuple[torch.Tensor, torch.Tensor]]], page_rank: int):
+        self.views, self.page_rank = views, page_rank
+        self.rank = self.capacity = 0
+        self.slots: dict[str, int] = {}
+        self.a: dict[tuple[int, str], torch.Tensor] = {}
+        self.b: dict[tuple[int, str], torch.Tensor] = {}
 
-    def use(self, key: tuple) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]:
-        if key != self.key:
-            self.key, self.stacks = key, {}
-        return self.stacks
+    def drop(self, adapter_id: str) -> None:
+        self.slots.pop(adapter_id, None)
 
-    def clear(self) -> None:
-        self.key, self.stacks = None, {}
+    def arrange(self, pages: dict[str, list[int]]) -> list[str]:
+        """Makes slots 0..n-1 hold exactly the adapters of `pages` (id -> its pool pages); returns the ids in
+        slot order."""
+        n, rank = len(pages), max(len(p) for p in pages.values()) * self.page_rank
+        if rank != self.rank or n > self.capacity:
+            self._allocate(rank, n)
+        for adapter_id in [a for a in self.slots if a not in pages]:
+            del self.slots[adapter_id]
+        holes = sorted(set(range(n)) - set(self.slots.values()))
+        movers = [a for a, slot in self.slots.items() if slot >= n]
+        if movers:
+            src = [self.slots[a] for a in movers]
+            for adapter_id, hole in zip(movers, holes):
+                self.slots[adapter_id] = hole
+            self._move(src, holes[:len(movers)])
+        new = [a for a in pages if a not in self.slots]
+        if new:
+            self._copy_in([pages[a] for a in new], holes[len(movers):])
+            self.slots.update(zip(new, holes[len(movers):]))
+        return sorted(pages, key=self.slots.__getitem__)
+
+    def _allocate(self, rank: int, n: int) -> None:
+        """New stacks for `rank` (adapters keep their slots if it is unchanged) with room for n adapters."""
+        capacity = max(n, 2 * self.capacity if rank == self.rank else n)
+        keep = self.capacity if rank == self.rank else 0
+        if not keep:
+            self.slots = {}
+        for layer, per_proj in enumerate(self.views):
+            for proj, (a_pages, b_pages) in per_proj.items():
+                for stacks, pages in ((self.a, a_pages), (self.b, b_pages)):
+                    grown = pages.new_zeros(capacity, rank, pages.shape[-1])
+                    if keep:
+                        grown[:keep] = stacks[layer, proj]
+                    stacks[layer, proj] = grown
+        self.rank, self.capacity = rank, capacity
+
+    def _move(self, src: list[int], dst: list[int]) -> None:
+        src_t, dst_t = (torch.tensor(s, device=self.views[0]["q_proj"][0].device) for s in (src, dst))
+        for stacks in (self.a, self.b):
+            for t in stacks.values():
+                t.index_copy_(0, dst_t, t.index_select(0, src_t))
+
+    def _copy_in(self, page_tables: list[list[int]], slots: list[int]) -> None:
+        width = self.rank // self.page_rank
+        device = self.views[0]["q_proj"][0].device
+        flat = torch.tensor([p for t in page_tables for p in t + [0] * (width - len(t))], device=device)
+        slots_t = torch.tensor(slots, device=device)
+        for layer, per_proj in enumerate(self.views):
+            for proj, (a_pages, b_pages) in per_proj.items():
+                for stacks, pages in ((self.a, a_pages), (self.b, b_pages)):
+                    rows = pages.index_select(0, flat).view(len(slots), self.rank, -1)
+                    stacks[layer, proj].index_copy_(0, slots_t, rows)
 
 
 class LoraBatch:
     """One step's LoRA: implements model.LoraHook for a batch where every sequence has its own adapter or
-    none. Tokens are grouped into one segment per adapter, padded to the longest segment, and each projection
-    does a fixed handful of ops whatever the number of adapters: take the segments' pages as [n, R, in] /
-    [n, R, out] stacks (gathered once and cached while the step's pages stay the same), shrink and expand with
-    two bmm, and gather the deltas back into token order (base-model rows read a zero row) to add them."""
+    none. Tokens are grouped into one segment per adapter (segment i uses AdapterStacks slot i), padded to the
+    longest segment, and each projection does a fixed handful of ops whatever the number of adapters: shrink
+    and expand with two bmm over the stacks, then gather the deltas back into token order (base-model rows
+    read a zero row) to add them."""
 
-    def __init__(self, views: list[dict[str, tuple[torch.Tensor, torch.Tensor]]], page_rank: int,
-                 segments: list[list[int]], page_tables: list[list[int]], targets: set[str], num_tokens: int,
-                 device: torch.device, cache: StackCache | None = None):
+    def __init__(self, stacks: AdapterStacks, segments: list[list[int]], targets: set[str], num_tokens: int,
+                 device: torch.device):
         n, longest = len(segments), max(len(s) for s in segments)
-        width = max(len(t) for t in page_tables)
-        self.views, self.targets = views, targets
-        self.num_segments, self.length, self.rank = n, longest, width * page_rank
-        # Pages past an adapter's own are page 0, the pool's all-zero page.
-        pages = [p for t in page_tables for p in t + [0] * (width - len(t))]
-        self.pages = torch.tensor(pages, device=device)
-        self.stacks = (cache or StackCache()).use((width, tuple(pages)))
+        self.stacks, self.targets = stacks, targets
+        self.num_segments, self.length = n, longest
         self.src = torch.tensor([t for s in segments for t in s], device=device)
         self.dense = all(len(s) == longest for s in segments)
         self.dst = None if self.dense else torch.tensor(
@@ -308,29 +356,22 @@ class LoraBatch:
         self._xs: torch.Tensor | None = None
 
     def _segments(self, x: torch.Tensor) -> torch.Tensor:
-        # q/k/v (and gate/up) share one input: pack it into segments once.
+        # q/k/v (and gate/up) share one input: pack it into segments once. Padding rows stay uninitialised:
+        # bmm keeps rows apart and `back` never reads theirs.
         if x is not self._x:
             rows = x.index_select(0, self.src)
             if not self.dense:
-                rows = x.new_zeros(self.num_segments * self.length, x.shape[1]).index_copy_(0, self.dst, rows)
+                rows = x.new_empty(self.num_segments * self.length, x.shape[1]).index_copy_(0, self.dst, rows)
             self._x, self._xs = x, rows.view(self.num_segments, self.length, -1)
         return self._xs
-
-    def _stack(self, layer_idx: int, proj: str) -> tuple[torch.Tensor, torch.Tensor]:
-        stack = self.stacks.get((layer_idx, proj))
-        if stack is None:
-            a_pages, b_pages = self.views[layer_idx][proj]
-            a = a_pages.index_select(0, self.pages).view(self.num_segments, self.rank, -1).transpose(1, 2)
-            b = b_pages.index_select(0, self.pages).view(self.num_segments, self.rank, -1)
-            stack = self.stacks[layer_idx, proj] = (a, b)
-        return stack
 
     def apply(self, layer_idx: int, proj: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if proj not in self.targets:
             return y
-        a, b = self._stack(layer_idx, proj)
-        rows = self.num_segments * self.length
+        n = self.num_segments
+        a, b = self.stacks.a[layer_idx, proj][:n], self.stacks.b[layer_idx, proj][:n]
+        rows = n * self.length
         delta = y.new_empty(rows + 1, y.shape[1])
         delta[rows].zero_()
-        torch.bmm(torch.bmm(self._segments(x), a), b, out=delta[:rows].view(self.num_segments, self.length, -1))
+        torch.bmm(torch.bmm(self._segments(x), a.transpose(1, 2)), b, out=delta[:rows].view(n, self.length, -1))
         return y.add_(delta.index_select(0, self.back))

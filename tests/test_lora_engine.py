@@ -300,3 +300,31 @@ def test_adapter_deleted_after_eviction_fails_its_requests_only(llama: Family, t
     results = engine.step([SequenceRequest(1, llama.prompts[0], adapter_id="a0"),
                            SequenceRequest(2, llama.prompts[1], adapter_id="gone")], [], [])
     assert not results[0].error and "no weights" in results[1].error
+
+
+def test_adapter_stacks_hold_each_steps_adapters_in_slots_0_to_n():
+    """Random steps of adapters joining, leaving, changing rank and being evicted: after each arrange, slot i
+    holds exactly the i-th returned adapter's pool pages (zero rows past its rank)."""
+    from shard.lora import AdapterStacks, PageLayout, ProjShape
+
+    shapes = {p: ProjShape(6, 5, 0, 6, 0, 5) for p in ALL}
+    layout = PageLayout.build(2, 2, shapes)
+    pool = torch.randn(40, layout.page_numel)
+    pool[0] = 0
+    views = layout.views(pool)
+    stacks = AdapterStacks(views, layout.page_rank)
+    rng = random.Random(3)
+    tables = {f"x{i}": rng.sample(range(1, 40), rng.choice([1, 1, 2, 3])) for i in range(12)}
+    for step in range(60):
+        wanted = {a: tables[a] for a in rng.sample(sorted(tables), rng.randint(1, 8))}
+        if step % 7 == 3:
+            stacks.drop(rng.choice(sorted(tables)))
+        order = stacks.arrange(wanted)
+        assert sorted(order) == sorted(wanted)
+        width = max(len(t) for t in wanted.values())
+        for slot, adapter_id in enumerate(order):
+            pages = torch.tensor(wanted[adapter_id] + [0] * (width - len(wanted[adapter_id])))
+            for (layer, proj), a in stacks.a.items():
+                a_pages, b_pages = views[layer][proj]
+                assert torch.equal(a[slot], a_pages[pages].reshape(width * 2, -1)), (step, adapter_id, proj)
+                assert torch.equal(stacks.b[layer, proj][slot], b_pages[pages].reshape(width * 2, -1))
