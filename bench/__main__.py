@@ -155,7 +155,7 @@ def main(argv=None) -> None:
         samples[f"peft/{served}"] = [summarize(timings, wall)]
 
     runs = {name: report.merge_repeats(s) for name, s in samples.items()}
-    checks = report.ratios(runs)
+    checks = report.ratios(runs, args.adapters, args.many_adapters)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     result = {
         "machine": machine(),

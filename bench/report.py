@@ -5,12 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 
 # (name, numerator run, denominator run, target): each target of the issue as a throughput ratio.
-TARGETS = (
-    ("loom_vs_peft", "http/distinct-16", "peft/distinct-16", 20.0),
-    ("lora_vs_base", "http/distinct-16", "http/base", 0.9),
-    ("http_vs_inprocess", "http/distinct-16", "engine/distinct-16", 0.9),
-    ("adapters_1000_vs_16", "http/uniform-1000", "http/uniform-16", 0.9),
-)
+def targets(adapters: int, many_adapters: int) -> list[tuple[str, str, str, float]]:
+    """(name, numerator run, denominator run, target ratio) of the issue's targets for these adapter counts."""
+    served = f"http/distinct-{adapters}"
+    return [
+        ("loom_vs_peft", served, f"peft/distinct-{adapters}", 20.0),
+        ("lora_vs_base", served, "http/base", 0.9),
+        ("http_vs_inprocess", served, f"engine/distinct-{adapters}", 0.9),
+        (f"adapters_{many_adapters}_vs_{adapters}", f"http/uniform-{many_adapters}", f"http/uniform-{adapters}", 0.9),
+    ]
 
 
 def merge_repeats(repeats: list[dict]) -> dict:
@@ -21,11 +24,11 @@ def merge_repeats(repeats: list[dict]) -> dict:
     return median
 
 
-def ratios(runs: dict[str, dict]) -> dict[str, dict]:
+def ratios(runs: dict[str, dict], adapters: int, many_adapters: int) -> dict[str, dict]:
     """Each target's ratio of median throughputs, and the ratio within every repeat (runs of one repeat ran
     back to back, so their ratio is the least noisy figure)."""
     out = {}
-    for name, num, den, target in TARGETS:
+    for name, num, den, target in targets(adapters, many_adapters):
         if num not in runs or den not in runs:
             continue
         a, b = runs[num]["throughput_repeats"], runs[den]["throughput_repeats"]
