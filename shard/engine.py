@@ -267,6 +267,16 @@ class Engine:
         entry = self.adapters.register(adapter_id, path)
         return AdapterInfo(entry.rank, entry.num_pages)
 
+    def _group_by_adapter(self, rows: list[int], adapter_ids: list[str]) -> list[int]:
+        """`rows` reordered so each adapter's are together, adapters in their AdapterStacks slot order and
+        base-model rows last: LoRA then reads and writes the decode batch in place."""
+        if not any(adapter_ids):
+            return rows
+        slots = self.adapters.stacks.arrange({a: self.adapters.entries[a].pages for a in adapter_ids if a})
+        slot = {a: i for i, a in enumerate(slots)}
+        by_row = sorted(range(len(rows)), key=lambda j: slot.get(adapter_ids[j], len(slot)))
+        return [rows[j] for j in by_row]
+
     def _lora_batch(self, adapter_ids: list[str], lengths: list[int]) -> LoraBatch | None:
         """The step's LoRA hook: one segment per adapter over its sequences' tokens; None when all are base."""
         if not any(adapter_ids):
@@ -422,6 +432,7 @@ class Engine:
         if not live:
             return results
 
+        live = self._group_by_adapter(live, [self.seq_adapters.get(seq_ids[i], "") for i in live])
         bm = self.blocks
         rows = [self.sequences[seq_ids[i]] for i in live]
         needed = sum(1 for i in live if bm.lengths[seq_ids[i]] % bm.block_size == 0)

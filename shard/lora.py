@@ -340,8 +340,12 @@ class LoraBatch:
         n, longest = len(segments), max(len(s) for s in segments)
         self.stacks, self.targets = stacks, targets
         self.num_segments, self.length = n, longest
-        self.src = torch.tensor([t for s in segments for t in s], device=device)
+        order = [t for s in segments for t in s]
+        self.src = torch.tensor(order, device=device)
         self.dense = all(len(s) == longest for s in segments)
+        # Segments that are the leading rows in order, all of one length (decode rows grouped by adapter, as
+        # the engine orders them): the token rows are the segments themselves, no packing and no gathering back.
+        self.in_place = self.dense and order == list(range(len(order)))
         self.dst = None if self.dense else torch.tensor(
             [i * longest + j for i, s in enumerate(segments) for j in range(len(s))], device=device)
         # Each token's row in the segment-major deltas; base-model tokens read the zero row past them. A gather
@@ -359,7 +363,7 @@ class LoraBatch:
         # q/k/v (and gate/up) share one input: pack it into segments once. Padding rows stay uninitialised:
         # bmm keeps rows apart and `back` never reads theirs.
         if x is not self._x:
-            rows = x.index_select(0, self.src)
+            rows = x[:self.src.numel()] if self.in_place else x.index_select(0, self.src)
             if not self.dense:
                 rows = x.new_empty(self.num_segments * self.length, x.shape[1]).index_copy_(0, self.dst, rows)
             self._x, self._xs = x, rows.view(self.num_segments, self.length, -1)
@@ -371,6 +375,14 @@ class LoraBatch:
         n = self.num_segments
         a, b = self.stacks.a[layer_idx, proj][:n], self.stacks.b[layer_idx, proj][:n]
         rows = n * self.length
+        if self.in_place:
+            out, shrunk = y[:rows].view(n, self.length, -1), torch.bmm(self._segments(x), a.transpose(1, 2))
+            # q/k/v and gate/up are column slices of one fused output: batched BLAS cannot write those in place.
+            if n == 1 or y.is_contiguous():
+                out.baddbmm_(shrunk, b)
+            else:
+                out.add_(torch.bmm(shrunk, b))
+            return y
         delta = y.new_empty(rows + 1, y.shape[1])
         delta[rows].zero_()
         torch.bmm(torch.bmm(self._segments(x), a.transpose(1, 2)), b, out=delta[:rows].view(n, self.length, -1))
