@@ -57,23 +57,30 @@ def init_distributed(args: argparse.Namespace) -> None:
     )
 
 
-def main(argv=None) -> None:
-    args = parse_args(argv)
-    configure_logging(f"shard{args.rank}")
+def configure_engine_thread(device: str) -> None:
+    """Thread count and current CUDA device are per thread: set them where the engine runs."""
     threads = int(os.environ.get("LOOM_NUM_THREADS", "0"))
     if threads > 0:
         torch.set_num_threads(threads)
-    device = f"cuda:{args.rank}" if args.device == "cuda" else "cpu"
-    if args.device == "cuda":
+    if device.startswith("cuda"):
         torch.cuda.set_device(device)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    configure_logging(f"shard{args.rank}")
+    device = f"cuda:{args.rank}" if args.device == "cuda" else "cpu"
     init_distributed(args)
 
     from shard.engine import Engine
-    from shard.server import serve
+    from shard.server import engine_thread, serve
     from shard.weights import CheckpointError
 
+    worker = engine_thread()
+    worker.submit(configure_engine_thread, device).result()
     try:
-        engine = Engine(
+        engine = worker.submit(
+            Engine,
             args.model_dir,
             device=device,
             dtype=DTYPES[args.dtype],
@@ -84,13 +91,13 @@ def main(argv=None) -> None:
             adapter_pool_pages=args.adapter_pool_pages,
             adapter_host_cache_bytes=args.adapter_host_cache_bytes,
             adapter_page_rank=args.adapter_page_rank,
-        )
+        ).result()
     except CheckpointError as e:  # a bad checkpoint is the user's to fix: one line that names the file
         logging.getLogger("loom.shard").error("cannot load the model: %s", e)
         sys.exit(1)
     # The launcher stops us with SIGTERM; exit promptly without a traceback.
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
-    asyncio.run(serve(engine, args.uds, args.rank, args.world_size))
+    asyncio.run(serve(engine, args.uds, args.rank, args.world_size, worker))
 
 
 if __name__ == "__main__":

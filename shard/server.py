@@ -60,11 +60,11 @@ def generation_to_proto(t: TokenResult) -> pb.Generation:
 
 
 class ShardService(pb_grpc.ShardServicer):
-    def __init__(self, engine: Engine, rank: int, world_size: int):
+    def __init__(self, engine: Engine, rank: int, world_size: int, engine_thread: ThreadPoolExecutor):
         self.engine = engine
         self.rank = rank
         self.world_size = world_size
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+        self._worker = engine_thread
 
     async def _run(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
@@ -117,11 +117,19 @@ class ShardService(pb_grpc.ShardServicer):
         return pb.LoadAdapterResponse(rank=info.rank, pages=info.pages)
 
 
-async def serve(engine: Engine, socket_path: str, rank: int, world_size: int) -> None:
+def engine_thread() -> ThreadPoolExecutor:
+    """The one thread that runs every torch op of the shard: loading, warmup and steps. OpenMP gives each
+    thread that starts parallel work its own team of threads; a second team on the same cores makes both
+    spin less and sleep more between ops (served forwards measured ~25% slower than the same steps run
+    from one thread)."""
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+
+
+async def serve(engine: Engine, socket_path: str, rank: int, world_size: int, worker: ThreadPoolExecutor) -> None:
     server = grpc.aio.server(
         options=[("grpc.max_send_message_length", 256 << 20), ("grpc.max_receive_message_length", 256 << 20)]
     )
-    pb_grpc.add_ShardServicer_to_server(ShardService(engine, rank, world_size), server)
+    pb_grpc.add_ShardServicer_to_server(ShardService(engine, rank, world_size, worker), server)
     server.add_insecure_port(f"unix://{socket_path}")
     await server.start()
     log.info("shard %d/%d serving on %s", rank, world_size, socket_path)
