@@ -346,8 +346,12 @@ class LoraBatch:
         # Segments that are the leading rows in order, all of one length (decode rows grouped by adapter, as
         # the engine orders them): the token rows are the segments themselves, no packing and no gathering back.
         self.in_place = self.dense and order == list(range(len(order)))
-        self.dst = None if self.dense else torch.tensor(
-            [i * longest + j for i, s in enumerate(segments) for j in range(len(s))], device=device)
+        self.dst = self.pad = None
+        if not self.dense:
+            self.dst = torch.tensor([i * longest + j for i, s in enumerate(segments) for j in range(len(s))],
+                                    device=device)
+            self.pad = torch.tensor([i * longest + j for i, s in enumerate(segments) for j in range(len(s), longest)],
+                                    device=device)
         # Each token's row in the segment-major deltas; base-model tokens read the zero row past them. A gather
         # then a dense add is far cheaper on CPU than index_add_'s scatter.
         rows = n * longest
@@ -360,12 +364,13 @@ class LoraBatch:
         self._xs: torch.Tensor | None = None
 
     def _segments(self, x: torch.Tensor) -> torch.Tensor:
-        # q/k/v (and gate/up) share one input: pack it into segments once. Padding rows stay uninitialised:
-        # bmm keeps rows apart and `back` never reads theirs.
+        # q/k/v (and gate/up) share one input: pack it into segments once. Only padding rows are zeroed (`back`
+        # never reads their results, but uninitialised memory could hold anything).
         if x is not self._x:
             rows = x[:self.src.numel()] if self.in_place else x.index_select(0, self.src)
             if not self.dense:
-                rows = x.new_empty(self.num_segments * self.length, x.shape[1]).index_copy_(0, self.dst, rows)
+                packed = x.new_empty(self.num_segments * self.length, x.shape[1])
+                rows = packed.index_fill_(0, self.pad, 0).index_copy_(0, self.dst, rows)
             self._x, self._xs = x, rows.view(self.num_segments, self.length, -1)
         return self._xs
 
