@@ -7,6 +7,7 @@ every sequence's tokens until the router releases it.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -30,7 +31,7 @@ from shard.kv_cache import (
     kv_budget_bytes,
     num_blocks_for_budget,
 )
-from shard.lora import AdapterError, LoraBatch, PageLayout, projection_shapes
+from shard.lora import AdapterError, LoraBatch, PageLayout, TritonLoraBatch, projection_shapes
 from shard.model import head_dim_of
 from shard.sampler import SamplerOutput, SamplerRow, SamplingParams, sample
 from shard.grammar import GrammarError, Grammars
@@ -138,6 +139,8 @@ class Engine:
         self.sequences: dict[int, SamplerRow] = {}
         layout = PageLayout.build(config.num_hidden_layers, adapter_page_rank, projection_shapes(self.model))
         self.adapters = AdapterCache(layout, dtype, self.device, adapter_host_cache_bytes)
+        # Triton SGMV instead of the torch LoRA path: CUDA only, opt-in until checked on a GPU.
+        self.triton_lora = self.device.type == "cuda" and os.environ.get("LOOM_TRITON_LORA") == "1"
         self.seq_adapters: dict[int, str] = {}  # sequences with an adapter -> its id, pinned while they live
         self.grammars = Grammars(model_dir, config.vocab_size)
 
@@ -270,7 +273,7 @@ class Engine:
     def _group_by_adapter(self, rows: list[int], adapter_ids: list[str]) -> list[int]:
         """`rows` reordered so each adapter's are together, adapters in their AdapterStacks slot order and
         base-model rows last: LoRA then reads and writes the decode batch in place."""
-        if not any(adapter_ids):
+        if self.triton_lora or not any(adapter_ids):
             return rows
         slots = self.adapters.stacks.arrange({a: self.adapters.entries[a].pages for a in adapter_ids if a})
         slot = {a: i for i, a in enumerate(slots)}
@@ -289,9 +292,12 @@ class Engine:
             offset += n
         self.adapters.touch(list(segments))
         entries = {a: self.adapters.entries[a] for a in segments}
+        targets = set().union(*(e.targets for e in entries.values()))
+        if self.triton_lora:
+            return TritonLoraBatch(self.adapters.pool, self.adapters.layout, list(segments.values()),
+                                   [e.pages for e in entries.values()], targets, self.device)
         order = self.adapters.stacks.arrange({a: e.pages for a, e in entries.items()})
-        return LoraBatch(self.adapters.stacks, [segments[a] for a in order],
-                         set().union(*(e.targets for e in entries.values())), offset, self.device)
+        return LoraBatch(self.adapters.stacks, [segments[a] for a in order], targets, offset, self.device)
 
     def clear(self) -> None:
         """Drops every sequence (unpinning their adapters) and frees all KV blocks."""

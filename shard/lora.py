@@ -392,3 +392,28 @@ class LoraBatch:
         delta[rows].zero_()
         torch.bmm(torch.bmm(self._segments(x), a.transpose(1, 2)), b, out=delta[:rows].view(n, self.length, -1))
         return y.add_(delta.index_select(0, self.back))
+
+
+class TritonLoraBatch:
+    """LoraBatch's contract on CUDA through the Triton SGMV kernels (shard/kernels/sgmv.py), which read each
+    segment's adapter pages straight out of the pool: no stacks, no packing. Opt-in with LOOM_TRITON_LORA=1
+    until verified on a GPU; tested against LoraBatch on CPU under Triton's interpreter."""
+
+    def __init__(self, pool: torch.Tensor, layout: PageLayout, segments: list[list[int]],
+                 page_tables: list[list[int]], targets: set[str], device: torch.device):
+        width = max(len(t) for t in page_tables)
+        lens = [len(s) for s in segments]
+        self.pool, self.layout, self.targets, self.longest = pool, layout, targets, max(lens)
+        self.table = torch.tensor([t + [0] * (width - len(t)) for t in page_tables], device=device)
+        self.tokens = torch.tensor([t for s in segments for t in s], device=device)
+        self.lens = torch.tensor(lens, device=device)
+        self.starts = torch.tensor([sum(lens[:i]) for i in range(len(lens))], device=device)
+
+    def apply(self, layer_idx: int, proj: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if proj not in self.targets:
+            return y
+        from shard.kernels.sgmv import sgmv_lora
+
+        a_offset, b_offset = self.layout.offsets[layer_idx, proj]
+        return sgmv_lora(x, y, self.pool, a_offset, b_offset, self.layout.page_rank, self.table, self.tokens,
+                         self.starts, self.lens, self.longest)

@@ -79,3 +79,45 @@ def check_sgmv(seed: int) -> None:
 @pytest.mark.parametrize("seed", range(4))
 def test_sgmv_matches_torch(interpreted, seed):
     interpreted(check_sgmv, seed)
+
+
+def check_triton_lora_batch(seed: int) -> None:
+    """The engine's two LoRA hooks agree on every projection: TritonLoraBatch (CUDA, opt-in) reading pool
+    pages against LoraBatch (the tested default) over AdapterStacks."""
+    from shard.lora import TARGETS, AdapterStacks, LoraBatch, PageLayout, ProjShape, TritonLoraBatch
+
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    shapes = {p: ProjShape(i, o, 0, i, 0, o) for p, (i, o) in zip(TARGETS, [(24, 24), (24, 8), (24, 8), (24, 24),
+                                                                             (24, 40), (24, 40), (40, 24)])}
+    layout = PageLayout.build(2, PAGE_RANK, shapes)
+    pool = torch.randn(9, layout.page_numel)
+    pool[0] = 0
+    tokens = list(range(rng.randint(8, 30)))
+    rng.shuffle(tokens)
+    segments, tables, free = [], [], list(range(1, 9))
+    rng.shuffle(free)
+    while len(tokens) > 2 and len(segments) < 4:
+        take = rng.randint(1, len(tokens) - 1)
+        segments.append(sorted(tokens[:take]))
+        tokens = tokens[take:]
+        tables.append([free.pop() for _ in range(rng.randint(1, 2))])
+    num_tokens = max(max(s) for s in segments + [tokens]) + 1  # leftover tokens: base-model rows
+    ids = [f"a{i}" for i in range(len(segments))]
+    stacks = AdapterStacks(layout.views(pool), PAGE_RANK)
+    order = stacks.arrange(dict(zip(ids, tables)))
+    by_id = dict(zip(ids, segments))
+    targets = set(rng.sample(TARGETS, 4))
+    torch_hook = LoraBatch(stacks, [by_id[a] for a in order], targets, num_tokens, torch.device("cpu"))
+    triton_hook = TritonLoraBatch(pool, layout, segments, tables, targets, torch.device("cpu"))
+    for layer in range(2):
+        for proj in TARGETS:
+            x = torch.randn(num_tokens, shapes[proj].in_size)
+            y = torch.randn(num_tokens, shapes[proj].out_size)
+            want = torch_hook.apply(layer, proj, x, y.clone())
+            torch.testing.assert_close(triton_hook.apply(layer, proj, x, y.clone()), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_triton_lora_batch_matches_torch_lora_batch(interpreted, seed):
+    interpreted(check_triton_lora_batch, seed)
