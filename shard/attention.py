@@ -13,10 +13,16 @@ q - window < k <= q, i.e. itself and the window - 1 tokens before it.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+
+# The Triton paged-attention decode kernel (shard/kernels/paged_attention.py) instead of gather + SDPA:
+# CUDA only, opt-in until checked on a GPU.
+TRITON_DECODE = os.environ.get("LOOM_TRITON_ATTENTION") == "1"
 
 
 @dataclass(slots=True)
@@ -32,6 +38,7 @@ class AttentionMetadata:
     context_mask: torch.Tensor | None = None
     window_mask: torch.Tensor | None = None
     block_size: int = 0
+    context_lens: torch.Tensor | None = None  # [B], counting the new token
 
 
 def _window_mask(length: int, window: int, device: torch.device) -> torch.Tensor:
@@ -57,7 +64,8 @@ def decode_metadata(block_tables: torch.Tensor, context_lens: torch.Tensor, slot
     window = None
     if sliding_window is not None:
         window = (valid & (pos[None, :] >= context_lens[:, None] - sliding_window))[:, None, None, :]
-    return AttentionMetadata(False, slot_mapping, [], [], block_tables, valid[:, None, None, :], window, block_size)
+    return AttentionMetadata(False, slot_mapping, [], [], block_tables, valid[:, None, None, :], window, block_size,
+                             context_lens)
 
 
 class PagedAttention:
@@ -92,6 +100,11 @@ class PagedAttention:
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
     def _decode(self, q: torch.Tensor, meta: AttentionMetadata, kv_cache: torch.Tensor) -> torch.Tensor:
+        if TRITON_DECODE and q.is_cuda:
+            from shard.kernels.paged_attention import paged_decode_attention
+
+            return paged_decode_attention(q, kv_cache, meta.context_blocks, meta.context_lens, meta.block_size,
+                                          self.scale, self.sliding_window)
         b, ctx = meta.context_blocks.shape[0], meta.context_mask.shape[-1]
         blocks = meta.context_blocks.reshape(-1)
         num_blocks = kv_cache.shape[1] // meta.block_size

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -188,3 +190,17 @@ def ops_server(llama_dir, ops_adapters, tmp_path_factory):
         srv.log_path = log_path
         yield srv
         srv.stop()
+
+
+@pytest.fixture(scope="module")
+def interpreted():
+    """A spawned process with Triton's interpreter on (TRITON_INTERPRET=1), which runs the test module's
+    functions: Triton kernels on CPU. The interpreter must be on before triton is first imported, and other
+    test modules import it (peft does), hence a fresh process."""
+    pytest.importorskip("triton")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            yield lambda fn, *args: pool.submit(fn, *args).result()
+    finally:
+        del os.environ["TRITON_INTERPRET"]

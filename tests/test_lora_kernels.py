@@ -1,15 +1,11 @@
 """The Triton SGMV kernels (the CUDA LoRA path) equal the torch LoRA math, run on CPU through Triton's
 interpreter: random segments, ranks, page tables (with zero-page padding), sliced outputs.
 
-The interpreter must be on before triton is first imported, and other test modules import it (peft does), so
-the Triton side of every test runs in one fresh spawned interpreter with TRITON_INTERPRET=1."""
+The Triton side runs in a spawned process with the interpreter on (conftest's `interpreted`)."""
 
 from __future__ import annotations
 
-import multiprocessing
-import os
 import random
-from concurrent.futures import ProcessPoolExecutor
 
 import pytest
 import torch
@@ -27,17 +23,6 @@ def reference(x, y, pool, a_offset, b_offset, in_size, out_size, table, segments
         bt = pages[:, b_offset:b_offset + PAGE_RANK * out_size].reshape(-1, out_size)  # [W*R, out]
         out[tokens] += (x[tokens] @ a.T) @ bt
     return out
-
-
-@pytest.fixture(scope="module")
-def interpreted():
-    """A spawned process with Triton's interpreter on, which runs this module's functions."""
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-            yield lambda fn, *args: pool.submit(fn, *args).result()
-    finally:
-        del os.environ["TRITON_INTERPRET"]
 
 
 def check_sgmv(seed: int) -> None:
