@@ -22,8 +22,9 @@ def main(argv=None) -> None:
     config = RouterConfig.from_file(args.config)
     configure_logging("router")
     # log_config=None: uvicorn's own lines go through our handler (and so become JSON when asked).
+    # loop="asyncio": grpc.aio's supported loop, even where uvloop is installed.
     uvicorn.run(create_app(config), host=config.hostname, port=config.port, log_level="warning",
-                log_config=None, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
+                log_config=None, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S, loop="asyncio")
 
 
 if __name__ == "__main__":
