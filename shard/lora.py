@@ -262,10 +262,11 @@ class AdapterStacks:
     into the hole it leaves), never re-gathering the whole batch's pages. The adapter cache drops an adapter
     whose pool pages it frees."""
 
-    __slots__ = ("views", "page_rank", "rank", "capacity", "slots", "a", "b")
+    __slots__ = ("views", "page_rank", "device", "rank", "capacity", "slots", "a", "b")
 
     def __init__(self, views: list[dict[str, tuple[torch.Tensor, torch.Tensor]]], page_rank: int):
         self.views, self.page_rank = views, page_rank
+        self.device = views[0]["q_proj"][0].device if views else torch.device("cpu")
         self.rank = self.capacity = 0
         self.slots: dict[str, int] = {}
         self.a: dict[tuple[int, str], torch.Tensor] = {}
@@ -301,31 +302,32 @@ class AdapterStacks:
         keep = self.capacity if rank == self.rank else 0
         if not keep:
             self.slots = {}
-        for layer, per_proj in enumerate(self.views):
-            for proj, (a_pages, b_pages) in per_proj.items():
-                for stacks, pages in ((self.a, a_pages), (self.b, b_pages)):
-                    grown = pages.new_zeros(capacity, rank, pages.shape[-1])
-                    if keep:
-                        grown[:keep] = stacks[layer, proj]
-                    stacks[layer, proj] = grown
+        for stacks, key, pages in self._pool_views():
+            grown = pages.new_zeros(capacity, rank, pages.shape[-1])
+            if keep:
+                grown[:keep] = stacks[key]
+            stacks[key] = grown
         self.rank, self.capacity = rank, capacity
 
+    def _pool_views(self):
+        """(stacks dict, (layer, projection), its pool pages view) for every A and B."""
+        for layer, per_proj in enumerate(self.views):
+            for proj, (a_pages, b_pages) in per_proj.items():
+                yield self.a, (layer, proj), a_pages
+                yield self.b, (layer, proj), b_pages
+
     def _move(self, src: list[int], dst: list[int]) -> None:
-        src_t, dst_t = (torch.tensor(s, device=self.views[0]["q_proj"][0].device) for s in (src, dst))
+        src_t, dst_t = (torch.tensor(s, device=self.device) for s in (src, dst))
         for stacks in (self.a, self.b):
             for t in stacks.values():
                 t.index_copy_(0, dst_t, t.index_select(0, src_t))
 
     def _copy_in(self, page_tables: list[list[int]], slots: list[int]) -> None:
         width = self.rank // self.page_rank
-        device = self.views[0]["q_proj"][0].device
-        flat = torch.tensor([p for t in page_tables for p in t + [0] * (width - len(t))], device=device)
-        slots_t = torch.tensor(slots, device=device)
-        for layer, per_proj in enumerate(self.views):
-            for proj, (a_pages, b_pages) in per_proj.items():
-                for stacks, pages in ((self.a, a_pages), (self.b, b_pages)):
-                    rows = pages.index_select(0, flat).view(len(slots), self.rank, -1)
-                    stacks[layer, proj].index_copy_(0, slots_t, rows)
+        flat = torch.tensor([p for t in page_tables for p in t + [0] * (width - len(t))], device=self.device)
+        slots_t = torch.tensor(slots, device=self.device)
+        for stacks, key, pages in self._pool_views():
+            stacks[key].index_copy_(0, slots_t, pages.index_select(0, flat).view(len(slots), self.rank, -1))
 
 
 class LoraBatch:
@@ -380,8 +382,9 @@ class LoraBatch:
         n = self.num_segments
         a, b = self.stacks.a[layer_idx, proj][:n], self.stacks.b[layer_idx, proj][:n]
         rows = n * self.length
+        shrunk = torch.bmm(self._segments(x), a.transpose(1, 2))
         if self.in_place:
-            out, shrunk = y[:rows].view(n, self.length, -1), torch.bmm(self._segments(x), a.transpose(1, 2))
+            out = y[:rows].view(n, self.length, -1)
             # q/k/v and gate/up are column slices of one fused output: batched BLAS cannot write those in place.
             if n == 1 or y.is_contiguous():
                 out.baddbmm_(shrunk, b)
@@ -390,7 +393,7 @@ class LoraBatch:
             return y
         delta = y.new_empty(rows + 1, y.shape[1])
         delta[rows].zero_()
-        torch.bmm(torch.bmm(self._segments(x), a.transpose(1, 2)), b, out=delta[:rows].view(n, self.length, -1))
+        torch.bmm(shrunk, b, out=delta[:rows].view(n, self.length, -1))
         return y.add_(delta.index_select(0, self.back))
 
 

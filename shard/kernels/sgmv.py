@@ -26,15 +26,22 @@ BLOCK_N = 32
 
 
 @triton.jit
+def _segment_block(seg, block, tokens_ptr, starts_ptr, lens_ptr, BM: tl.constexpr):
+    """Block `block` of segment `seg`: its first slot, BM row numbers, which of them are in the segment, and
+    their token rows."""
+    start = tl.load(starts_ptr + seg)
+    rows = block * BM + tl.arange(0, BM)
+    row_ok = rows < tl.load(lens_ptr + seg)
+    tokens = tl.load(tokens_ptr + start + rows, mask=row_ok, other=0)
+    return start, rows, row_ok, tokens
+
+
+@triton.jit
 def _shrink_kernel(x_ptr, x_stride, pool_ptr, page_numel, a_offset, in_size, table_ptr, width,
                    tokens_ptr, starts_ptr, lens_ptr, v_ptr, v_stride,
                    PAGE_RANK: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
     seg, block, w = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    start = tl.load(starts_ptr + seg)
-    length = tl.load(lens_ptr + seg)
-    rows = block * BM + tl.arange(0, BM)
-    row_ok = rows < length
-    tokens = tl.load(tokens_ptr + start + rows, mask=row_ok, other=0)
+    start, rows, row_ok, tokens = _segment_block(seg, block, tokens_ptr, starts_ptr, lens_ptr, BM)
     page = tl.load(table_ptr + seg * width + w).to(tl.int64)
     a_base = pool_ptr + page * page_numel + a_offset
     ranks = tl.arange(0, PAGE_RANK)
@@ -55,11 +62,7 @@ def _expand_kernel(v_ptr, v_stride, pool_ptr, page_numel, b_offset, out_size, ta
                    tokens_ptr, starts_ptr, lens_ptr, y_ptr, y_stride,
                    PAGE_RANK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
     seg, block, nblock = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    start = tl.load(starts_ptr + seg)
-    length = tl.load(lens_ptr + seg)
-    rows = block * BM + tl.arange(0, BM)
-    row_ok = rows < length
-    tokens = tl.load(tokens_ptr + start + rows, mask=row_ok, other=0)
+    start, rows, row_ok, tokens = _segment_block(seg, block, tokens_ptr, starts_ptr, lens_ptr, BM)
     cols = nblock * BN + tl.arange(0, BN)
     col_ok = cols < out_size
     ranks = tl.arange(0, PAGE_RANK)
