@@ -3,17 +3,25 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install serve test proto bench
+.PHONY: install serve test proto bench lock
 
-# Idempotent: re-installs only when pyproject.toml changes. torch is pinned in pyproject.toml
-# (torch==2.13.0); an unpinned torch would pull a multi-GB CUDA build onto CPU machines.
+# Idempotent: re-installs only when pyproject.toml or a lock changes. Versions come from the locks, the
+# same ones the Dockerfile installs: requirements.lock (runtime, torch==2.13.0 included: an unpinned torch
+# would pull a multi-GB CUDA build onto CPU machines) and requirements-test.lock (test-only packages,
+# --no-deps, so they cannot move the runtime).
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml requirements.lock requirements-test.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet -r requirements.lock
+	$(BIN)/python -m pip install --quiet --no-deps -r requirements-test.lock
+	$(BIN)/python -m pip install --quiet --no-deps -e .
 	touch $(STAMP)
+
+# Re-resolves both locks from pyproject.toml in a scratch venv (the newest releases the ranges allow).
+lock:
+	scripts/lock.sh
 
 serve: install
 	$(BIN)/loom
