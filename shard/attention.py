@@ -40,6 +40,13 @@ class AttentionMetadata:
     block_size: int = 0
     context_lens: torch.Tensor | None = None  # [B], counting the new token
 
+    def token_lengths(self) -> torch.Tensor:
+        """[T]: each input token's sequence length as of this step (prefill: its prompt's; decode: its context)."""
+        if not self.is_prefill:
+            return self.context_lens
+        lens = torch.tensor(self.seq_lens, device=self.slot_mapping.device)
+        return torch.repeat_interleave(lens, lens)
+
 
 def _window_mask(length: int, window: int, device: torch.device) -> torch.Tensor:
     pos = torch.arange(length, device=device)

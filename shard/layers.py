@@ -11,7 +11,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 
 def _is_distributed(tp_size: int) -> bool:
@@ -42,40 +41,6 @@ class RMSNorm(nn.Module):
 
     def load(self, param_name: str, src, shard: str | None = None) -> None:
         _copy(getattr(self, param_name).data, src[:], param_name)
-
-
-class RotaryEmbedding(nn.Module):
-    """cos/sin for a step's positions, computed once per forward and shared by every layer.
-
-    inv_freq and the attention scaling come from transformers' own rope init functions, so every rope_type
-    it knows (default, linear, llama3, yarn, ...) matches it. Dynamic NTK only grows past
-    max_position_embeddings, a length the router never admits.
-    """
-
-    def __init__(self, config, head_dim: int, device: torch.device | str):
-        super().__init__()
-        scaling = getattr(config, "rope_scaling", None) or {}
-        rope_type = scaling.get("rope_type", scaling.get("type", "default"))
-        if rope_type not in ROPE_INIT_FUNCTIONS:
-            raise ValueError(f"unsupported rope_type {rope_type!r}")
-        inv_freq, self.attention_scaling = ROPE_INIT_FUNCTIONS[rope_type](config, torch.device(device))
-        if inv_freq.numel() * 2 != head_dim:
-            raise ValueError("partial rotary embeddings are not supported")
-        self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
-
-    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = torch.outer(positions.float(), self.inv_freq)
-        emb = torch.cat((freqs, freqs), dim=-1)
-        cos = (emb.cos() * self.attention_scaling).to(dtype)
-        sin = (emb.sin() * self.attention_scaling).to(dtype)
-        # [T, 1, head_dim]: broadcasts over the heads of [T, heads, head_dim].
-        return cos.unsqueeze(1), sin.unsqueeze(1)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
 
 
 class ColumnParallelLinear(nn.Module):

@@ -18,11 +18,10 @@ from shard.layers import (
     ParallelLMHead,
     QKVParallelLinear,
     RMSNorm,
-    RotaryEmbedding,
     RowParallelLinear,
     VocabParallelEmbedding,
-    apply_rotary,
 )
+from shard.rope import RotaryEmbedding, apply_rotary
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
@@ -88,6 +87,8 @@ class MLP(nn.Module):
         size = config.intermediate_size
         self.gate_up_proj = ColumnParallelLinear(config.hidden_size, [size, size], bias, dtype, device, tp_rank, tp_size)
         self.down_proj = RowParallelLinear(size, config.hidden_size, bias, dtype, device, tp_rank, tp_size)
+        if config.hidden_act not in ACT2FN:
+            raise ValueError(f"hidden_act {config.hidden_act!r} is not an activation transformers knows")
         self.act = ACT2FN[config.hidden_act]
 
     def forward(self, x: torch.Tensor, lora: LoraHook | None) -> torch.Tensor:
@@ -157,7 +158,8 @@ class CausalLM(nn.Module):
                 lora: LoraHook | None = None) -> torch.Tensor:
         """input_ids, positions: [T] -> hidden states [T, hidden] (after the final norm)."""
         h = self.model.embed_tokens(input_ids)
-        cos, sin = self.rotary(positions, h.dtype)
+        lengths = attn_metadata.token_lengths() if self.rotary.long_after is not None else None
+        cos, sin = self.rotary(positions, lengths, h.dtype)
         for layer in self.model.layers:
             h = layer(h, cos, sin, attn_metadata, lora)
         return self.model.norm(h)
