@@ -17,7 +17,8 @@ def test_dockerfile_copies_every_package_and_the_pinned_project():
     dockerfile = (REPO / "Dockerfile").read_text()
     for package in packages:
         assert f"COPY {package} ./{package}" in dockerfile
-    assert "pip install ." in dockerfile and '"--hostname", "0.0.0.0"' in dockerfile
+    assert "pip install -r requirements.lock" in dockerfile and "pip install --no-deps ." in dockerfile
+    assert '"--hostname", "0.0.0.0"' in dockerfile
 
 
 def test_compose_reserves_gpus_and_checks_health():
