@@ -117,8 +117,9 @@ def test_adapter_with_its_own_chat_template(lora_server, adapters, llama_dir, re
     client = OpenAI(api_key="EMPTY", base_url=f"{lora_server.url}/v1", max_retries=0)
     out = client.chat.completions.create(model="pirate", messages=messages, max_tokens=12)
     own = AutoTokenizer.from_pretrained(adapters["dirs"]["templated"])
-    prompt_ids = own.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-    assert prompt_ids != tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    prompt_ids = own.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    assert prompt_ids != tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                       return_dict=False)
     assert out.usage.prompt_tokens == len(prompt_ids)
     want = reference.greedy(llama_dir, prompt_ids, 12, adapter_dir=adapters["dirs"]["templated"])
     assert out.choices[0].message.content == tokenizer.decode(want, skip_special_tokens=True)

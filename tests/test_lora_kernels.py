@@ -56,7 +56,8 @@ def check_sgmv(seed: int) -> None:
     starts = [sum(lens[:i]) for i in range(len(lens))]
     sgmv_lora(x, y, pool, a_offset, b_offset, PAGE_RANK, torch.tensor(table), torch.tensor([t for s in segments for t in s]),
               torch.tensor(starts), torch.tensor(lens), max(lens))
-    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+    # float32 sums in another order than the reference: a few ulps of the largest terms.
+    torch.testing.assert_close(y, want, rtol=1e-4, atol=5e-5)
     untouched = sorted(set(range(total)) - {t for s in segments for t in s})
     torch.testing.assert_close(y[untouched], want[untouched])
 

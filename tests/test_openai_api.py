@@ -11,7 +11,7 @@ PIRATE = [
 
 
 def chat_ids(tokenizer, messages) -> list[int]:
-    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
 
 
 def expected_text(reference, llama_dir, tokenizer, input_ids, max_new_tokens) -> tuple[str, list[int]]:
