@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Iterable
 from pathlib import Path
 
 import httpx
@@ -28,7 +29,7 @@ from tests.eras import (
     to_legacy_tokenizer,
 )
 
-NEW_TOKENS = 24
+NEW_TOKENS = 16
 # One prompt inside longrope's original 32 positions that decodes across it, one past it from the start.
 PROMPT_LENS = (20, 40)
 ERAS = ("current", "legacy")
@@ -279,17 +280,20 @@ def test_tokenizer_eras_match_transformers(tokenizer_dirs, family, variant):
 # ---- a real server on a legacy checkpoint: chat template, eos list ------------------------------------
 
 
-def pick_stop_ids(continuations: list[list[int]], taken: set[int], count: int) -> dict[int, int]:
+def pick_stop_ids(continuations: Iterable[list[int]], taken: set[int], count: int) -> dict[int, int]:
     """{prompt index: a token its greedy continuation reaches after a few steps}, chosen so that no chosen
-    token (nor one of `taken`) occurs earlier in a chosen continuation: each prompt stops at its own token."""
+    token (nor one of `taken`) occurs earlier in a chosen continuation: each prompt stops at its own token.
+    Reads `continuations` only as far as it needs."""
+    seen: list[list[int]] = []
     chosen: dict[int, tuple[int, int]] = {}  # prompt index -> (stop token, its position)
     for i, cont in enumerate(continuations):
+        seen.append(cont)
         for k in range(2, 6):
             stop = cont[k]
             stops = taken | {s for s, _ in chosen.values()} | {stop}
             if stop in taken or stops & set(cont[:k]):
                 continue
-            if any(stop in continuations[j][:at + 1] for j, (_, at) in chosen.items()):
+            if any(stop in seen[j][:at + 1] for j, (_, at) in chosen.items()):
                 continue
             chosen[i] = (stop, k)
             break
@@ -307,7 +311,7 @@ def legacy_server(tmp_path_factory):
     hf_tok = AutoTokenizer.from_pretrained(path)
     texts = [f"{line} {i}" for i, line in enumerate(CORPUS * 3)]
     hf = load_hf(path)
-    continuations = [hf_greedy(hf, hf_tok(t)["input_ids"], 8) for t in texts]
+    continuations = (hf_greedy(hf, hf_tok(t)["input_ids"], 6) for t in texts)
     stops = pick_stop_ids(continuations, {hf_tok.eos_token_id}, 2)
     eos = [hf_tok.eos_token_id, *stops.values()]
     set_generation_eos(path, eos)
