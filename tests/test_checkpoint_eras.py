@@ -90,6 +90,11 @@ def start_engine(path: Path) -> Engine:
     return engine
 
 
+def engine_tokens(path: Path, prompt_list: list[list[int]]) -> list[list[int]]:
+    """A fresh engine on `path`, all prompts in one batch."""
+    return engine_greedy(start_engine(path), [SequenceRequest(i, p) for i, p in enumerate(prompt_list)])
+
+
 def prompts(seed: int, vocab: int) -> list[list[int]]:
     rng = random.Random(seed)
     return [[rng.randrange(3, vocab) for _ in range(n)] for n in PROMPT_LENS]
@@ -125,8 +130,7 @@ def test_config_eras_are_token_exact(family_dirs):
     for era in ERAS:
         hf = load_hf(family_dirs[era])
         expected = [hf_greedy(hf, p) for p in ps]
-        assert engine_greedy(start_engine(family_dirs[era]), [SequenceRequest(i, p) for i, p in enumerate(ps)]) \
-            == expected, era
+        assert engine_tokens(family_dirs[era], ps) == expected, era
         tokens[era] = expected
     assert tokens["legacy"] == tokens["current"]
 
@@ -162,7 +166,7 @@ def test_rope_variant_is_token_exact(rope_root, rope, era):
     ps = prompts(3, hf.config.vocab_size)
     expected = [hf_greedy(hf, p) for p in ps]
     # Both prompts in one batch: each token follows its own sequence's length (longrope's switch).
-    assert engine_greedy(start_engine(path), [SequenceRequest(i, p) for i, p in enumerate(ps)]) == expected
+    assert engine_tokens(path, ps) == expected
     if rope == "longrope":  # the long factors matter: with short ones throughout the tokens differ
         params = {**hf.config.rope_parameters, "long_factor": hf.config.rope_parameters["short_factor"]}
         short_only = load_hf(path, rope_parameters=params)
@@ -208,8 +212,7 @@ def test_llama_ignores_a_sliding_window_as_transformers_does(llama_dirs, tmp_pat
     path = edit_config(llama_dirs["current"], tmp_path / "model", sliding_window=8)
     hf = load_hf(path)
     ps = prompts(4, hf.config.vocab_size)
-    assert engine_greedy(start_engine(path), [SequenceRequest(i, p) for i, p in enumerate(ps)]) \
-        == [hf_greedy(hf, p, use_cache=False) for p in ps]
+    assert engine_tokens(path, ps) == [hf_greedy(hf, p, use_cache=False) for p in ps]
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
@@ -220,8 +223,7 @@ def test_explicit_head_dim(tmp_path, family):
     ps = prompts(5, AutoConfig.from_pretrained(dirs["current"]).vocab_size)
     for era in ERAS:
         hf = load_hf(dirs[era])
-        assert engine_greedy(start_engine(dirs[era]), [SequenceRequest(i, p) for i, p in enumerate(ps)]) \
-            == [hf_greedy(hf, p) for p in ps], era
+        assert engine_tokens(dirs[era], ps) == [hf_greedy(hf, p) for p in ps], era
 
 
 # ---- router side: tokenizers and chat templates of both eras ----------------------------------------
