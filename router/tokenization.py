@@ -52,7 +52,13 @@ class ModelTokenizer:
 
     @property
     def clean_up_tokenization_spaces(self) -> bool:
-        return bool(self.hf.clean_up_tokenization_spaces)
+        """Whether `hf.decode` applies clean_up_tokenization. Older checkpoints often ask for it, and
+        transformers 5 ignores that for BPE models (it would delete real spaces before punctuation)."""
+        if not self.hf.clean_up_tokenization_spaces:
+            return False
+        if type(self.hf.backend_tokenizer.model).__name__ != "BPE":
+            return True
+        return bool(getattr(self.hf, "clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output", False))
 
     def encode(self, text: str) -> list[int]:
         """Ids exactly as `tokenizer(text)["input_ids"]`, including the tokenizer's own special tokens (e.g. BOS)."""
@@ -125,11 +131,16 @@ def load_adapter_tokenizer(adapter_dir: str | Path, base: ModelTokenizer) -> Mod
 
 
 def read_chat_template(path: str | Path) -> str | dict[str, str] | None:
-    """The chat template stored in a directory: chat_template.jinja, else tokenizer_config.json's."""
+    """The chat template stored in a directory, in either era's layout: chat_template.jinja plus named ones
+    in additional_chat_templates/NAME.jinja (current transformers), else tokenizer_config.json's (older)."""
     path = Path(path)
     jinja_file = path / "chat_template.jinja"
+    named = {f.stem: f.read_text(encoding="utf-8") for f in sorted(path.glob("additional_chat_templates/*.jinja"))}
     if jinja_file.is_file():
-        return jinja_file.read_text(encoding="utf-8")
+        default = jinja_file.read_text(encoding="utf-8")
+        return {"default": default, **named} if named else default
+    if named:
+        return named
     config = _read_json(path / "tokenizer_config.json").get("chat_template")
     if isinstance(config, list):  # the on-disk form of several named templates
         return {t["name"]: t["template"] for t in config}
@@ -158,7 +169,10 @@ def _load(path: str) -> ModelTokenizer:
 
 
 def _generation_eos_ids(path: Path) -> set[int]:
-    eos = _read_json(path / "generation_config.json").get("eos_token_id")
+    """The eos ids transformers' generate stops at: generation_config.json's (an id or a list), else, as
+    GenerationConfig.from_model_config does without that file, config.json's."""
+    generation = path / "generation_config.json"
+    eos = _read_json(generation if generation.is_file() else path / "config.json").get("eos_token_id")
     if eos is None:
         return set()
     return {eos} if isinstance(eos, int) else set(eos)

@@ -40,7 +40,8 @@ def head_dim_of(config) -> int:
 
 def layer_windows(config) -> list[int | None]:
     """Sliding window of each layer, as transformers decides it (None = full attention)."""
-    window = getattr(config, "sliding_window", None)
+    # transformers' Llama has no sliding window: one written in a llama config.json is ignored there too.
+    window = None if config.model_type == "llama" else getattr(config, "sliding_window", None)
     layer_types = getattr(config, "layer_types", None)
     if layer_types is not None:
         return [window if kind == "sliding_attention" else None for kind in layer_types]

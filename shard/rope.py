@@ -53,17 +53,25 @@ def _default_inv_freq(config, params: dict, head_dim: int, device) -> torch.Tens
 class RotaryEmbedding(nn.Module):
     """cos/sin for a step's positions, computed once per forward and shared by the layers of one layer type.
 
-    `rotary_dim` may be less than head_dim (partial rotary): only the first rotary_dim features rotate.
+    `rotary_dim` may be less than head_dim (partial rotary): only the first rotary_dim features rotate, for
+    families whose transformers implementation does that (`partial_rotary=True`). The Llama family's
+    ignores partial_rotary_factor for the default rope and fails for the scaled ones, so there a factor
+    below 1 is a start-up error rather than a guess.
     """
 
-    def __init__(self, config, head_dim: int, device: torch.device | str, layer_type: str | None = None):
+    def __init__(self, config, head_dim: int, device: torch.device | str, layer_type: str | None = None,
+                 partial_rotary: bool = False):
         super().__init__()
         device = torch.device(device)
         params = rope_parameters(config, layer_type)
         rope_type = params.get("rope_type", "default")
         if rope_type not in SUPPORTED_ROPE_TYPES:
-            raise RopeConfigError(f"rope_parameters.rope_type {rope_type!r} is not supported "
-                                  f"(supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
+            raise RopeConfigError(f"rope_type {rope_type!r} (config.json rope_parameters, or rope_scaling in older "
+                                  f"checkpoints) is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
+        factor = params.get("partial_rotary_factor", 1.0)
+        if factor != 1.0 and not partial_rotary:
+            raise RopeConfigError(f"partial_rotary_factor {factor} is not supported for model_type "
+                                  f"{config.model_type!r}: transformers rotates the whole head there")
         kwargs = _init_kwargs(config, layer_type)
         if rope_type == "default":
             inv_freq, self.attention_scaling = _default_inv_freq(config, params, head_dim, device), 1.0

@@ -22,8 +22,10 @@ def tok(model_dir):
 
 @pytest.fixture(scope="module")
 def cleanup_tok(model_dir):
-    """The same vocabulary with transformers' clean_up_tokenization_spaces on (as e.g. Llama 3 ships)."""
-    hf = AutoTokenizer.from_pretrained(model_dir, clean_up_tokenization_spaces=True)
+    """The same vocabulary with transformers' clean_up_tokenization_spaces on (as e.g. Llama 3 ships).
+    transformers 5 applies it to a BPE vocabulary only when forced, which is what a WordPiece one gets."""
+    hf = AutoTokenizer.from_pretrained(model_dir, clean_up_tokenization_spaces=True,
+                                       clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output=True)
     return ModelTokenizer(hf, frozenset(), None)
 
 

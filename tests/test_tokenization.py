@@ -34,8 +34,7 @@ def dirs(tmp_path_factory):
     # An adapter that ships its own tokenizer files and its own template (in tokenizer_config.json).
     own = root / "adapter_own"
     own.mkdir()
-    for name in ("tokenizer.json", "special_tokens_map.json"):
-        shutil.copy(base / name, own / name)
+    shutil.copy(base / "tokenizer.json", own / "tokenizer.json")
     config = json.loads((base / "tokenizer_config.json").read_text())
     (own / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": INST_TEMPLATE}))
     (own / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "base_model_name_or_path": str(base)}))
@@ -74,7 +73,7 @@ def test_tokenize_with_offsets(dirs):
 def test_chat_template_ids_match_transformers(dirs, messages, add_generation_prompt):
     tok = ModelTokenizer.from_dir(dirs["base"])
     hf = AutoTokenizer.from_pretrained(dirs["base"])
-    expected = hf.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
+    expected = hf.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, return_dict=False)
     assert tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt) == expected
     assert tok.has_chat_template
 
@@ -108,7 +107,7 @@ def test_adapter_with_own_tokenizer_and_template(dirs):
     hf = AutoTokenizer.from_pretrained(dirs["own"])
     messages = CONVERSATIONS[1]
     ids = tok.apply_chat_template(messages)
-    assert ids == hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    assert ids == hf.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
     assert tok.decode(ids).startswith("You are a friendly")
     assert ids != base.apply_chat_template(messages)
 
@@ -128,3 +127,33 @@ def test_named_templates_pick_tool_use_with_tools(dirs):
     messages = [{"role": "user", "content": "hi"}]
     assert tok.render_chat(messages) == "[INST] hi [/INST]"
     assert tok.render_chat(messages, tools=[{"name": "add"}]) == "<tool>add</tool>hi"
+
+
+def test_adapter_with_named_templates_in_current_layout(dirs, tmp_path):
+    """Current transformers saves named templates as additional_chat_templates/NAME.jinja."""
+    hf = AutoTokenizer.from_pretrained(dirs["base"])
+    hf.chat_template = {"default": INST_TEMPLATE, "tool_use": TOOLS_TEMPLATE}
+    hf.save_pretrained(tmp_path)
+    (tmp_path / "tokenizer.json").unlink()  # an adapter that ships only its templates
+    tok = load_adapter_tokenizer(tmp_path, ModelTokenizer.from_dir(dirs["base"]))
+    assert tok.chat_template == {"default": INST_TEMPLATE, "tool_use": TOOLS_TEMPLATE}
+    assert tok.render_chat([{"role": "user", "content": "hi"}], tools=[{"name": "add"}]) == "<tool>add</tool>hi"
+
+
+def test_cleanup_follows_transformers_decode(dirs, tmp_path):
+    """clean_up_tokenization_spaces=True, as many older checkpoints say: transformers 5 skips it for BPE."""
+    shutil.copytree(dirs["base"], tmp_path, dirs_exist_ok=True)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, "clean_up_tokenization_spaces": True}))
+    tok, hf = ModelTokenizer.from_dir(tmp_path), AutoTokenizer.from_pretrained(tmp_path)
+    ids = tok.encode("Hello . World , isn't it ?")
+    assert not tok.clean_up_tokenization_spaces
+    assert tok.decode_raw(ids) == hf.decode(ids, skip_special_tokens=True) == "Hello . World , isn't it ?"
+
+
+def test_eos_ids_from_config_without_generation_config(dirs, tmp_path):
+    shutil.copytree(dirs["base"], tmp_path, dirs_exist_ok=True)
+    (tmp_path / "generation_config.json").unlink()
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "eos_token_id": [2, 7]}))
+    assert ModelTokenizer.from_dir(tmp_path).eos_token_ids == {2, 7}
