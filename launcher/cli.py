@@ -75,6 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Requests may name an adapter by absolute path only inside these directories. Repeatable.")
     p.add_argument("--adapter-source", choices=["hub", "local"], default="hub",
                    help="Source of an adapter id that is neither a --adapter name nor an allowed path (default: %(default)s).")
+    p.add_argument("--enable-adapter-api", action="store_true",
+                   help="Serve vLLM's runtime adapter routes POST /v1/load_lora_adapter and /v1/unload_lora_adapter.")
+    p.add_argument("--preloaded-adapter-ids", nargs="+", action="extend", default=[], metavar="ID",
+                   help="Adapters (ids as a request names them) loaded at start-up and never evicted from the pool.")
     p.add_argument("--max-input-length", metavar="N", type=positive_int, default=None,
                    help=f"Most prompt tokens per request. Default: {DEFAULT_MAX_INPUT_LENGTH}, kept below --max-total-tokens.")
     p.add_argument("--max-total-tokens", metavar="N", type=positive_int, default=None,
@@ -105,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="A request not scheduled within this many seconds fails with 503 (default: %(default)s).")
     p.add_argument("--api-key", metavar="KEY", default=os.environ.get("LOOM_API_KEY"),
                    help="When set, every route but /health needs 'Authorization: Bearer KEY'. Default: $LOOM_API_KEY.")
+    p.add_argument("--public-metrics", action="store_true",
+                   help="Answer /metrics without the API key (for the inference extension's endpoint picker and "
+                   "Prometheus, which scrape without credentials).")
     p.add_argument("--json-output", action="store_true", help="Log as JSON lines; the shards and router see LOOM_LOG_FORMAT=json in their environment.")
     return p
 
@@ -236,6 +243,9 @@ def main(argv: list[str] | None = None) -> int:
         adapters=adapters,
         local_adapter_roots=adapter_roots,
         adapter_source=args.adapter_source,
+        enable_adapter_api=args.enable_adapter_api,
+        preloaded_adapter_ids=list(dict.fromkeys(args.preloaded_adapter_ids)),
+        public_metrics=args.public_metrics,
     )
     return launch(config, device=device, dtype=dtype, num_shard=num_shard, shard_flags=shard_flags(args))
 

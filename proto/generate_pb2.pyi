@@ -161,12 +161,14 @@ class ClearResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class LoadAdapterRequest(_message.Message):
-    __slots__ = ("adapter_id", "path")
+    __slots__ = ("adapter_id", "path", "preloaded")
     ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
+    PRELOADED_FIELD_NUMBER: _ClassVar[int]
     adapter_id: str
     path: str
-    def __init__(self, adapter_id: _Optional[str] = ..., path: _Optional[str] = ...) -> None: ...
+    preloaded: bool
+    def __init__(self, adapter_id: _Optional[str] = ..., path: _Optional[str] = ..., preloaded: _Optional[bool] = ...) -> None: ...
 
 class LoadAdapterResponse(_message.Message):
     __slots__ = ("error", "rank", "pages")
@@ -177,3 +179,15 @@ class LoadAdapterResponse(_message.Message):
     rank: int
     pages: int
     def __init__(self, error: _Optional[str] = ..., rank: _Optional[int] = ..., pages: _Optional[int] = ...) -> None: ...
+
+class UnloadAdapterRequest(_message.Message):
+    __slots__ = ("adapter_id",)
+    ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
+    adapter_id: str
+    def __init__(self, adapter_id: _Optional[str] = ...) -> None: ...
+
+class UnloadAdapterResponse(_message.Message):
+    __slots__ = ("error",)
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    error: str
+    def __init__(self, error: _Optional[str] = ...) -> None: ...

@@ -64,6 +64,11 @@ class ShardStub:
                 request_serializer=proto_dot_generate__pb2.LoadAdapterRequest.SerializeToString,
                 response_deserializer=proto_dot_generate__pb2.LoadAdapterResponse.FromString,
                 _registered_method=True)
+        self.UnloadAdapter = channel.unary_unary(
+                '/loom.generate.v1.Shard/UnloadAdapter',
+                request_serializer=proto_dot_generate__pb2.UnloadAdapterRequest.SerializeToString,
+                response_deserializer=proto_dot_generate__pb2.UnloadAdapterResponse.FromString,
+                _registered_method=True)
 
 
 class ShardServicer:
@@ -112,6 +117,13 @@ class ShardServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UnloadAdapter(self, request, context):
+        """Forgets an adapter: frees its pool pages and host copy. Refused while live sequences use it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ShardServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -144,6 +156,11 @@ def add_ShardServicer_to_server(servicer, server):
                     servicer.LoadAdapter,
                     request_deserializer=proto_dot_generate__pb2.LoadAdapterRequest.FromString,
                     response_serializer=proto_dot_generate__pb2.LoadAdapterResponse.SerializeToString,
+            ),
+            'UnloadAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnloadAdapter,
+                    request_deserializer=proto_dot_generate__pb2.UnloadAdapterRequest.FromString,
+                    response_serializer=proto_dot_generate__pb2.UnloadAdapterResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -308,6 +325,33 @@ class Shard:
             '/loom.generate.v1.Shard/LoadAdapter',
             proto_dot_generate__pb2.LoadAdapterRequest.SerializeToString,
             proto_dot_generate__pb2.LoadAdapterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnloadAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loom.generate.v1.Shard/UnloadAdapter',
+            proto_dot_generate__pb2.UnloadAdapterRequest.SerializeToString,
+            proto_dot_generate__pb2.UnloadAdapterResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,9 +31,10 @@ class Adapter:
     id: str  # the key shards know it by: a --adapter name, an absolute path, or `org/name[@rev]`
     path: Path
     rank: int
-    pages: int  # adapter-pool pages it takes while active
+    pages: int  # adapter-pool pages it takes when it joins the batch (0 when preloaded: its pages are held for good)
     tokenizer: ModelTokenizer  # its own tokenizer / chat template, else the base model's
     created: int
+    preloaded: bool = False  # --preloaded-adapter-ids: resident for good, never unloaded
 
 
 BASE = None  # what resolve() returns for the base model
@@ -72,22 +74,82 @@ class AdapterRegistry:
         return [{"id": i, "object": "model", "created": self._loaded[i].created if i in self._loaded else 0,
                  "owned_by": "loom", "parent": self.base_id} for i in ids]
 
+    # -- at start-up and at run time (router/adapter_api.py) ------------------------------------------
+
+    async def preload(self, ids: list[str]) -> None:
+        """--preloaded-adapter-ids: each resolved like a request's adapter id and paged into the pool for good.
+        Their pages leave `pool_pages`, the part of the pool that admission shares out."""
+        for name in ids:
+            started = time.perf_counter()
+            path = await asyncio.to_thread(self._locate, name, None, None, "--preloaded-adapter-ids")
+            await self._install(name, path, "--preloaded-adapter-ids", started, preloaded=True)
+
+    async def register(self, name: str, source: str) -> Adapter:
+        """`POST /v1/load_lora_adapter`: adapter `name` from `source`, an absolute path inside a
+        --local-adapter-root or a hub repo id."""
+        if name in (self.base_id, "") or name in self.named or name in self._loaded or name in self._loading:
+            raise APIError(400, f"the adapter '{name}' has already been loaded", param="lora_name")
+        task = asyncio.create_task(self._register(name, source))
+        self._loading[name] = task
+        task.add_done_callback(lambda _: self._loading.pop(name, None))
+        return await asyncio.shield(task)
+
+    async def _register(self, name: str, source: str) -> Adapter:
+        started = time.perf_counter()
+        path = Path(source)
+        if path.is_absolute():
+            path = await asyncio.to_thread(self._local, path, source, "lora_path")
+        else:
+            path = await asyncio.to_thread(self._hub, source, None, "lora_path")
+        return await self._install(name, path, "lora_path", started)
+
+    async def unregister(self, name: str, users: Callable[[str], int]) -> None:
+        """`POST /v1/unload_lora_adapter`: forgets adapter `name` on the router and the shards. Refused (409)
+        while `users(name)` requests hold it, so a request never loses its adapter mid-generation."""
+        adapter = self._loaded.get(name)
+        if adapter is None and name not in self.named:
+            raise APIError(404, f"the adapter '{name}' cannot be found", param="lora_name", code="model_not_found")
+        if adapter is not None and adapter.preloaded:
+            raise APIError(400, f"the adapter '{name}' was preloaded (--preloaded-adapter-ids) and stays loaded",
+                           param="lora_name")
+        if count := users(name):
+            raise APIError(409, f"the adapter '{name}' is in use by {count} request(s): unload it once they finish",
+                           param="lora_name", code="adapter_in_use")
+        named = self.named.pop(name, None)
+        if adapter is None:
+            return  # a --adapter name never used: nothing on the shards
+        del self._loaded[name]  # before the await: from here on new requests no longer find it
+        if error := await self.client.unload_adapter(name):
+            self._loaded[name] = adapter
+            if named is not None:
+                self.named[name] = named
+            raise APIError(409, f"the adapter '{name}' cannot be unloaded: {error}", param="lora_name",
+                           code="adapter_in_use")
+        log.info("adapter %s unloaded", name)
+
     async def _load(self, name: str, source: str | None, api_token: str | None, param: str) -> Adapter:
         started = time.perf_counter()
         path = await asyncio.to_thread(self._locate, name, source, api_token, param)
-        error, rank, pages = await self.client.load_adapter(name, str(path))
+        return await self._install(name, path, param, started)
+
+    async def _install(self, name: str, path: Path, param: str, started: float, preloaded: bool = False) -> Adapter:
+        """Registers the adapter dir `path` on the shards under `name`."""
+        error, rank, pages = await self.client.load_adapter(name, str(path), preloaded)
         if not error and pages > self.pool_pages:
             error = f"it needs {pages} adapter-pool pages and the pool has {self.pool_pages}"
         if error:
             raise APIError(400, f"adapter '{name}' cannot be used with this model: {error}", param=param,
                            code="invalid_adapter")
+        if preloaded:
+            self.pool_pages -= pages
         tokenizer = await asyncio.to_thread(load_adapter_tokenizer, path, self.base_tokenizer)
-        adapter = Adapter(name, path, rank, pages, tokenizer, int(time.time()))
+        adapter = Adapter(name, path, rank, 0 if preloaded else pages, tokenizer, int(time.time()), preloaded)
         self._loaded[name] = adapter
         seconds = time.perf_counter() - started
         self.metrics.adapter_loads.inc()
         self.metrics.adapter_load_seconds.observe(seconds)
-        log.info("adapter %s loaded from %s (rank %d, %d pages) in %.2fs", name, path, rank, pages, seconds)
+        log.info("adapter %s %s from %s (rank %d, %d pages) in %.2fs", name, "preloaded" if preloaded else "loaded",
+                 path, rank, pages, seconds)
         return adapter
 
     def _locate(self, name: str, source: str | None, api_token: str | None, param: str) -> Path:
@@ -104,6 +166,9 @@ class AdapterRegistry:
         if source != "hub":
             raise APIError(400, f"adapter_source '{source}' is not supported: use 'hub' or 'local'",
                            param="adapter_source")
+        return self._hub(name, api_token, param)
+
+    def _hub(self, name: str, api_token: str | None, param: str) -> Path:
         repo_id, revision = split_revision(name)
         try:
             return snapshot(repo_id, revision, ADAPTER_FILES, what="adapter", token=api_token)

@@ -18,7 +18,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from proto import generate_pb2 as pb
-from router import native_api, openai_api
+from router import adapter_api, native_api, openai_api
 from router.adapters import AdapterRegistry
 from router.backend import Backend, StrictModel, parse_body
 from router.config import RouterConfig
@@ -88,6 +88,7 @@ ROUTES = [
     Route("/info", info, methods=["GET"]),
     Route("/metrics", metrics, methods=["GET"]),
     Route("/tokenize", tokenize, methods=["POST"]),
+    *adapter_api.ROUTES,
 ]
 
 
@@ -95,10 +96,11 @@ class GuardMiddleware:
     """Auth, the error shape of every failure, client disconnects, request metrics and the request log,
     in one place."""
 
-    def __init__(self, app: ASGIApp, api_key: str | None, metrics: Metrics):
+    def __init__(self, app: ASGIApp, api_key: str | None, metrics: Metrics, open_paths: frozenset[str]):
         self.app = app
         self.api_key = api_key
         self.metrics = metrics
+        self.open_paths = open_paths  # answered without the API key
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -128,7 +130,7 @@ class GuardMiddleware:
                 self._account(scope, exchange, generations, time.perf_counter() - start)
 
     def _authorize(self, scope: Scope) -> None:
-        if not self.api_key or scope["path"] == "/health":
+        if not self.api_key or scope["path"] in self.open_paths:
             return
         headers = dict(scope["headers"])
         supplied = headers.get(b"authorization", b"").decode("latin-1")
@@ -272,15 +274,26 @@ async def _start_backend(app: Starlette, config: RouterConfig) -> None:
         raise RuntimeError(f"the KV cache holds {capacity} tokens, fewer than --max-total-tokens="
                            f"{config.max_total_tokens}: lower it or give the shards more memory")
     tokenizer = await asyncio.to_thread(ModelTokenizer.from_dir, config.model_dir)
-    scheduler = Scheduler(client, warm.num_blocks, warm.block_size, config.max_batch_prefill_tokens,
-                          config.max_concurrent_requests, config.max_active_adapters, warm.adapter_pages,
-                          config.max_queue_time_s)
     adapters = AdapterRegistry(config.model_id, tokenizer, client, config.adapters, config.local_adapter_roots,
                                config.adapter_source, warm.adapter_pages, app.state.metrics)
+    try:
+        await adapters.preload(config.preloaded_adapter_ids)
+    except APIError as e:
+        raise RuntimeError(f"--preloaded-adapter-ids: {e.message}") from None
+    # Admission shares out the pool pages that the preloaded adapters leave.
+    scheduler = Scheduler(client, warm.num_blocks, warm.block_size, config.max_batch_prefill_tokens,
+                          config.max_concurrent_requests, config.max_active_adapters, adapters.pool_pages,
+                          config.max_queue_time_s)
     app.state.backend = Backend(config, tokenizer, scheduler, capacity, app.state.shard_info.vocab_size, adapters,
                                 GrammarChecker(tokenizer))
-    app.state.metrics.watch(scheduler)
+    app.state.metrics.watch(scheduler, config.model_id)
     log.info("KV cache: %d blocks of %d tokens (%d tokens)", warm.num_blocks, warm.block_size, capacity)
+
+
+def _open_paths(config: RouterConfig) -> frozenset[str]:
+    """Routes without the API key: /health for probes; /metrics with --public-metrics, for the inference
+    extension's endpoint picker and Prometheus, which scrape without credentials."""
+    return frozenset({"/health", "/metrics"} if config.public_metrics else {"/health"})
 
 
 def create_app(config: RouterConfig) -> Starlette:
@@ -299,7 +312,8 @@ def create_app(config: RouterConfig) -> Starlette:
             await app.state.backend.scheduler.client.close()
 
     app = Starlette(routes=ROUTES, lifespan=lifespan,
-                    middleware=[Middleware(GuardMiddleware, api_key=config.api_key, metrics=metrics)],
+                    middleware=[Middleware(GuardMiddleware, api_key=config.api_key, metrics=metrics,
+                                           open_paths=_open_paths(config))],
                     exception_handlers={HTTPException: _http_exception})
     app.state.metrics = metrics
     return app

@@ -26,6 +26,9 @@ class RouterConfig:
     adapter_source: str = "hub"
     step_timeout_s: float = 120.0  # a shard step slower than this counts as a hung shard
     max_queue_time_s: float = 600.0  # a request not admitted within this fails with 503 (`--max-queue-time`)
+    enable_adapter_api: bool = False  # `--enable-adapter-api`: POST /v1/load_lora_adapter, /v1/unload_lora_adapter
+    preloaded_adapter_ids: list[str] = field(default_factory=list)  # resident in the adapter pool for good
+    public_metrics: bool = False  # `--public-metrics`: /metrics answers without the API key
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

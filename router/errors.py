@@ -5,10 +5,10 @@ from __future__ import annotations
 from starlette.responses import JSONResponse
 
 # LoRAX's error_type names for the statuses we produce.
-_LORAX_TYPES = {400: "validation", 401: "authentication", 404: "not_found", 422: "validation",
+_LORAX_TYPES = {400: "validation", 401: "authentication", 404: "not_found", 409: "validation", 422: "validation",
                 429: "overloaded", 500: "generation", 503: "unhealthy"}
 _OPENAI_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-                 422: "invalid_request_error", 429: "rate_limit_error", 500: "server_error",
+                 409: "conflict_error", 422: "invalid_request_error", 429: "rate_limit_error", 500: "server_error",
                  503: "server_error"}
 
 

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
 
 from proto import generate_pb2 as pb
 from router.scheduler import GenerationStats, Scheduler
@@ -71,8 +75,9 @@ class Metrics:
         for reason in FAILURE_REASONS:  # so that dashboards see zeros, not missing series
             self.request_failures.labels(reason)
 
-    def watch(self, scheduler: Scheduler) -> None:
+    def watch(self, scheduler: Scheduler, model_name: str) -> None:
         """Gauges read the scheduler at scrape time, so the step loop pays nothing for them."""
+        self.registry.register(InferenceExtensionCollector(scheduler, model_name))
         self.running.set_function(lambda: scheduler.num_running)
         self.waiting.set_function(lambda: scheduler.num_waiting)
         self.kv_blocks_total.set_function(lambda: scheduler.num_blocks)
@@ -102,3 +107,36 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class InferenceExtensionCollector:
+    """The model-server protocol of the Kubernetes Gateway API Inference Extension, under vLLM's names, so that
+    its endpoint picker (and llm-d's) routes to Loom with its stock vLLM mapping. Read at scrape time.
+
+    The picker parses these as gauges (an untyped sample reads as 0), takes the newest series of each, and for
+    `vllm:lora_requests_info` the series with the largest value, so that one carries the time its labels were
+    computed. vLLM's `model_name` and `engine` labels are kept for dashboards built on vLLM's names.
+    """
+
+    def __init__(self, scheduler: Scheduler, model_name: str):
+        self.scheduler = scheduler
+        self.labels = {"model_name": model_name, "engine": "0"}
+
+    def _gauge(self, name: str, documentation: str, value: float, labels: dict[str, str]) -> GaugeMetricFamily:
+        family = GaugeMetricFamily(name, documentation, labels=list(labels))
+        family.add_metric(list(labels.values()), value)
+        return family
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        s = self.scheduler
+        yield self._gauge("vllm:num_requests_waiting", "Requests queued for admission", s.num_waiting, self.labels)
+        yield self._gauge("vllm:num_requests_running", "Requests in the running batch", s.num_running, self.labels)
+        yield self._gauge("vllm:kv_cache_usage_perc", "KV cache usage, 0-1: reserved blocks over all blocks",
+                          s.kv_cache_usage(), self.labels)
+        yield self._gauge("vllm:lora_requests_info", "Adapters running and queued; the value is when the labels "
+                          "were computed (Unix time)", time.time(), {
+                              "max_lora": str(s.max_running_adapters),
+                              "running_lora_adapters": ",".join(s.running_adapters),
+                              "waiting_lora_adapters": ",".join(s.waiting_adapters)})
+        yield self._gauge("vllm:cache_config_info", "KV cache layout", 1, {
+            "block_size": str(s.block_size), "num_gpu_blocks": str(s.num_blocks), "engine": "0"})

@@ -333,6 +333,32 @@ class Scheduler:
     def active_adapters(self) -> int:
         return len(self._adapter_refs)
 
+    # -- what the inference extension's endpoint picker reads (router/metrics.py) ---------------------
+
+    def kv_cache_usage(self) -> float:
+        """KV cache in use, 0-1: blocks reserved by admitted requests over all blocks. Admission reserves a
+        request's prompt + max_new_tokens blocks, so this is the figure that decides whether a request fits."""
+        return self.reserved_blocks / self.num_blocks if self.num_blocks else 0.0
+
+    @property
+    def max_running_adapters(self) -> int:
+        """Adapters that can run at once: --max-active-adapters, and each takes at least one pool page."""
+        return min(self.max_active_adapters, self.adapter_pages)
+
+    @property
+    def running_adapters(self) -> list[str]:
+        return list(self._adapter_refs)
+
+    @property
+    def waiting_adapters(self) -> list[str]:
+        """Distinct adapters of the queued requests, in queue order."""
+        return list(dict.fromkeys(s.request.adapter_id for s in self._waiting if s.request.adapter_id))
+
+    def adapter_users(self, adapter_id: str) -> int:
+        """Requests queued or running with `adapter_id`."""
+        queued = sum(1 for s in self._waiting if s.request.adapter_id == adapter_id)
+        return queued + self._adapter_refs.get(adapter_id, 0)
+
     def _deliver(self, gen: pb.Generation) -> None:
         seq = self._running.get(gen.request_id)
         if seq is None or seq.state is State.DONE:

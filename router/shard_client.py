@@ -67,10 +67,16 @@ class ShardClient:
     async def clear(self) -> None:
         await self._all("Clear", pb.ClearRequest(), timeout=30)
 
-    async def load_adapter(self, adapter_id: str, path: str) -> tuple[str, int, int]:
-        """Registers an adapter on every rank; returns (error, rank, pool pages)."""
-        reply = await self._all("LoadAdapter", pb.LoadAdapterRequest(adapter_id=adapter_id, path=path), timeout=600)
+    async def load_adapter(self, adapter_id: str, path: str, preloaded: bool = False) -> tuple[str, int, int]:
+        """Registers an adapter on every rank (`preloaded`: resident for good); returns (error, rank, pool pages)."""
+        request = pb.LoadAdapterRequest(adapter_id=adapter_id, path=path, preloaded=preloaded)
+        reply = await self._all("LoadAdapter", request, timeout=600)
         return reply.error, reply.rank, reply.pages
+
+    async def unload_adapter(self, adapter_id: str) -> str:
+        """Forgets an adapter on every rank; returns the error ("" when done)."""
+        reply = await self._all("UnloadAdapter", pb.UnloadAdapterRequest(adapter_id=adapter_id), timeout=60)
+        return reply.error
 
     async def close(self) -> None:
         await asyncio.gather(*(c.close() for c in self._channels))

@@ -29,6 +29,7 @@ class AdapterEntry:
     targets: frozenset[str]
     pages: list[int] | None = None  # device pool pages while resident
     pins: int = 0  # live sequences using it
+    preloaded: bool = False  # --preloaded-adapter-ids: paged in at registration and never evicted
 
 
 class AdapterCache:
@@ -100,6 +101,25 @@ class AdapterCache:
         self._keep_on_host(adapter_id, host.pages)
         return entry
 
+    def preload(self, adapter_id: str) -> None:
+        """Pages a registered adapter in for good: eviction skips it from now on."""
+        entry = self.entries[adapter_id]
+        entry.preloaded = True
+        if error := self.make_resident([adapter_id]).get(adapter_id):
+            entry.preloaded = False
+            raise AdapterError(error)
+
+    def unregister(self, adapter_id: str) -> None:
+        """Forgets an adapter, its pool pages and host copy; refused while live sequences use it."""
+        entry = self.entries.get(adapter_id)
+        if entry is None:
+            raise AdapterError(f"adapter {adapter_id!r} is not loaded on this shard")
+        if entry.pins:
+            raise AdapterError(f"adapter {adapter_id!r} is in use by {entry.pins} running request(s)")
+        self._evict(adapter_id)
+        self._drop_host(adapter_id)
+        del self.entries[adapter_id]
+
     # ---- device residency ----------------------------------------------------------------------------
 
     def _evict(self, adapter_id: str) -> None:
@@ -145,7 +165,8 @@ class AdapterCache:
 
     def _make_room(self, adapter_id: str, entry: AdapterEntry, keep: set[str]) -> str:
         """Evicts LRU adapters until `entry` fits; returns an error (evicting nothing) when it cannot."""
-        evictable = [a for a in self.resident if self.entries[a].pins == 0 and a not in keep]
+        evictable = [a for a in self.resident
+                     if self.entries[a].pins == 0 and not self.entries[a].preloaded and a not in keep]
         room = len(self.free_pages) + sum(self.entries[a].num_pages for a in evictable)
         if entry.num_pages > room:
             return (f"adapter {adapter_id!r} needs {entry.num_pages} adapter pool pages, only {room} of "

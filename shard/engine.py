@@ -262,13 +262,21 @@ class Engine:
     def adapter_page_rank(self) -> int:
         return self.adapters.layout.page_rank
 
-    def load_adapter(self, adapter_id: str, path: str) -> AdapterInfo:
+    def load_adapter(self, adapter_id: str, path: str, preloaded: bool = False) -> AdapterInfo:
         """Checks a PEFT LoRA dir against the model and registers it under `adapter_id` (read into the host
-        cache); requests may then name it. Raises AdapterError with a message naming the file or tensor."""
+        cache); requests may then name it. `preloaded`: paged into the pool now and never evicted. Raises
+        AdapterError with a message naming the file or tensor."""
         if not adapter_id:
             raise AdapterError("adapter id must not be empty (\"\" is the base model)")
         entry = self.adapters.register(adapter_id, path)
+        if preloaded:
+            with torch.inference_mode():  # the pool is an inference tensor, written in place
+                self.adapters.preload(adapter_id)
         return AdapterInfo(entry.rank, entry.num_pages)
+
+    def unload_adapter(self, adapter_id: str) -> None:
+        """Forgets a registered adapter; raises AdapterError while live sequences use it."""
+        self.adapters.unregister(adapter_id)
 
     def _group_by_adapter(self, rows: list[int], adapter_ids: list[str]) -> list[int]:
         """`rows` reordered so each adapter's are together, adapters in their AdapterStacks slot order and

@@ -111,10 +111,17 @@ class ShardService(pb_grpc.ShardServicer):
     async def LoadAdapter(self, request, context):
         # On the engine thread: registration reads the disk and must not race a step's paging.
         try:
-            info = await self._run(self.engine.load_adapter, request.adapter_id, request.path)
+            info = await self._run(self.engine.load_adapter, request.adapter_id, request.path, request.preloaded)
         except AdapterError as e:
             return pb.LoadAdapterResponse(error=str(e))
         return pb.LoadAdapterResponse(rank=info.rank, pages=info.pages)
+
+    async def UnloadAdapter(self, request, context):
+        try:
+            await self._run(self.engine.unload_adapter, request.adapter_id)
+        except AdapterError as e:
+            return pb.UnloadAdapterResponse(error=str(e))
+        return pb.UnloadAdapterResponse()
 
 
 def engine_thread() -> ThreadPoolExecutor:

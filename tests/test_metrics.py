@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import threading
+import time
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
-from tests.operating import completion, kv_idle, metric, scrape, wait_until
+from tests.conftest import LoomServer
+from tests.operating import SMALL_KV, completion, kv_idle, metric, scrape, wait_until
 
 COMP = "/v1/completions"
 
@@ -83,3 +87,98 @@ def test_one_json_log_line_per_request(logged):
     # Every process logs JSON lines: the launcher, the shard and the router.
     targets = {json.loads(t)["target"] for t in log_path.read_text().splitlines() if t.startswith("{")}
     assert {"loom", "router", "shard0"} <= targets
+
+
+# -- the Gateway API Inference Extension's model-server protocol -------------------------------------------
+# The endpoint picker (llm-d-router's core metrics extractor, vLLM mapping) reads /metrics like this: gauges
+# only (an untyped sample reads as 0); per metric the series with the newest timestamp; for
+# vllm:lora_requests_info the series with the largest value, its adapter lists split on commas and trimmed,
+# max_lora and the cache labels parsed as integers.
+
+
+def _gauge(family) -> float:
+    assert family.type == "gauge", f"{family.name} is {family.type}: the endpoint picker reads gauges only"
+    newest = max(family.samples, key=lambda s: s.timestamp or 0)  # no timestamps: the first series
+    return newest.value
+
+
+def endpoint_picker_view(text: str) -> dict:
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    lora = families["vllm:lora_requests_info"]
+    _gauge(lora)
+    latest = max(lora.samples, key=lambda s: s.value).labels
+    adapters = lambda label: {a.strip() for a in latest[label].split(",") if a.strip()}  # noqa: E731
+    cache = max(families["vllm:cache_config_info"].samples, key=lambda s: s.timestamp or 0).labels
+    return {
+        "waiting": int(_gauge(families["vllm:num_requests_waiting"])),
+        "running": int(_gauge(families["vllm:num_requests_running"])),
+        "kv_usage": _gauge(families["vllm:kv_cache_usage_perc"]),
+        "max_lora": int(latest["max_lora"]),
+        "active_models": adapters("running_lora_adapters"),
+        "waiting_models": adapters("waiting_lora_adapters"),
+        "lora_labels": set(latest),
+        "block_size": int(cache["block_size"]),
+        "num_gpu_blocks": int(cache["num_gpu_blocks"]),
+        "model_names": {s.labels.get("model_name") for n in ("vllm:num_requests_waiting", "vllm:num_requests_running",
+                                                              "vllm:kv_cache_usage_perc") for s in families[n].samples},
+    }
+
+
+@pytest.fixture(scope="module")
+def routed(llama_dir, ops_adapters):
+    """As a Kubernetes pod runs it: an API key, /metrics open to the endpoint picker; one adapter at a time, so
+    a second adapter's requests wait."""
+    srv = LoomServer(llama_dir, *SMALL_KV, "--api-key", "k8s", "--public-metrics", "--max-active-adapters", "1",
+                     "--local-adapter-root", str(ops_adapters[0].parent)).start()
+    yield srv
+    srv.stop()
+
+
+def test_endpoint_picker_reads_running_and_waiting_adapters(routed, ops_adapters):
+    auth = {"Authorization": "Bearer k8s"}
+    running, waiting = str(ops_adapters[0]), str(ops_adapters[1])
+    info = httpx.get(f"{routed.url}/info", headers=auth, timeout=10).json()
+    queued: list[httpx.Response] = []
+
+    def post(model: str) -> None:
+        body = {**completion(4), "model": model}
+        queued.append(httpx.post(routed.url + COMP, json=body, headers=auth, timeout=120))
+
+    # Both adapters registered first, so that the queue order below is the order the requests are sent in.
+    for model in (running, waiting):
+        assert httpx.post(routed.url + COMP, json={**completion(1), "model": model}, headers=auth, timeout=60).is_success
+    long_run = {**completion(480, stream=True), "model": running}
+    with httpx.stream("POST", routed.url + COMP, json=long_run, headers=auth, timeout=120) as stream:
+        assert stream.status_code == 200
+        lines = stream.iter_lines()  # kept referenced: a collected iterator closes the stream
+        next(line for line in lines if line.startswith("data: "))  # the adapter is running
+        threads = [threading.Thread(target=post, args=(m,)) for m in (waiting, "")]
+        for t in threads:
+            t.start()
+            time.sleep(0.2)  # queue order: the adapter, then the base model
+        assert wait_until(lambda: endpoint_picker_view(_scrape_text(routed.url))["waiting"] == 2, 30)
+        text = _scrape_text(routed.url)  # without the API key: --public-metrics
+    for t in threads:
+        t.join()
+    assert [r.status_code for r in queued] == [200, 200]
+
+    view = endpoint_picker_view(text)
+    assert view["running"] == 1 and view["waiting"] == 2
+    assert view["active_models"] == {running} and view["waiting_models"] == {waiting}  # the base model is no adapter
+    assert view["max_lora"] == 1
+    assert view["lora_labels"] == {"max_lora", "running_lora_adapters", "waiting_lora_adapters"}
+    loom = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples if not s.labels}
+    assert 0 < view["kv_usage"] == pytest.approx(loom["loom_kv_blocks_reserved"] / loom["loom_kv_blocks_total"])
+    assert view["block_size"] == info["block_size"] and view["num_gpu_blocks"] == loom["loom_kv_blocks_total"]
+    assert view["model_names"] == {info["model_id"]}
+
+    assert wait_until(lambda: endpoint_picker_view(_scrape_text(routed.url))["running"] == 0, 10)
+    idle = endpoint_picker_view(_scrape_text(routed.url))
+    assert idle["waiting"] == 0 and idle["kv_usage"] == 0
+    assert idle["active_models"] == idle["waiting_models"] == set()
+
+
+def _scrape_text(url: str) -> str:
+    r = httpx.get(f"{url}/metrics", timeout=10)
+    assert r.status_code == 200, r.text
+    return r.text
