@@ -1,0 +1,109 @@
+"""What the CUDA deployment path depends on, exercised on CPU: no compiler needed at serving time, shard
+counts checked before spawning, a failing tensor-parallel rank takes the group down, LoRA and attention
+memory bounded by the same accounting the GPU path uses."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+
+NO_COMPILER_SCRIPT = """
+import json, shutil, sys
+import llguidance
+from shard.engine import Engine, SequenceRequest
+from shard.sampler import SamplingParams
+assert not any(shutil.which(c) for c in ("cc", "gcc", "g++", "clang", "clang++")), "a compiler is on PATH"
+engine = Engine(sys.argv[1])
+engine.warmup(64)
+grammar = llguidance.LLMatcher.grammar_from_regex("(ahoy|avast) (matey|captain)!")
+free = SequenceRequest(2, [5, 6, 7, 8])
+results = engine.step([SequenceRequest(1, [5, 6, 7], SamplingParams(), grammar=grammar), free], [], [])
+assert not any(r.error for r in results), results
+ids = [[r.token_id] for r in results]
+for _ in range(12):
+    for r, out in zip(engine.step([], [1, 2], []), ids):
+        assert not r.error, r
+        out.append(r.token_id)
+print(json.dumps(ids))
+"""
+
+
+def test_structured_output_needs_no_compiler(llama_dir, tmp_path, reference):
+    """The Docker image has no C compiler: a grammar mask must not trigger torch.compile."""
+    empty_bin = tmp_path / "bin"
+    empty_bin.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("CC", "CXX")}
+    env.update(PATH=str(empty_bin), PYTHONPATH=str(REPO), TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"))
+    done = subprocess.run([sys.executable, "-c", NO_COMPILER_SCRIPT, str(llama_dir)], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    constrained, free = json.loads(done.stdout.strip().splitlines()[-1])
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(llama_dir)
+    eos = tokenizer.eos_token_id  # a finished grammar allows only EOS
+    text = tokenizer.decode(constrained[:constrained.index(eos)] if eos in constrained else constrained)
+    assert text in {f"{a} {b}!" for a in ("ahoy", "avast") for b in ("matey", "captain")}, text
+    assert free == reference.greedy(llama_dir, [5, 6, 7, 8], 13, stop_at_eos=False)
+
+
+# ---- --num-shard ----------------------------------------------------------------------------------------
+
+
+def config_dir(path: Path, **fields) -> Path:
+    from launcher.tiny_model import model_config
+
+    model_config("qwen2", 384, **fields).save_pretrained(path)
+    return path
+
+
+def test_num_shard_that_does_not_split_the_model_is_one_line_before_spawning(llama_dir):
+    """The tiny llama has 4 heads: 3 ranks cannot split it; no shard may start."""
+    done = subprocess.run([sys.executable, "-m", "launcher", "--model-id", str(llama_dir), "--num-shard", "3",
+                           "--port", "1"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert "started shard" not in done.stderr
+    line = done.stderr.strip().splitlines()[-1]
+    assert "--num-shard 3" in line and line.endswith("valid values: 1, 2, 4"), line
+
+
+def test_default_num_shard_is_the_largest_divisor_of_the_gpus_the_model_allows(tmp_path):
+    from launcher.cli import FlagError, resolve_num_shard
+
+    qwen7b = config_dir(tmp_path / "q7", hidden_size=3584, num_attention_heads=28, num_key_value_heads=4,
+                        intermediate_size=18944)
+    assert resolve_num_shard(None, "cuda", 8, qwen7b) == 4
+    assert resolve_num_shard(None, "cuda", 3, qwen7b) == 1
+    assert resolve_num_shard(2, "cuda", 8, qwen7b) == 2
+    assert resolve_num_shard(None, "cpu", 0, qwen7b) == 1
+    with pytest.raises(FlagError, match=r"--num-shard 8 .*valid values on 8 GPU\(s\): 1, 2, 4$"):
+        resolve_num_shard(8, "cuda", 8, qwen7b)
+
+
+@pytest.mark.parametrize("heads, kv_heads, inter", [(6, 2, 96), (28, 4, 18944), (8, 8, 120), (12, 3, 64)])
+def test_launcher_shard_counts_agree_with_the_parallel_layers(tmp_path, heads, kv_heads, inter):
+    """The launcher's rule is exactly the set of tp sizes the model's layers can be built with."""
+    import torch
+    from transformers import AutoConfig
+
+    from launcher.cli import tensor_parallel_sizes
+    from shard.model import CausalLM
+
+    path = config_dir(tmp_path / "m", hidden_size=heads * 8, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                      intermediate_size=inter, num_hidden_layers=1)
+    config = AutoConfig.from_pretrained(path)
+    buildable = []
+    for n in range(1, 9):
+        try:
+            CausalLM(config, torch.float32, "meta", tp_rank=0, tp_size=n)
+            buildable.append(n)
+        except ValueError:
+            pass
+    assert tensor_parallel_sizes(path, 8) == buildable
