@@ -18,6 +18,7 @@ from shard.adapter_cache import (
     DEFAULT_ADAPTER_HOST_CACHE_BYTES,
     DEFAULT_ADAPTER_MEMORY_FRACTION,
     DEFAULT_ADAPTER_PAGE_RANK,
+    DEFAULT_STACKS_SHARE,
     AdapterCache,
 )
 from shard.attention import decode_metadata, prefill_metadata
@@ -31,7 +32,8 @@ from shard.kv_cache import (
     kv_budget_bytes,
     num_blocks_for_budget,
 )
-from shard.lora import AdapterError, LoraBatch, PageLayout, TritonLoraBatch, projection_shapes
+from shard.lora import AdapterError, PageLayout, projection_shapes
+from shard.lora_batch import LoraBatch, PageGather, TritonLoraBatch
 from shard.model import head_dim_of
 from shard.sampler import SamplerOutput, SamplerRow, SamplingParams, sample
 from shard.grammar import GrammarError, Grammars
@@ -237,20 +239,26 @@ class Engine:
         return num_blocks
 
     def _allocate_adapter_pool(self) -> None:
-        """Pages: adapter_pool_pages when given, else adapter_memory_fraction of free CUDA memory (taken before
-        the KV cache is sized) or, on CPU, of the KV cache budget."""
-        pages = self.adapter_pool_pages
-        if pages is None:
+        """The adapter memory: adapter_memory_fraction of free CUDA memory (taken before the KV cache is sized)
+        or, on CPU, of the KV cache budget; or adapter_pool_pages pages plus the stacks' share on top. The torch
+        LoRA path keeps DEFAULT_STACKS_SHARE of it for the running adapters' dense rows (AdapterStacks)."""
+        share = 0.0 if self.triton_lora else DEFAULT_STACKS_SHARE
+        page_bytes = self.adapters.page_bytes
+        if self.adapter_pool_pages is not None:
+            pages = self.adapter_pool_pages
+            budget = int((pages + 1) * page_bytes / (1 - share))
+        else:
             if self.device.type == "cuda":
-                budget = torch.cuda.mem_get_info(self.device)[0]
+                free = torch.cuda.mem_get_info(self.device)[0]
             else:
-                budget = self.kv_cache_bytes or DEFAULT_CPU_KV_BYTES
-            pages = int(budget * self.adapter_memory_fraction) // self.adapters.page_bytes
+                free = self.kv_cache_bytes or DEFAULT_CPU_KV_BYTES
+            budget = int(free * self.adapter_memory_fraction)
+            pages = max(0, int(budget * (1 - share)) // page_bytes - 1)  # the pool's zero page is in the budget
         if self._distributed:
             count = torch.tensor([pages], device=self.device)
             dist.all_reduce(count, op=dist.ReduceOp.MIN)
             pages = int(count.item())
-        self.adapters.allocate(pages)
+        self.adapters.allocate(pages, budget - (pages + 1) * page_bytes if share else 0)
 
     # ---- adapters -------------------------------------------------------------------------------------
 
@@ -270,12 +278,19 @@ class Engine:
         entry = self.adapters.register(adapter_id, path)
         return AdapterInfo(entry.rank, entry.num_pages)
 
+    def _arrange(self, adapter_ids: list[str]) -> list[str] | None:
+        """The step's adapters in AdapterStacks slot order (their rows made dense there), or None when the
+        stacks cannot hold them (LoRA then gathers from the pool)."""
+        entries = {a: self.adapters.entries[a] for a in adapter_ids if a}
+        targets = set().union(*(e.targets for e in entries.values()))
+        return self.adapters.stacks.arrange({a: e.pages for a, e in entries.items()}, targets)
+
     def _group_by_adapter(self, rows: list[int], adapter_ids: list[str]) -> list[int]:
-        """`rows` reordered so each adapter's are together, adapters in their AdapterStacks slot order and
-        base-model rows last: LoRA then reads and writes the decode batch in place."""
+        """`rows` reordered so each adapter's are together, adapters in their AdapterStacks slot order (else in
+        order of appearance) and base-model rows last: LoRA then reads and writes the decode batch in place."""
         if self.triton_lora or not any(adapter_ids):
             return rows
-        slots = self.adapters.stacks.arrange({a: self.adapters.entries[a].pages for a in adapter_ids if a})
+        slots = self._arrange(adapter_ids) or list(dict.fromkeys(a for a in adapter_ids if a))
         slot = {a: i for i, a in enumerate(slots)}
         by_row = sorted(range(len(rows)), key=lambda j: slot.get(adapter_ids[j], len(slot)))
         return [rows[j] for j in by_row]
@@ -296,8 +311,13 @@ class Engine:
         if self.triton_lora:
             return TritonLoraBatch(self.adapters.pool, self.adapters.layout, list(segments.values()),
                                    [e.pages for e in entries.values()], targets, self.device)
-        order = self.adapters.stacks.arrange({a: e.pages for a, e in entries.items()})
-        return LoraBatch(self.adapters.stacks, [segments[a] for a in order], targets, offset, self.device)
+        order = self._arrange(list(segments))
+        source = self.adapters.stacks
+        if order is None:
+            order = list(segments)
+            source = PageGather(self.adapters.views, self.adapters.layout.page_rank,
+                                [entries[a].pages for a in order], self.device)
+        return LoraBatch(source, [segments[a] for a in order], targets, offset, self.device)
 
     def clear(self) -> None:
         """Drops every sequence (unpinning their adapters) and frees all KV blocks."""

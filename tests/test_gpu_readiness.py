@@ -107,3 +107,79 @@ def test_launcher_shard_counts_agree_with_the_parallel_layers(tmp_path, heads, k
         except ValueError:
             pass
     assert tensor_parallel_sizes(path, 8) == buildable
+
+
+# ---- a failing rank ---------------------------------------------------------------------------------------
+
+# Loaded by every Python process of the launch through PYTHONPATH; only the named shard rank is changed: its
+# Nth decode raises, as a device fault or a bug on one GPU would.
+FAULT_SITECUSTOMIZE = """
+import os, sys
+if "--rank" in sys.argv and sys.argv[sys.argv.index("--rank") + 1] == os.environ["FAULT_RANK"]:
+    import shard.engine
+    decode, calls = shard.engine.Engine._decode, []
+    def failing_decode(self, seq_ids):
+        calls.append(1)
+        if len(calls) == int(os.environ["FAULT_AT_DECODE"]):
+            raise RuntimeError(os.environ["FAULT_MESSAGE"])
+        return decode(self, seq_ids)
+    shard.engine.Engine._decode = failing_decode
+"""
+
+
+def launch_with_fault(model_dir: Path, tmp_path: Path, rank: int, message: str, *args: str):
+    from tests.conftest import LoomServer
+
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(FAULT_SITECUSTOMIZE)
+    env = {"PYTHONPATH": str(site), "FAULT_RANK": str(rank), "FAULT_AT_DECODE": "5", "FAULT_MESSAGE": message}
+    return LoomServer(model_dir, "--max-batch-total-tokens", "2048", *args, env=env).start()
+
+
+def stream_until_loom_exits(srv, timeout_s: float = 30.0) -> tuple[list[str], int | None]:
+    import time
+
+    import httpx
+
+    with httpx.stream("POST", f"{srv.url}/generate_stream", json={"inputs": "hello", "parameters": {
+            "max_new_tokens": 200, "ignore_eos_token": True}}, timeout=60) as r:
+        lines = [line for line in r.iter_lines() if line]
+    deadline = time.monotonic() + timeout_s
+    while srv.proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return lines, srv.proc.poll()
+
+
+def test_a_step_failing_on_one_rank_takes_the_group_down(model_dirs, tmp_path):
+    """Rank 1 fails a decode mid-forward while rank 0 waits in an all-reduce: the stream ends with an
+    error after the tokens before the fault, and loom exits non-zero instead of hanging or stepping on."""
+    srv = launch_with_fault(model_dirs["llama"], tmp_path, 1, "injected fault on rank 1", "--num-shard", "2")
+    try:
+        lines, code = stream_until_loom_exits(srv)
+        tokens = [line for line in lines if '"token"' in line and '"error"' not in line]
+        assert '"error"' in lines[-1] and len(tokens) == 5, lines[-3:]  # the prefill token + 4 decodes
+        assert code not in (None, 0)
+    finally:
+        srv.stop()
+
+
+def test_a_sticky_device_error_stops_a_single_rank(model_dirs, tmp_path):
+    srv = launch_with_fault(model_dirs["llama"], tmp_path, 0,
+                            "CUDA error: an illegal memory access was encountered")
+    try:
+        lines, code = stream_until_loom_exits(srv)
+        assert '"error"' in lines[-1], lines[-3:]
+        assert code not in (None, 0)
+    finally:
+        srv.stop()
+
+
+def test_device_errors_are_told_from_recoverable_ones():
+    import torch
+
+    from shard.server import is_sticky_device_error
+
+    assert is_sticky_device_error(RuntimeError("CUDA error: device-side assert triggered"))
+    assert not is_sticky_device_error(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"))
+    assert not is_sticky_device_error(ValueError("token id 9999 is outside the vocabulary"))
