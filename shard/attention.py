@@ -9,6 +9,11 @@ and shared by all layers.
 
 Sliding window (transformers' Mistral semantics): query at position q sees keys at positions k with
 q - window < k <= q, i.e. itself and the window - 1 tokens before it.
+
+Grouped-query attention with an explicit mask (decode, windowed prefill) folds each KV head's query group
+into the query-length dimension, so K/V keep their own head count: SDPA's enable_gqa together with a mask
+rules out CUDA's flash and memory-efficient kernels and falls to the math kernel (fp32 upcast, K/V copied per
+query head). Only causal prefill, which has no mask, uses enable_gqa (flash supports it).
 """
 
 from __future__ import annotations
@@ -100,9 +105,7 @@ class PagedAttention:
         for n, window_mask in zip(meta.seq_lens, meta.prefill_window_masks):
             qs, ks, vs = (t[start:start + n].transpose(0, 1).unsqueeze(0) for t in (q, k, v))
             mask = window_mask if self.sliding_window is not None else None
-            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, is_causal=mask is None,
-                                               scale=self.scale, enable_gqa=True)
-            outs.append(o[0].transpose(0, 1))
+            outs.append(self._attend(qs, ks, vs, None if mask is None else mask[None, None])[0].transpose(0, 1))
             start += n
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
@@ -118,5 +121,20 @@ class PagedAttention:
         k, v = (kv_cache[i].view(num_blocks, -1).index_select(0, blocks)
                 .view(b, ctx, self.num_kv_heads, self.head_dim).transpose(1, 2) for i in (0, 1))
         mask = meta.window_mask if self.sliding_window is not None else meta.context_mask
-        o = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=mask, scale=self.scale, enable_gqa=True)
-        return o.squeeze(2)
+        return self._attend(q.unsqueeze(2), k, v, mask).squeeze(2)
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """q: [N, heads, Lq, D]; k, v: [N, kv_heads, Lk, D]; mask: [N or 1, 1, Lq, Lk] (True = attend) or None
+        for causal -> [N, heads, Lq, D]. Every torch attention path goes through here (one place for the
+        score function)."""
+        if mask is None:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, enable_gqa=True)
+        n, heads, lq, d = q.shape
+        group = heads // self.num_kv_heads
+        # Query heads j*group .. (j+1)*group-1 share KV head j (transformers' repeat_kv): row g*Lq + i of the
+        # folded queries is head j*group + g at position i, and reads mask row i.
+        folded = q.reshape(n, self.num_kv_heads, group * lq, d)
+        if lq > 1 and group > 1:
+            mask = mask.repeat(1, 1, group, 1)
+        o = F.scaled_dot_product_attention(folded, k, v, attn_mask=mask, scale=self.scale)
+        return o.view(n, heads, lq, d)

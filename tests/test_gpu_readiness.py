@@ -183,3 +183,79 @@ def test_device_errors_are_told_from_recoverable_ones():
     assert is_sticky_device_error(RuntimeError("CUDA error: device-side assert triggered"))
     assert not is_sticky_device_error(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"))
     assert not is_sticky_device_error(ValueError("token id 9999 is outside the vocabulary"))
+
+
+# ---- attention kernels ------------------------------------------------------------------------------------
+
+
+def test_masked_attention_keeps_kv_heads_unrepeated(model_dirs, reference, monkeypatch):
+    """CUDA's flash and memory-efficient SDPA kernels take no enable_gqa together with a mask (they fall to
+    the math kernel: fp32, K/V copied per query head). Which kernel CUDA would pick cannot run here, so the
+    calls are recorded: every masked call (decode, Mistral's windowed prefill) has as many query as KV
+    heads, and the tokens stay exact."""
+    import torch.nn.functional as F
+
+    from shard.engine import Engine, SequenceRequest
+
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+
+    def recording(q, k, v, attn_mask=None, **kw):
+        calls.append((q.shape[1], k.shape[1], attn_mask is not None, kw.get("enable_gqa", False)))
+        return sdpa(q, k, v, attn_mask=attn_mask, **kw)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", recording)
+    engine = Engine(str(model_dirs["mistral"]))  # window 48, 4 query heads on 2 KV heads
+    engine.warmup(256)
+    prompt = [(7 * i) % 300 + 3 for i in range(70)]
+    tokens = [engine.step([SequenceRequest(1, prompt)], [], [])[0].token_id]
+    for _ in range(5):
+        tokens.append(engine.step([], [1], [])[0].token_id)
+    masked = [c for c in calls if c[2]]
+    assert masked and all(q_heads == kv_heads and not gqa for q_heads, kv_heads, _, gqa in masked), set(masked)
+    monkeypatch.undo()
+    assert tokens == reference.greedy(model_dirs["mistral"], prompt, 6, stop_at_eos=False)
+
+
+# ---- warmup and prompt logprobs ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def short_context_dir(tmp_path_factory) -> Path:
+    from launcher.tiny_model import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("ctx100"), "llama", seed=5, max_position_embeddings=100)
+
+
+def test_warmup_measures_on_a_cache_that_holds_its_batch(short_context_dir):
+    """Context 100 with 16-token blocks: a 200-token warmup batch is two 100-token prompts of 7 blocks each,
+    one more than ceil(200 / 16). The measuring pass (on CUDA: the activation peak, here run on CPU) prefills
+    them with prompt logprobs and decodes them on a cache of exactly that many blocks."""
+    from shard.engine import Engine
+    from shard.kv_cache import bytes_per_block
+
+    engine = Engine(str(short_context_dir))
+    assert engine.warmup_blocks(200, decode=False) == 14 and engine.warmup_blocks(200) == 16
+    assert engine.measure_activation_peak(200) == 0  # no CUDA allocator here; the step itself ran
+    info = engine.info
+    block = bytes_per_block(info.num_layers, engine.model.local_kv_heads, info.head_dim, info.block_size,
+                            engine.dtype)
+    engine.kv_cache_bytes = 14 * block
+    assert engine.warmup(200) == 14
+
+
+def test_prompt_logprobs_of_a_long_prompt_are_computed_in_chunks(llama_dir, reference):
+    """A 300-token prompt spans three PROMPT_LOGPROBS_CHUNK-row chunks; every logprob equals transformers'."""
+    import torch
+
+    from shard.engine import PROMPT_LOGPROBS_CHUNK, Engine, SequenceRequest
+
+    prompt = [(11 * i) % 380 + 3 for i in range(300)]
+    assert len(prompt) > 2 * PROMPT_LOGPROBS_CHUNK
+    engine = Engine(str(llama_dir))
+    engine.warmup(512)
+    got = engine.step([SequenceRequest(1, prompt, prefill_logprobs=True)], [], [])[0].prefill_logprobs
+    with torch.inference_mode():
+        logits = reference.model(llama_dir)(torch.tensor([prompt])).logits[0].float()
+    want = [0.0] + logits[:-1].log_softmax(-1).gather(1, torch.tensor(prompt[1:])[:, None])[:, 0].tolist()
+    assert got == pytest.approx(want, abs=1e-4)
