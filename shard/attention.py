@@ -18,6 +18,7 @@ query head). Only causal prefill, which has no mask, uses enable_gqa (flash supp
 
 from __future__ import annotations
 
+import itertools
 import os
 from dataclasses import dataclass
 
@@ -28,6 +29,9 @@ import torch.nn.functional as F
 # The Triton paged-attention decode kernel (shard/kernels/paged_attention.py) instead of gather + SDPA:
 # CUDA only, opt-in until checked on a GPU.
 TRITON_DECODE = os.environ.get("LOOM_TRITON_ATTENTION") == "1"
+# One variable-length flash call per layer for the whole prefill batch (torch.nn.attention.varlen) instead of
+# one SDPA call per prompt: CUDA with half precision only, opt-in until checked on a GPU.
+VARLEN_PREFILL = os.environ.get("LOOM_VARLEN_PREFILL") == "1"
 
 
 @dataclass(slots=True)
@@ -44,6 +48,7 @@ class AttentionMetadata:
     window_mask: torch.Tensor | None = None
     block_size: int = 0
     context_lens: torch.Tensor | None = None  # [B], counting the new token
+    cu_seq_lens: torch.Tensor | None = None  # prefill with VARLEN_PREFILL on CUDA: [0, n0, n0 + n1, ...] int32
 
     def token_lengths(self) -> torch.Tensor:
         """[T]: each input token's sequence length as of this step (prefill: its prompt's; decode: its context)."""
@@ -65,7 +70,10 @@ def prefill_metadata(seq_lens: list[int], slot_mapping: torch.Tensor, sliding_wi
         _window_mask(n, sliding_window, device) if sliding_window is not None and n > sliding_window else None
         for n in seq_lens
     ]
-    return AttentionMetadata(True, slot_mapping, seq_lens, masks)
+    cu = None
+    if VARLEN_PREFILL and device.type == "cuda":
+        cu = torch.tensor([0, *itertools.accumulate(seq_lens)], dtype=torch.int32, device=device)
+    return AttentionMetadata(True, slot_mapping, seq_lens, masks, cu_seq_lens=cu)
 
 
 def decode_metadata(block_tables: torch.Tensor, context_lens: torch.Tensor, slot_mapping: torch.Tensor,
@@ -100,6 +108,8 @@ class PagedAttention:
 
     def _prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         # No prefix caching: a prompt's K/V are exactly this step's k/v, so attend without reading the cache.
+        if meta.cu_seq_lens is not None and q.dtype in (torch.float16, torch.bfloat16) and len(meta.seq_lens) > 1:
+            return self._prefill_varlen(q, k, v, meta)
         outs = []
         start = 0
         for n, window_mask in zip(meta.seq_lens, meta.prefill_window_masks):
@@ -108,6 +118,16 @@ class PagedAttention:
             outs.append(self._attend(qs, ks, vs, None if mask is None else mask[None, None])[0].transpose(0, 1))
             start += n
         return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+    def _prefill_varlen(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        meta: AttentionMetadata) -> torch.Tensor:
+        from torch.nn.attention.varlen import varlen_attn
+
+        longest = max(meta.seq_lens)
+        # (left, right) keys around each query: causal, the window counting the query itself.
+        window = (-1, 0) if self.sliding_window is None else (self.sliding_window - 1, 0)
+        cu = meta.cu_seq_lens
+        return varlen_attn(q, k, v, cu, cu, longest, longest, scale=self.scale, window_size=window, enable_gqa=True)
 
     def _decode(self, q: torch.Tensor, meta: AttentionMetadata, kv_cache: torch.Tensor) -> torch.Tensor:
         if TRITON_DECODE and q.is_cuda:

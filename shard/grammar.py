@@ -59,7 +59,7 @@ def mask_constrained(logits: torch.Tensor, matchers: list, rows: list[int]) -> N
     while it compiles."""
     import llguidance.torch as llt
 
-    bitmask = torch.empty(len(rows), (logits.shape[1] + 31) // 32, dtype=torch.int32)
+    bitmask = torch.empty(len(rows), (logits.shape[1] + 31) // 32, dtype=torch.int32, pin_memory=logits.is_cuda)
     for i, matcher in enumerate(matchers):
         llt.fill_next_token_bitmask(matcher, bitmask, i)
     allowed = unpack_bitmask(bitmask.to(logits.device, non_blocking=True), logits.shape[1])
