@@ -64,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", metavar="PORT", type=port_number, default=8080, help="Port the HTTP server listens on (default: %(default)s).")
     p.add_argument("--hostname", metavar="HOST", default="127.0.0.1", help="Address the HTTP server listens on; 0.0.0.0 for all interfaces (default: %(default)s).")
     p.add_argument("--num-shard", metavar="N", type=positive_int, default=None, help="Tensor-parallel ranks, one process each. "
-                   "Default: the number of visible CUDA GPUs when the device is cuda, else 1.")
+                   "Must split the model's attention heads evenly. Default: 1 on cpu; on cuda the largest such count that "
+                   "divides the number of visible GPUs.")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="Where the shards run. auto (default): cuda when a GPU is visible, else cpu.")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
@@ -153,7 +154,8 @@ def derive_limits(args: argparse.Namespace, max_positions: int | None) -> Limits
 
 
 def resolve_device(args: argparse.Namespace) -> tuple[str, str, int]:
-    """(device, dtype, num_shard) from --device/--dtype/--num-shard and the GPUs torch can see."""
+    """(device, dtype, GPUs visible) from --device/--dtype and the GPUs torch can see; the shard count is
+    decided once the model is known (resolve_num_shard)."""
     import torch  # imported here so that `loom --help` stays fast
 
     gpus = torch.cuda.device_count() if args.device != "cpu" else 0
@@ -161,10 +163,36 @@ def resolve_device(args: argparse.Namespace) -> tuple[str, str, int]:
         raise FlagError("--device cuda: no CUDA GPU is visible")
     device = "cuda" if gpus else "cpu"
     dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
-    num_shard = args.num_shard or (gpus if device == "cuda" else 1)
-    if device == "cuda" and num_shard > gpus:
-        raise FlagError(f"--num-shard {num_shard} needs {num_shard} GPUs but only {gpus} are visible")
-    return device, dtype, num_shard
+    if device == "cuda" and args.num_shard and args.num_shard > gpus:
+        raise FlagError(f"--num-shard {args.num_shard} needs {args.num_shard} GPUs but only {gpus} are visible")
+    return device, dtype, gpus
+
+
+def tensor_parallel_sizes(model_dir: Path, limit: int | None = None) -> list[int]:
+    """Shard counts up to `limit` (default: the attention head count) the model splits into: attention heads
+    and the MLP's intermediate size divide evenly, KV heads divide or are replicated (the rules of
+    shard/layers.py's parallel layers, which a test holds this to)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_dir)
+    heads, inter = config.num_attention_heads, config.intermediate_size
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    return [n for n in range(1, (limit or heads) + 1)
+            if heads % n == 0 and inter % n == 0 and (kv_heads % n == 0 or n % kv_heads == 0)]
+
+
+def resolve_num_shard(requested: int | None, device: str, gpus: int, model_dir: Path) -> int:
+    """--num-shard when the model splits that way, else a FlagError naming the valid values. Unset: 1 on cpu,
+    on cuda the largest valid count that divides the visible GPUs (28 heads on 8 GPUs: 4)."""
+    if requested is None and device != "cuda":
+        return 1
+    valid = tensor_parallel_sizes(model_dir, gpus if device == "cuda" else None)
+    if requested is None:
+        return max(n for n in valid if gpus % n == 0)
+    if requested not in valid:
+        raise FlagError(f"--num-shard {requested} does not split this model evenly; valid values"
+                        f"{' on ' + str(gpus) + ' GPU(s)' if device == 'cuda' else ''}: {', '.join(map(str, valid))}")
+    return requested
 
 
 def resolve_adapter_paths(args: argparse.Namespace) -> tuple[dict[str, str], list[str]]:
@@ -211,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         derive_limits(args, None)  # explicit contradictions fail before a slow model download or build
         adapters, adapter_roots = resolve_adapter_paths(args)
-        device, dtype, num_shard = resolve_device(args)
+        device, dtype, gpus = resolve_device(args)
     except FlagError as e:
         parser.error(str(e))
     try:
@@ -223,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     try:
         limits = derive_limits(args, max_position_embeddings(model.path))
+        num_shard = resolve_num_shard(args.num_shard, device, gpus, model.path)
     except FlagError as e:
         parser.error(str(e))
     log.info(f"model {model.name} from {model.path} on {device} ({dtype}), {num_shard} shard(s)")

@@ -14,9 +14,13 @@ from pathlib import Path
 
 import torch
 
-from shard.lora import AdapterError, AdapterStacks, HostAdapter, PageLayout, load_adapter
+from shard.lora import AdapterError, HostAdapter, PageLayout, load_adapter
+from shard.lora_batch import AdapterStacks
 
 DEFAULT_ADAPTER_MEMORY_FRACTION = 0.1
+# Share of the adapter memory budget that holds the running adapters' dense rows (AdapterStacks) on the torch
+# LoRA path; the rest is pool pages. The Triton path reads pages directly and gives the pool everything.
+DEFAULT_STACKS_SHARE = 0.25
 DEFAULT_ADAPTER_HOST_CACHE_BYTES = 2 << 30
 DEFAULT_ADAPTER_PAGE_RANK = 8
 
@@ -43,7 +47,7 @@ class AdapterCache:
         self.pool: torch.Tensor | None = None
         self.views: list = []
         self.free_pages: list[int] = []
-        self.stacks = AdapterStacks([], layout.page_rank)  # the running adapters' rows, laid out for LoraBatch
+        self.stacks = AdapterStacks(layout, [], 0)  # the running adapters' rows, laid out for LoraBatch
 
     @property
     def num_pages(self) -> int:
@@ -53,12 +57,19 @@ class AdapterCache:
     def page_bytes(self) -> int:
         return self.layout.page_numel * torch.empty((), dtype=self.dtype).element_size()
 
-    def allocate(self, num_pages: int) -> None:
-        """(Re)allocates the device pool; every adapter becomes non-resident and unpinned."""
-        self.pool = None  # free the old pool before allocating the new one
+    @property
+    def nbytes(self) -> int:
+        """Device memory the adapters hold: pool pages and the stacks' buffer (what the budget bounds)."""
+        pool = 0 if self.pool is None else self.pool.numel() * self.pool.element_size()
+        return pool + self.stacks.nbytes
+
+    def allocate(self, num_pages: int, stacks_bytes: int) -> None:
+        """(Re)allocates the device pool and the stacks' buffer; every adapter becomes non-resident and
+        unpinned."""
+        self.pool, self.stacks = None, AdapterStacks(self.layout, [], 0)  # free the old ones first
         self.pool = torch.zeros(num_pages + 1, self.layout.page_numel, dtype=self.dtype, device=self.device)
         self.views = self.layout.views(self.pool)
-        self.stacks = AdapterStacks(self.views, self.layout.page_rank)
+        self.stacks = AdapterStacks(self.layout, self.views, stacks_bytes)
         self.free_pages = list(range(num_pages, 0, -1))
         self.resident.clear()
         for entry in self.entries.values():

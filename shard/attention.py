@@ -9,10 +9,16 @@ and shared by all layers.
 
 Sliding window (transformers' Mistral semantics): query at position q sees keys at positions k with
 q - window < k <= q, i.e. itself and the window - 1 tokens before it.
+
+Grouped-query attention with an explicit mask (decode, windowed prefill) folds each KV head's query group
+into the query-length dimension, so K/V keep their own head count: SDPA's enable_gqa together with a mask
+rules out CUDA's flash and memory-efficient kernels and falls to the math kernel (fp32 upcast, K/V copied per
+query head). Only causal prefill, which has no mask, uses enable_gqa (flash supports it).
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 from dataclasses import dataclass
 
@@ -23,6 +29,9 @@ import torch.nn.functional as F
 # The Triton paged-attention decode kernel (shard/kernels/paged_attention.py) instead of gather + SDPA:
 # CUDA only, opt-in until checked on a GPU.
 TRITON_DECODE = os.environ.get("LOOM_TRITON_ATTENTION") == "1"
+# One variable-length flash call per layer for the whole prefill batch (torch.nn.attention.varlen) instead of
+# one SDPA call per prompt: CUDA with half precision only, opt-in until checked on a GPU.
+VARLEN_PREFILL = os.environ.get("LOOM_VARLEN_PREFILL") == "1"
 
 
 @dataclass(slots=True)
@@ -39,6 +48,7 @@ class AttentionMetadata:
     window_mask: torch.Tensor | None = None
     block_size: int = 0
     context_lens: torch.Tensor | None = None  # [B], counting the new token
+    cu_seq_lens: torch.Tensor | None = None  # prefill with VARLEN_PREFILL on CUDA: [0, n0, n0 + n1, ...] int32
 
     def token_lengths(self) -> torch.Tensor:
         """[T]: each input token's sequence length as of this step (prefill: its prompt's; decode: its context)."""
@@ -60,7 +70,10 @@ def prefill_metadata(seq_lens: list[int], slot_mapping: torch.Tensor, sliding_wi
         _window_mask(n, sliding_window, device) if sliding_window is not None and n > sliding_window else None
         for n in seq_lens
     ]
-    return AttentionMetadata(True, slot_mapping, seq_lens, masks)
+    cu = None
+    if VARLEN_PREFILL and device.type == "cuda":
+        cu = torch.tensor([0, *itertools.accumulate(seq_lens)], dtype=torch.int32, device=device)
+    return AttentionMetadata(True, slot_mapping, seq_lens, masks, cu_seq_lens=cu)
 
 
 def decode_metadata(block_tables: torch.Tensor, context_lens: torch.Tensor, slot_mapping: torch.Tensor,
@@ -95,16 +108,26 @@ class PagedAttention:
 
     def _prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         # No prefix caching: a prompt's K/V are exactly this step's k/v, so attend without reading the cache.
+        if meta.cu_seq_lens is not None and q.dtype in (torch.float16, torch.bfloat16) and len(meta.seq_lens) > 1:
+            return self._prefill_varlen(q, k, v, meta)
         outs = []
         start = 0
         for n, window_mask in zip(meta.seq_lens, meta.prefill_window_masks):
             qs, ks, vs = (t[start:start + n].transpose(0, 1).unsqueeze(0) for t in (q, k, v))
             mask = window_mask if self.sliding_window is not None else None
-            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, is_causal=mask is None,
-                                               scale=self.scale, enable_gqa=True)
-            outs.append(o[0].transpose(0, 1))
+            outs.append(self._attend(qs, ks, vs, None if mask is None else mask[None, None])[0].transpose(0, 1))
             start += n
         return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+    def _prefill_varlen(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        meta: AttentionMetadata) -> torch.Tensor:
+        from torch.nn.attention.varlen import varlen_attn
+
+        longest = max(meta.seq_lens)
+        # (left, right) keys around each query: causal, the window counting the query itself.
+        window = (-1, 0) if self.sliding_window is None else (self.sliding_window - 1, 0)
+        cu = meta.cu_seq_lens
+        return varlen_attn(q, k, v, cu, cu, longest, longest, scale=self.scale, window_size=window, enable_gqa=True)
 
     def _decode(self, q: torch.Tensor, meta: AttentionMetadata, kv_cache: torch.Tensor) -> torch.Tensor:
         if TRITON_DECODE and q.is_cuda:
@@ -118,5 +141,20 @@ class PagedAttention:
         k, v = (kv_cache[i].view(num_blocks, -1).index_select(0, blocks)
                 .view(b, ctx, self.num_kv_heads, self.head_dim).transpose(1, 2) for i in (0, 1))
         mask = meta.window_mask if self.sliding_window is not None else meta.context_mask
-        o = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=mask, scale=self.scale, enable_gqa=True)
-        return o.squeeze(2)
+        return self._attend(q.unsqueeze(2), k, v, mask).squeeze(2)
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """q: [N, heads, Lq, D]; k, v: [N, kv_heads, Lk, D]; mask: [N or 1, 1, Lq, Lk] (True = attend) or None
+        for causal -> [N, heads, Lq, D]. Every torch attention path goes through here (one place for the
+        score function)."""
+        if mask is None:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, enable_gqa=True)
+        n, heads, lq, d = q.shape
+        group = heads // self.num_kv_heads
+        # Query heads j*group .. (j+1)*group-1 share KV head j (transformers' repeat_kv): row g*Lq + i of the
+        # folded queries is head j*group + g at position i, and reads mask row i.
+        folded = q.reshape(n, self.num_kv_heads, group * lq, d)
+        if lq > 1 and group > 1:
+            mask = mask.repeat(1, 1, group, 1)
+        o = F.scaled_dot_product_attention(folded, k, v, attn_mask=mask, scale=self.scale)
+        return o.view(n, heads, lq, d)

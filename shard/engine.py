@@ -18,6 +18,7 @@ from shard.adapter_cache import (
     DEFAULT_ADAPTER_HOST_CACHE_BYTES,
     DEFAULT_ADAPTER_MEMORY_FRACTION,
     DEFAULT_ADAPTER_PAGE_RANK,
+    DEFAULT_STACKS_SHARE,
     AdapterCache,
 )
 from shard.attention import decode_metadata, prefill_metadata
@@ -31,11 +32,15 @@ from shard.kv_cache import (
     kv_budget_bytes,
     num_blocks_for_budget,
 )
-from shard.lora import AdapterError, LoraBatch, PageLayout, TritonLoraBatch, projection_shapes
+from shard.lora import AdapterError, PageLayout, projection_shapes
+from shard.lora_batch import LoraBatch, PageGather, TritonLoraBatch
 from shard.model import head_dim_of
 from shard.sampler import SamplerOutput, SamplerRow, SamplingParams, sample
 from shard.grammar import GrammarError, Grammars
 from shard.weights import load_model
+
+# Rows of prompt logits materialised at once for prompt logprobs (128 x a 128k vocabulary: 64 MB of float32).
+PROMPT_LOGPROBS_CHUNK = 128
 
 __all__ = ["AdapterError", "AdapterInfo", "Engine", "EngineInfo", "SamplingParams", "SequenceRequest", "TokenResult"]
 
@@ -181,26 +186,56 @@ class Engine:
         self.seq_adapters.clear()
         self.adapters.unpin_all()
 
-    def _dummy_prefill(self, num_tokens: int) -> None:
-        # Prompts no longer than the model's positions, together `num_tokens` long.
+    def _warmup_sizes(self, num_tokens: int) -> list[int]:
+        """Prompts no longer than the model's positions, together `num_tokens` long."""
         chunk = self.info.max_position_embeddings
-        sizes = [chunk] * (num_tokens // chunk) + ([num_tokens % chunk] if num_tokens % chunk else [])
-        requests = [SequenceRequest(-1 - i, [0] * n) for i, n in enumerate(sizes)]
+        return [chunk] * (num_tokens // chunk) + ([num_tokens % chunk] if num_tokens % chunk else [])
+
+    def warmup_blocks(self, num_tokens: int, decode: bool = True) -> int:
+        """KV blocks the warmup batch of `num_tokens` takes: each prompt's own blocks (a prompt that is not a
+        multiple of the block size rounds up on its own), plus with `decode` one per prompt for its decode."""
+        return sum(math.ceil(n / self.block_size) + decode for n in self._warmup_sizes(num_tokens))
+
+    def _dummy_batch(self, num_tokens: int) -> None:
+        """The worst step the limits allow, so that its activations are measured (and on CUDA, allocator
+        pools and kernels are warm): a prefill of `num_tokens` prompt tokens with prompt logprobs, then a
+        decode step of all of them."""
+        sizes = self._warmup_sizes(num_tokens)
+        requests = [SequenceRequest(-1 - i, [0] * n, prefill_logprobs=True) for i, n in enumerate(sizes)]
         results = self._prefill(requests)
+        if not any(r.error for r in results):
+            results += self._decode(self._decodable([r.request_id for r in results]))
         for r in results:
             if r.error:
-                raise RuntimeError(f"warmup prefill failed: {r.error}")
-            self.blocks.release(r.request_id)
-            self._forget(r.request_id)
+                raise RuntimeError(f"warmup step failed: {r.error}")
+        for r in requests:
+            self.blocks.release(r.id)
+            self._forget(r.id)
 
-    def _activation_peak(self, num_tokens: int) -> int:
-        """CUDA bytes a prefill of `num_tokens` needs beyond weights and KV cache."""
-        torch.cuda.reset_peak_memory_stats(self.device)
-        self._install_cache(math.ceil(num_tokens / self.block_size))
-        self._dummy_prefill(num_tokens)
-        peak = torch.cuda.max_memory_allocated(self.device) - torch.cuda.memory_allocated(self.device)
+    def _decodable(self, seq_ids: list[int]) -> list[int]:
+        """The sequences of `seq_ids` whose next token fits the free blocks (a cache sized to the limits
+        exactly may have no block left for a prompt that ends on a block boundary)."""
+        room, fits = self.blocks.num_free, []
+        for seq_id in seq_ids:
+            if self.blocks.lengths[seq_id] % self.block_size == 0:
+                if room == 0:
+                    continue
+                room -= 1
+            fits.append(seq_id)
+        return fits
+
+    def measure_activation_peak(self, num_tokens: int) -> int:
+        """Bytes the worst step (_dummy_batch) needs beyond weights, adapters and KV cache: measured on CUDA,
+        0 elsewhere. Runs on a KV cache of exactly warmup_blocks(num_tokens) blocks."""
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self._install_cache(self.warmup_blocks(num_tokens))
+        self._dummy_batch(num_tokens)
+        peak = torch.cuda.max_memory_allocated(self.device) - torch.cuda.memory_allocated(self.device) if cuda else 0
         self._drop_cache()
-        torch.cuda.empty_cache()
+        if cuda:
+            torch.cuda.empty_cache()
         return peak
 
     @torch.inference_mode()
@@ -215,7 +250,7 @@ class Engine:
         self._allocate_adapter_pool()
         reserved = 0
         if self.device.type == "cuda" and not self.kv_cache_bytes:
-            reserved = self._activation_peak(max_batch_prefill_tokens)
+            reserved = self.measure_activation_peak(max_batch_prefill_tokens)
         budget = kv_budget_bytes(self.device, self.kv_cache_bytes, reserved_bytes=reserved)
         block_bytes = bytes_per_block(self.info.num_layers, self.model.local_kv_heads, self.info.head_dim,
                                       self.block_size, self.dtype)
@@ -225,7 +260,7 @@ class Engine:
             blocks = torch.tensor([num_blocks], device=self.device)
             dist.all_reduce(blocks, op=dist.ReduceOp.MIN)
             num_blocks = int(blocks.item())
-        needed = math.ceil(max_batch_prefill_tokens / self.block_size)
+        needed = self.warmup_blocks(max_batch_prefill_tokens, decode=False)
         if num_blocks < max(1, needed):
             raise RuntimeError(
                 f"KV cache of {num_blocks} blocks ({budget} bytes budget, {block_bytes} bytes per block, "
@@ -233,24 +268,30 @@ class Engine:
                 f"{max_batch_prefill_tokens} tokens ({needed} blocks)"
             )
         self._install_cache(num_blocks)
-        self._dummy_prefill(max_batch_prefill_tokens)
+        self._dummy_batch(max_batch_prefill_tokens)
         return num_blocks
 
     def _allocate_adapter_pool(self) -> None:
-        """Pages: adapter_pool_pages when given, else adapter_memory_fraction of free CUDA memory (taken before
-        the KV cache is sized) or, on CPU, of the KV cache budget."""
-        pages = self.adapter_pool_pages
-        if pages is None:
+        """The adapter memory: adapter_memory_fraction of free CUDA memory (taken before the KV cache is sized)
+        or, on CPU, of the KV cache budget; or adapter_pool_pages pages plus the stacks' share on top. The torch
+        LoRA path keeps DEFAULT_STACKS_SHARE of it for the running adapters' dense rows (AdapterStacks)."""
+        share = 0.0 if self.triton_lora else DEFAULT_STACKS_SHARE
+        page_bytes = self.adapters.page_bytes
+        if self.adapter_pool_pages is not None:
+            pages = self.adapter_pool_pages
+            budget = int((pages + 1) * page_bytes / (1 - share))
+        else:
             if self.device.type == "cuda":
-                budget = torch.cuda.mem_get_info(self.device)[0]
+                free = torch.cuda.mem_get_info(self.device)[0]
             else:
-                budget = self.kv_cache_bytes or DEFAULT_CPU_KV_BYTES
-            pages = int(budget * self.adapter_memory_fraction) // self.adapters.page_bytes
+                free = self.kv_cache_bytes or DEFAULT_CPU_KV_BYTES
+            budget = int(free * self.adapter_memory_fraction)
+            pages = max(0, int(budget * (1 - share)) // page_bytes - 1)  # the pool's zero page is in the budget
         if self._distributed:
             count = torch.tensor([pages], device=self.device)
             dist.all_reduce(count, op=dist.ReduceOp.MIN)
             pages = int(count.item())
-        self.adapters.allocate(pages)
+        self.adapters.allocate(pages, max(0, budget - (pages + 1) * page_bytes) if share else 0)
 
     # ---- adapters -------------------------------------------------------------------------------------
 
@@ -278,12 +319,19 @@ class Engine:
         """Forgets a registered adapter; raises AdapterError while live sequences use it."""
         self.adapters.unregister(adapter_id)
 
+    def _arrange(self, adapter_ids: list[str]) -> list[str] | None:
+        """The step's adapters in AdapterStacks slot order (their rows made dense there), or None when the
+        stacks cannot hold them (LoRA then gathers from the pool)."""
+        entries = {a: self.adapters.entries[a] for a in adapter_ids if a}
+        targets = set().union(*(e.targets for e in entries.values()))
+        return self.adapters.stacks.arrange({a: e.pages for a, e in entries.items()}, targets)
+
     def _group_by_adapter(self, rows: list[int], adapter_ids: list[str]) -> list[int]:
-        """`rows` reordered so each adapter's are together, adapters in their AdapterStacks slot order and
-        base-model rows last: LoRA then reads and writes the decode batch in place."""
+        """`rows` reordered so each adapter's are together, adapters in their AdapterStacks slot order (else in
+        order of appearance) and base-model rows last: LoRA then reads and writes the decode batch in place."""
         if self.triton_lora or not any(adapter_ids):
             return rows
-        slots = self.adapters.stacks.arrange({a: self.adapters.entries[a].pages for a in adapter_ids if a})
+        slots = self._arrange(adapter_ids) or list(dict.fromkeys(a for a in adapter_ids if a))
         slot = {a: i for i, a in enumerate(slots)}
         by_row = sorted(range(len(rows)), key=lambda j: slot.get(adapter_ids[j], len(slot)))
         return [rows[j] for j in by_row]
@@ -304,8 +352,13 @@ class Engine:
         if self.triton_lora:
             return TritonLoraBatch(self.adapters.pool, self.adapters.layout, list(segments.values()),
                                    [e.pages for e in entries.values()], targets, self.device)
-        order = self.adapters.stacks.arrange({a: e.pages for a, e in entries.items()})
-        return LoraBatch(self.adapters.stacks, [segments[a] for a in order], targets, offset, self.device)
+        order = self._arrange(list(segments))
+        source = self.adapters.stacks
+        if order is None:
+            order = list(segments)
+            source = PageGather(self.adapters.views, self.adapters.layout.page_rank,
+                                [entries[a].pages for a in order], self.device)
+        return LoraBatch(source, [segments[a] for a in order], targets, offset, self.device)
 
     def clear(self) -> None:
         """Drops every sequence (unpinning their adapters) and frees all KV blocks."""
@@ -369,8 +422,7 @@ class Engine:
         if not accepted:
             return results
 
-        ids, positions, slots, seq_lens = [], [], [], []
-        logit_rows, last_rows = [], []  # hidden rows to project; per request, its last row in that selection
+        ids, positions, slots, seq_lens, last_rows = [], [], [], [], []
         offset = 0
         for i in accepted:
             req = requests[i]
@@ -379,24 +431,24 @@ class Engine:
             positions += range(n)
             slots += self.blocks.allocate(req.id, n)
             seq_lens.append(n)
-            logit_rows += range(offset, offset + n) if req.prefill_logprobs else [offset + n - 1]
-            last_rows.append(len(logit_rows) - 1)
+            last_rows.append(offset + n - 1)
             offset += n
 
         dev = self.device
+        last_rows_t = torch.tensor(last_rows, device=dev)
         meta = prefill_metadata(seq_lens, torch.tensor(slots, device=dev), self.model.sliding_window)
         lora = self._lora_batch([requests[i].adapter_id for i in accepted], seq_lens)
         hidden = self.model(torch.tensor(ids, device=dev), torch.tensor(positions, device=dev), meta, lora)
-        logits = self.model.compute_logits(hidden[torch.tensor(logit_rows, device=dev)])
+        logits = self.model.compute_logits(hidden.index_select(0, last_rows_t))
 
         rows = [self._new_sequence(requests[i]) for i in accepted]
-        out = self._sample(logits[last_rows], rows)
+        out = self._sample(logits, rows)
         for j, i in enumerate(accepted):
             req, row = requests[i], rows[j]
             _accept(row, out.token_ids[j])
             result = TokenResult(req.id, out.token_ids[j], out.logprobs[j], out.top_tokens[j])
             if req.prefill_logprobs:
-                result.prefill_logprobs = self._prompt_logprobs(logits, last_rows[j], req.input_ids)
+                result.prefill_logprobs = self._prompt_logprobs(hidden, last_rows[j], req.input_ids)
             results[i] = result
         return results
 
@@ -423,15 +475,19 @@ class Engine:
             self.seq_adapters[req.id] = req.adapter_id
         return row
 
-    @staticmethod
-    def _prompt_logprobs(logits: torch.Tensor, last_row: int, prompt: list[int]) -> list[float]:
-        """logprob of each prompt token given the ones before it (raw logits); the first gets 0.0."""
+    def _prompt_logprobs(self, hidden: torch.Tensor, last_row: int, prompt: list[int]) -> list[float]:
+        """logprob of each prompt token given the ones before it (raw logits); the first gets 0.0. Logits are
+        computed PROMPT_LOGPROBS_CHUNK rows at a time: a whole long prompt's float32 logits over a large
+        vocabulary would be gigabytes."""
         n = len(prompt)
-        if n == 1:
-            return [0.0]
-        lp = logits[last_row - n + 1:last_row].log_softmax(-1)
-        targets = torch.tensor(prompt[1:], device=logits.device)[:, None]
-        return [0.0] + lp.gather(1, targets)[:, 0].tolist()
+        first = last_row - n + 1
+        targets = torch.tensor(prompt[1:], device=hidden.device)
+        parts = []
+        for start in range(0, n - 1, PROMPT_LOGPROBS_CHUNK):
+            end = min(start + PROMPT_LOGPROBS_CHUNK, n - 1)
+            lp = self.model.compute_logits(hidden[first + start:first + end]).log_softmax(-1)
+            parts.append(lp.gather(1, targets[start:end, None])[:, 0])
+        return [0.0] + (torch.cat(parts).tolist() if parts else [])
 
     def _decode(self, seq_ids: list[int]) -> list[TokenResult]:
         results: list[TokenResult | None] = [None] * len(seq_ids)

@@ -51,12 +51,23 @@ class Grammars:
 
 
 def mask_constrained(logits: torch.Tensor, matchers: list, rows: list[int]) -> None:
-    """Sets the logits of tokens the grammar forbids to -inf, in place, for `rows` (one matcher each)."""
+    """Sets the logits of tokens the grammar forbids to -inf, in place, for `rows` (one matcher each).
+
+    llguidance fills a packed bitmask on the host (bit t % 32 of word t // 32 set = token t allowed); it is
+    unpacked here in plain torch ops. llguidance's own apply_token_bitmask_inplace is torch.compile'd: it
+    needs a C compiler at the first constrained request (the slim image has none) and stalls the step
+    while it compiles."""
     import llguidance.torch as llt
 
-    bitmask = llt.allocate_token_bitmask(len(rows), logits.shape[1])
+    bitmask = torch.empty(len(rows), (logits.shape[1] + 31) // 32, dtype=torch.int32, pin_memory=logits.is_cuda)
     for i, matcher in enumerate(matchers):
         llt.fill_next_token_bitmask(matcher, bitmask, i)
-    sub = logits[rows]
-    llt.apply_token_bitmask_inplace(sub, bitmask.to(logits.device))
-    logits[rows] = sub
+    allowed = unpack_bitmask(bitmask.to(logits.device, non_blocking=True), logits.shape[1])
+    index = torch.tensor(rows, device=logits.device)
+    logits.index_copy_(0, index, logits.index_select(0, index).masked_fill_(~allowed, float("-inf")))
+
+
+def unpack_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """[R, ceil(V / 32)] int32 words -> [R, V] bool, True = allowed."""
+    bits = torch.arange(32, dtype=torch.int32, device=bitmask.device)
+    return ((bitmask[:, :, None] >> bits) & 1).bool().flatten(1)[:, :vocab_size]

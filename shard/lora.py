@@ -1,4 +1,5 @@
-"""LoRA adapters: the PEFT on-disk format, the page layout they are stored in, and batched compute.
+"""LoRA adapters: the PEFT on-disk format and the page layout they are stored in (batched compute:
+shard/lora_batch.py).
 
 A page holds `page_rank` rank-rows of every target projection of every layer: rows of lora_A ([rank, in])
 and of lora_B transposed with the scaling folded in ([rank, out]), each cut to this rank's tensor-parallel
@@ -87,6 +88,12 @@ class PageLayout:
 
     def pages_for(self, rank: int) -> int:
         return math.ceil(rank / self.page_rank)
+
+    def rows_numel(self, width_pages: int, targets) -> int:
+        """Elements one adapter's rows take densely (A and B^T of every layer) for `targets`, padded to
+        `width_pages` pages of rank: the unit AdapterStacks budgets in."""
+        per_layer = sum(self.shapes[p].in_size + self.shapes[p].out_size for p in targets)
+        return width_pages * self.page_rank * per_layer * self.num_layers
 
     def views(self, pages: torch.Tensor) -> list[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
         """Per layer and projection, ([n, page_rank, in], [n, page_rank, out]) views of `pages` [n, page_numel]."""
@@ -249,174 +256,3 @@ def load_adapter(name: str, path: str | Path, layout: PageLayout, dtype: torch.d
             view.copy_(padded.view(view.shape))
     targets = frozenset(proj for _, proj in modules)
     return HostAdapter(rank, targets, pages.pin_memory() if pin_memory else pages)
-
-
-# ---- batched heterogeneous compute -----------------------------------------------------------------------
-
-
-class AdapterStacks:
-    """Each (layer, projection)'s LoRA rows of the adapters in the current step, adapter-major and dense:
-    A as [slots, R, in], B as [slots, R, out], R the widest rank among them (narrower adapters read the pool's
-    zero page past their own). A step's adapters hold slots 0..n-1, so bmm reads them as one batch. Slots
-    outlive the step: an adapter joining or leaving costs copying that adapter's rows (and moving one other
-    into the hole it leaves), never re-gathering the whole batch's pages. The adapter cache drops an adapter
-    whose pool pages it frees."""
-
-    __slots__ = ("views", "page_rank", "device", "rank", "capacity", "slots", "a", "b")
-
-    def __init__(self, views: list[dict[str, tuple[torch.Tensor, torch.Tensor]]], page_rank: int):
-        self.views, self.page_rank = views, page_rank
-        self.device = views[0]["q_proj"][0].device if views else torch.device("cpu")
-        self.rank = self.capacity = 0
-        self.slots: dict[str, int] = {}
-        self.a: dict[tuple[int, str], torch.Tensor] = {}
-        self.b: dict[tuple[int, str], torch.Tensor] = {}
-
-    def drop(self, adapter_id: str) -> None:
-        self.slots.pop(adapter_id, None)
-
-    def arrange(self, pages: dict[str, list[int]]) -> list[str]:
-        """Makes slots 0..n-1 hold exactly the adapters of `pages` (id -> its pool pages); returns the ids in
-        slot order."""
-        n, rank = len(pages), max(len(p) for p in pages.values()) * self.page_rank
-        if rank != self.rank or n > self.capacity:
-            self._allocate(rank, n)
-        for adapter_id in [a for a in self.slots if a not in pages]:
-            del self.slots[adapter_id]
-        holes = sorted(set(range(n)) - set(self.slots.values()))
-        movers = [a for a, slot in self.slots.items() if slot >= n]
-        if movers:
-            src = [self.slots[a] for a in movers]
-            for adapter_id, hole in zip(movers, holes):
-                self.slots[adapter_id] = hole
-            self._move(src, holes[:len(movers)])
-        new = [a for a in pages if a not in self.slots]
-        if new:
-            self._copy_in([pages[a] for a in new], holes[len(movers):])
-            self.slots.update(zip(new, holes[len(movers):]))
-        return sorted(pages, key=self.slots.__getitem__)
-
-    def _allocate(self, rank: int, n: int) -> None:
-        """New stacks for `rank` (adapters keep their slots if it is unchanged) with room for n adapters."""
-        capacity = max(n, 2 * self.capacity if rank == self.rank else n)
-        keep = self.capacity if rank == self.rank else 0
-        if not keep:
-            self.slots = {}
-        for stacks, key, pages in self._pool_views():
-            grown = pages.new_zeros(capacity, rank, pages.shape[-1])
-            if keep:
-                grown[:keep] = stacks[key]
-            stacks[key] = grown
-        self.rank, self.capacity = rank, capacity
-
-    def _pool_views(self):
-        """(stacks dict, (layer, projection), its pool pages view) for every A and B."""
-        for layer, per_proj in enumerate(self.views):
-            for proj, (a_pages, b_pages) in per_proj.items():
-                yield self.a, (layer, proj), a_pages
-                yield self.b, (layer, proj), b_pages
-
-    def _move(self, src: list[int], dst: list[int]) -> None:
-        src_t, dst_t = (torch.tensor(s, device=self.device) for s in (src, dst))
-        for stacks in (self.a, self.b):
-            for t in stacks.values():
-                t.index_copy_(0, dst_t, t.index_select(0, src_t))
-
-    def _copy_in(self, page_tables: list[list[int]], slots: list[int]) -> None:
-        width = self.rank // self.page_rank
-        flat = torch.tensor([p for t in page_tables for p in t + [0] * (width - len(t))], device=self.device)
-        slots_t = torch.tensor(slots, device=self.device)
-        for stacks, key, pages in self._pool_views():
-            stacks[key].index_copy_(0, slots_t, pages.index_select(0, flat).view(len(slots), self.rank, -1))
-
-
-class LoraBatch:
-    """One step's LoRA: implements model.LoraHook for a batch where every sequence has its own adapter or
-    none. Tokens are grouped into one segment per adapter (segment i uses AdapterStacks slot i), padded to the
-    longest segment, and each projection does a fixed handful of ops whatever the number of adapters: shrink
-    and expand with two bmm over the stacks, then gather the deltas back into token order (base-model rows
-    read a zero row) to add them."""
-
-    def __init__(self, stacks: AdapterStacks, segments: list[list[int]], targets: set[str], num_tokens: int,
-                 device: torch.device):
-        n, longest = len(segments), max(len(s) for s in segments)
-        self.stacks, self.targets = stacks, targets
-        self.num_segments, self.length = n, longest
-        order = [t for s in segments for t in s]
-        self.src = torch.tensor(order, device=device)
-        self.dense = all(len(s) == longest for s in segments)
-        # Segments that are the leading rows in order, all of one length (decode rows grouped by adapter, as
-        # the engine orders them): the token rows are the segments themselves, no packing and no gathering back.
-        self.in_place = self.dense and order == list(range(len(order)))
-        self.dst = self.pad = None
-        if not self.dense:
-            self.dst = torch.tensor([i * longest + j for i, s in enumerate(segments) for j in range(len(s))],
-                                    device=device)
-            self.pad = torch.tensor([i * longest + j for i, s in enumerate(segments) for j in range(len(s), longest)],
-                                    device=device)
-        # Each token's row in the segment-major deltas; base-model tokens read the zero row past them. A gather
-        # then a dense add is far cheaper on CPU than index_add_'s scatter.
-        rows = n * longest
-        back = [rows] * num_tokens
-        for i, s in enumerate(segments):
-            for j, t in enumerate(s):
-                back[t] = i * longest + j
-        self.back = torch.tensor(back, device=device)
-        self._x: torch.Tensor | None = None
-        self._xs: torch.Tensor | None = None
-
-    def _segments(self, x: torch.Tensor) -> torch.Tensor:
-        # q/k/v (and gate/up) share one input: pack it into segments once. Only padding rows are zeroed (`back`
-        # never reads their results, but uninitialised memory could hold anything).
-        if x is not self._x:
-            rows = x[:self.src.numel()] if self.in_place else x.index_select(0, self.src)
-            if not self.dense:
-                packed = x.new_empty(self.num_segments * self.length, x.shape[1])
-                rows = packed.index_fill_(0, self.pad, 0).index_copy_(0, self.dst, rows)
-            self._x, self._xs = x, rows.view(self.num_segments, self.length, -1)
-        return self._xs
-
-    def apply(self, layer_idx: int, proj: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        if proj not in self.targets:
-            return y
-        n = self.num_segments
-        a, b = self.stacks.a[layer_idx, proj][:n], self.stacks.b[layer_idx, proj][:n]
-        rows = n * self.length
-        shrunk = torch.bmm(self._segments(x), a.transpose(1, 2))
-        if self.in_place:
-            out = y[:rows].view(n, self.length, -1)
-            # q/k/v and gate/up are column slices of one fused output: batched BLAS cannot write those in place.
-            if n == 1 or y.is_contiguous():
-                out.baddbmm_(shrunk, b)
-            else:
-                out.add_(torch.bmm(shrunk, b))
-            return y
-        delta = y.new_empty(rows + 1, y.shape[1])
-        delta[rows].zero_()
-        torch.bmm(shrunk, b, out=delta[:rows].view(n, self.length, -1))
-        return y.add_(delta.index_select(0, self.back))
-
-
-class TritonLoraBatch:
-    """LoraBatch's contract on CUDA through the Triton SGMV kernels (shard/kernels/sgmv.py), which read each
-    segment's adapter pages straight out of the pool: no stacks, no packing. Opt-in with LOOM_TRITON_LORA=1
-    until verified on a GPU; tested against LoraBatch on CPU under Triton's interpreter."""
-
-    def __init__(self, pool: torch.Tensor, layout: PageLayout, segments: list[list[int]],
-                 page_tables: list[list[int]], targets: set[str], device: torch.device):
-        width = max(len(t) for t in page_tables)
-        lens = [len(s) for s in segments]
-        self.pool, self.layout, self.targets, self.longest = pool, layout, targets, max(lens)
-        self.table = torch.tensor([t + [0] * (width - len(t)) for t in page_tables], device=device)
-        self.tokens = torch.tensor([t for s in segments for t in s], device=device)
-        self.lens = torch.tensor(lens, device=device)
-        self.starts = torch.tensor([sum(lens[:i]) for i in range(len(lens))], device=device)
-
-    def apply(self, layer_idx: int, proj: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        if proj not in self.targets:
-            return y
-        from shard.kernels.sgmv import sgmv_lora
-
-        a_offset, b_offset = self.layout.offsets[layer_idx, proj]
-        return sgmv_lora(x, y, self.pool, a_offset, b_offset, self.layout.page_rank, self.table, self.tokens,
-                         self.starts, self.lens, self.longest)

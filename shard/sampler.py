@@ -145,10 +145,11 @@ def _top_tokens(logits: torch.Tensor, lse: torch.Tensor, rows: list[SamplerRow])
     if wanted:
         n = min(max(rows[i].top_n for i in wanted), logits.shape[1])
         values, ids = logits[wanted].topk(n, dim=-1)
-        values = values - lse[wanted, None]
+        # One device -> host copy for all rows (ids are exact in float64), not two per row.
+        ids, values = torch.stack([ids.double(), (values - lse[wanted, None]).double()]).tolist()
         for j, i in enumerate(wanted):
             k = rows[i].top_n
-            out[i] = list(zip(ids[j, :k].tolist(), values[j, :k].tolist()))
+            out[i] = [(int(t), lp) for t, lp in zip(ids[j][:k], values[j][:k])]
     return out
 
 
@@ -185,4 +186,5 @@ def sample(logits: torch.Tensor, rows: list[SamplerRow]) -> SamplerOutput:
         token_ids[sampled] = (probs / _race_noise(probs, sub_rows)).argmax(-1)
     lse = logits.logsumexp(-1)
     chosen = logits.gather(1, token_ids[:, None])[:, 0] - lse
-    return SamplerOutput(token_ids.tolist(), chosen.tolist(), _top_tokens(logits, lse, rows))
+    ids, logprobs = torch.stack([token_ids.double(), chosen.double()]).tolist()  # one device -> host copy
+    return SamplerOutput([int(t) for t in ids], logprobs, _top_tokens(logits, lse, rows))

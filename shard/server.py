@@ -2,22 +2,43 @@
 
 The engine is synchronous PyTorch; it runs on one worker thread so that Health keeps answering
 while a step computes, and steps never overlap.
+
+A step that fails on one rank of a tensor-parallel group leaves the others inside (or past) collectives
+that rank never joined: the next step's all-reduce would pair with a stale one (a hang, or wrong
+activations). A sticky device error (a CUDA fault) poisons every later kernel the same way. Either ends the
+process: it answers nothing more and exits 1, the peers' collectives fail or the launcher kills them, and
+the launcher takes the whole group down. A single-rank step error stays the step's own (the router fails
+that step's requests, clears and serves on).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
+import torch
 
 from proto import generate_pb2 as pb
 from proto import generate_pb2_grpc as pb_grpc
 from shard.engine import AdapterError, Engine, SamplingParams, SequenceRequest, TokenResult
 
 log = logging.getLogger("loom.shard")
+
+FATAL_EXIT_CODE = 1
+FATAL_EXIT_DELAY_S = 0.2  # lets the failing Step's error reach the router before the process goes
+
+
+def is_sticky_device_error(error: BaseException) -> bool:
+    """A CUDA fault (illegal address, device-side assert, ECC...): the context is unusable from then on.
+    Out-of-memory is not one: the allocator recovers."""
+    if isinstance(error, torch.cuda.OutOfMemoryError):
+        return False
+    accelerator_error = getattr(torch, "AcceleratorError", None)
+    return (accelerator_error is not None and isinstance(error, accelerator_error)) or "CUDA error" in str(error)
 
 
 def sampling_from_proto(p: pb.SamplingParameters) -> SamplingParams:
@@ -65,9 +86,22 @@ class ShardService(pb_grpc.ShardServicer):
         self.rank = rank
         self.world_size = world_size
         self._worker = engine_thread
+        self.failed: str = ""  # set once this rank cannot step any more; every RPC then refuses
 
     async def _run(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
+
+    async def _refuse_if_failed(self, context) -> None:
+        if self.failed:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"shard {self.rank} failed: {self.failed}")
+
+    def _fail(self, error: BaseException) -> None:
+        """Stops this rank for good: nothing after a desynchronised step or a sticky device error is sound."""
+        self.failed = f"{type(error).__name__}: {error}"
+        why = "a step failed under tensor parallelism" if self.world_size > 1 else "sticky device error"
+        log.critical("shard %d/%d: %s (%s); exiting so that the group goes down", self.rank, self.world_size,
+                     why, self.failed)
+        asyncio.get_running_loop().call_later(FATAL_EXIT_DELAY_S, os._exit, FATAL_EXIT_CODE)
 
     async def Info(self, request, context):
         info = self.engine.info
@@ -83,6 +117,7 @@ class ShardService(pb_grpc.ShardServicer):
         )
 
     async def Health(self, request, context):
+        await self._refuse_if_failed(context)
         return pb.HealthResponse()
 
     async def Warmup(self, request, context):
@@ -96,19 +131,27 @@ class ShardService(pb_grpc.ShardServicer):
         )
 
     async def Step(self, request, context):
+        await self._refuse_if_failed(context)
         prefill = [request_from_proto(r) for r in request.prefill]
         started = time.perf_counter()
-        results = await self._run(self.engine.step, prefill, list(request.decode), list(request.release))
+        try:
+            results = await self._run(self.engine.step, prefill, list(request.decode), list(request.release))
+        except Exception as e:
+            if self.world_size > 1 or is_sticky_device_error(e):
+                self._fail(e)
+            raise
         return pb.StepResponse(
             generations=[generation_to_proto(t) for t in results], free_blocks=self.engine.free_blocks,
             forward_ms=(time.perf_counter() - started) * 1000,
         )
 
     async def Clear(self, request, context):
+        await self._refuse_if_failed(context)
         await self._run(self.engine.clear)
         return pb.ClearResponse()
 
     async def LoadAdapter(self, request, context):
+        await self._refuse_if_failed(context)
         # On the engine thread: registration reads the disk and must not race a step's paging.
         try:
             info = await self._run(self.engine.load_adapter, request.adapter_id, request.path, request.preloaded)

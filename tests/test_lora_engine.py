@@ -303,28 +303,37 @@ def test_adapter_deleted_after_eviction_fails_its_requests_only(llama: Family, t
 
 
 def test_adapter_stacks_hold_each_steps_adapters_in_slots_0_to_n():
-    """Random steps of adapters joining, leaving, changing rank and being evicted: after each arrange, slot i
-    holds exactly the i-th returned adapter's pool pages (zero rows past its rank)."""
-    from shard.lora import AdapterStacks, PageLayout, ProjShape
+    """Random steps of adapters joining, leaving, changing rank and targets and being evicted: after each
+    arrange, slot i holds exactly the i-th returned adapter's pool pages on every targeted projection (zero
+    rows past its rank), inside the one buffer the stacks were given."""
+    from shard.lora import PageLayout, ProjShape
+    from shard.lora_batch import AdapterStacks
 
     shapes = {p: ProjShape(6, 5, 0, 6, 0, 5) for p in ALL}
     layout = PageLayout.build(2, 2, shapes)
     pool = torch.randn(40, layout.page_numel)
     pool[0] = 0
     views = layout.views(pool)
-    stacks = AdapterStacks(views, layout.page_rank)
+    stacks = AdapterStacks(layout, views, 4 * layout.rows_numel(3, ALL) * 4)  # 4 slots of width 3, float32
+    buffer = stacks.buffer.data_ptr()
     rng = random.Random(3)
     tables = {f"x{i}": rng.sample(range(1, 40), rng.choice([1, 1, 2, 3])) for i in range(12)}
     for step in range(60):
         wanted = {a: tables[a] for a in rng.sample(sorted(tables), rng.randint(1, 8))}
+        targets = set(rng.sample(ALL, rng.randint(1, 7)))
         if step % 7 == 3:
             stacks.drop(rng.choice(sorted(tables)))
-        order = stacks.arrange(wanted)
-        assert sorted(order) == sorted(wanted)
+        order = stacks.arrange(wanted, targets)
         width = max(len(t) for t in wanted.values())
+        if order is None:  # more than the buffer holds even at this step's own width and targets
+            assert len(wanted) * layout.rows_numel(width, targets) * 4 > stacks.nbytes
+            continue
+        assert sorted(order) == sorted(wanted)
+        assert targets <= {proj for _, proj in stacks.a} and stacks.width >= width
         for slot, adapter_id in enumerate(order):
-            pages = torch.tensor(wanted[adapter_id] + [0] * (width - len(wanted[adapter_id])))
+            pages = torch.tensor(wanted[adapter_id] + [0] * (stacks.width - len(wanted[adapter_id])))
             for (layer, proj), a in stacks.a.items():
                 a_pages, b_pages = views[layer][proj]
-                assert torch.equal(a[slot], a_pages[pages].reshape(width * 2, -1)), (step, adapter_id, proj)
-                assert torch.equal(stacks.b[layer, proj][slot], b_pages[pages].reshape(width * 2, -1))
+                assert a.untyped_storage().data_ptr() == buffer  # views of the one buffer, never reallocated
+                assert torch.equal(a[slot], a_pages[pages].reshape(stacks.width * 2, -1)), (step, adapter_id, proj)
+                assert torch.equal(stacks.b[layer, proj][slot], b_pages[pages].reshape(stacks.width * 2, -1))

@@ -70,7 +70,8 @@ def test_sgmv_matches_torch(interpreted, seed):
 def check_triton_lora_batch(seed: int) -> None:
     """The engine's two LoRA hooks agree on every projection: TritonLoraBatch (CUDA, opt-in) reading pool
     pages against LoraBatch (the tested default) over AdapterStacks."""
-    from shard.lora import TARGETS, AdapterStacks, LoraBatch, PageLayout, ProjShape, TritonLoraBatch
+    from shard.lora import TARGETS, PageLayout, ProjShape
+    from shard.lora_batch import AdapterStacks, LoraBatch, TritonLoraBatch
 
     rng = random.Random(seed)
     torch.manual_seed(seed)
@@ -90,10 +91,10 @@ def check_triton_lora_batch(seed: int) -> None:
         tables.append([free.pop() for _ in range(rng.randint(1, 2))])
     num_tokens = max(max(s) for s in segments + [tokens]) + 1  # leftover tokens: base-model rows
     ids = [f"a{i}" for i in range(len(segments))]
-    stacks = AdapterStacks(layout.views(pool), PAGE_RANK)
-    order = stacks.arrange(dict(zip(ids, tables)))
-    by_id = dict(zip(ids, segments))
     targets = set(rng.sample(TARGETS, 4))
+    stacks = AdapterStacks(layout, layout.views(pool), 1 << 20)
+    order = stacks.arrange(dict(zip(ids, tables)), targets)
+    by_id = dict(zip(ids, segments))
     torch_hook = LoraBatch(stacks, [by_id[a] for a in order], targets, num_tokens, torch.device("cpu"))
     triton_hook = TritonLoraBatch(pool, layout, segments, tables, targets, torch.device("cpu"))
     for layer in range(2):
