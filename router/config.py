@@ -6,6 +6,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from router.limits import DEFAULT_HEADER_TIMEOUT_S, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_REQUEST_BYTES
+
 
 @dataclass(slots=True)
 class RouterConfig:
@@ -26,6 +28,9 @@ class RouterConfig:
     adapter_source: str = "hub"
     step_timeout_s: float = 120.0  # a shard step slower than this counts as a hung shard
     max_queue_time_s: float = 600.0  # a request not admitted within this fails with 503 (`--max-queue-time`)
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES  # larger bodies get 413 (`--max-request-bytes`)
+    max_connections: int = DEFAULT_MAX_CONNECTIONS  # open HTTP connections (`--max-connections`)
+    header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S  # to send a request head (`--header-timeout`)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
