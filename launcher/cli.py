@@ -13,6 +13,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from launcher.model_source import ModelSourceError, max_position_embeddings, resolve_model
+from router.limits import DEFAULT_HEADER_TIMEOUT_S, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_REQUEST_BYTES
 
 log = logging.getLogger("loom")
 
@@ -108,6 +109,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "1024 MB on cpu.")
     p.add_argument("--max-queue-time", metavar="SECONDS", type=positive_float, default=600.0,
                    help="A request not scheduled within this many seconds fails with 503 (default: %(default)s).")
+    p.add_argument("--max-request-bytes", metavar="N", type=positive_int, default=DEFAULT_MAX_REQUEST_BYTES,
+                   help="Larger request bodies are answered with 413 (default: %(default)s).")
+    p.add_argument("--max-connections", metavar="N", type=positive_int, default=DEFAULT_MAX_CONNECTIONS,
+                   help="Open HTTP connections; past it the oldest idle one is closed. Lowered to fit the "
+                   "open-file limit (default: %(default)s).")
+    p.add_argument("--header-timeout", metavar="SECONDS", type=positive_float, default=DEFAULT_HEADER_TIMEOUT_S,
+                   help="A connection that has not sent a complete request head this long after opening (or "
+                   "after its last response) is closed (default: %(default)s).")
     p.add_argument("--api-key", metavar="KEY", default=os.environ.get("LOOM_API_KEY"),
                    help="When set, every route but /health needs 'Authorization: Bearer KEY'. Default: $LOOM_API_KEY.")
     p.add_argument("--public-metrics", action="store_true",
@@ -268,6 +277,9 @@ def main(argv: list[str] | None = None) -> int:
         max_concurrent_requests=args.max_concurrent_requests,
         max_active_adapters=args.max_active_adapters,
         max_queue_time_s=args.max_queue_time,
+        max_request_bytes=args.max_request_bytes,
+        max_connections=args.max_connections,
+        header_timeout_s=args.header_timeout,
         api_key=args.api_key or None,
         adapters=adapters,
         local_adapter_roots=adapter_roots,

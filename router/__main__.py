@@ -8,6 +8,7 @@ import uvicorn
 
 from router.app import create_app
 from router.config import RouterConfig
+from router.connections import connection_cap, guarded_protocol
 from router.logs import configure_logging
 
 # On SIGTERM uvicorn stops accepting and waits this long for in-flight requests before cancelling them;
@@ -23,8 +24,9 @@ def main(argv=None) -> None:
     configure_logging("router")
     # log_config=None: uvicorn's own lines go through our handler (and so become JSON when asked).
     # loop="asyncio": grpc.aio's supported loop, even where uvloop is installed.
+    protocol = guarded_protocol(connection_cap(config.max_connections), config.header_timeout_s)
     uvicorn.run(create_app(config), host=config.hostname, port=config.port, log_level="warning",
-                log_config=None, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S, loop="asyncio")
+                log_config=None, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S, loop="asyncio", http=protocol)
 
 
 if __name__ == "__main__":

@@ -3,19 +3,30 @@
 Order (DESIGN.md): "" or the base model id → base; a `--adapter NAME=SOURCE` name; an absolute path inside
 a `--local-adapter-root`; otherwise a hub repo id (`org/name[@revision]`). Hub downloads run in a thread,
 and concurrent requests for one new adapter share a single load.
+
+Every spelling of one directory (`/r/a`, `/r/a/./`, `/r//a`, a hub id and its `@main`) is one adapter: the
+registry keys adapters by their real directory, so a client cannot multiply loads, `/v1/models` entries or
+active-adapter slots. The source and the token are checked on every request, cache hit or not.
+
+Operators add names at start-up (`--adapter`, `--preloaded-adapter-ids`) and at run time (`register` /
+`unregister`, vLLM's load/unload routes in router/adapter_api.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import re
 import time
+from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from launcher.hub import HubError, snapshot, split_revision
-from router.errors import APIError
+from launcher.hub import HubError, not_found, repo_cache_dir, snapshot, split_revision
+from router.errors import APIError, redact_paths
+from router.limits import MAX_MODEL_ID_CHARS
 from router.metrics import Metrics
 from router.shard_client import ShardClient
 from router.tokenization import ModelTokenizer, load_adapter_tokenizer
@@ -24,17 +35,32 @@ log = logging.getLogger("loom.adapters")
 
 ADAPTER_FILES = ["adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "*.json", "*.jinja",
                  "*.model", "*.txt"]
+SOURCES = ("hub", "local")
+MAX_ALIASES = 4096  # spellings remembered (LRU); a forgotten one is resolved again, to the same adapter
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True)
 class Adapter:
-    id: str  # the key shards know it by: a --adapter name, an absolute path, or `org/name[@rev]`
-    path: Path
+    id: str  # the key shards know it by: a --adapter name, a real absolute path, or `org/name[@rev]`
+    path: Path  # its real directory
     rank: int
-    pages: int  # adapter-pool pages it takes when it joins the batch (0 when preloaded: its pages are held for good)
+    pages: int  # adapter-pool pages it takes when it joins the batch (0 when preloaded: held for good)
     tokenizer: ModelTokenizer  # its own tokenizer / chat template, else the base model's
     created: int
     preloaded: bool = False  # --preloaded-adapter-ids: resident for good, never unloaded
+    # Request tokens it may be served to; None in it: to anyone (fetched without a request's own token).
+    tokens: set[str | None] = field(default_factory=lambda: {None})
+
+    def allows(self, token: str | None) -> bool:
+        return None in self.tokens or token in self.tokens
+
+
+@dataclass(slots=True, frozen=True)
+class _Located:
+    path: Path  # the real directory
+    root: Path  # the allowed root every file it reads must resolve into
+    hub: bool
 
 
 BASE = None  # what resolve() returns for the base model
@@ -51,27 +77,42 @@ class AdapterRegistry:
         self.default_source = default_source
         self.pool_pages = pool_pages
         self.metrics = metrics
-        self._loaded: dict[str, Adapter] = {}
-        self._loading: dict[str, asyncio.Task] = {}
+        self._loaded: dict[Path, Adapter] = {}  # real directory → adapter
+        self._aliases: OrderedDict[tuple[str, str | None], Path] = OrderedDict()  # (spelling, source) → dir
+        self._loading: dict[tuple[str, str | None], asyncio.Task] = {}
 
     async def resolve(self, name: str | None, source: str | None = None, api_token: str | None = None,
                       param: str = "model") -> Adapter | None:
         """The adapter `name` denotes (loading it on first use), or None for the base model."""
         if name in (None, "", self.base_id):
             return BASE
-        if name in self._loaded:
-            return self._loaded[name]
-        task = self._loading.get(name)
-        if task is None:
-            task = asyncio.create_task(self._load(name, source, api_token, param))
-            self._loading[name] = task
-            task.add_done_callback(lambda _: self._loading.pop(name, None))
-        return await asyncio.shield(task)
+        _check_name(name, param)
+        if source is not None and source not in SOURCES:
+            raise APIError(400, f"adapter_source {source[:32]!r} is not supported: use 'hub' or 'local'",
+                           param="adapter_source")
+        token = api_token or None
+        if token is not None and token == os.environ.get("HF_TOKEN"):
+            token = None  # the server's own token: what it fetches with anyway
+        key = (name, source)
+        adapter = self._loaded.get(self._aliases.get(key))
+        if adapter is None:
+            task = self._loading.get(key)
+            if task is None:
+                task = asyncio.create_task(self._load(name, source, token, param))
+                self._loading[key] = task
+                task.add_done_callback(lambda _: self._loading.pop(key, None))
+            adapter = await asyncio.shield(task)
+        else:
+            self._aliases.move_to_end(key)
+        if not adapter.allows(token):
+            await self._verify_access(adapter, name, source, token, param)
+        return adapter
 
     def listed(self) -> list[dict]:
-        """`/v1/models` entries: named adapters and every adapter loaded so far."""
-        ids = list(self.named) + [a for a in self._loaded if a not in self.named]
-        return [{"id": i, "object": "model", "created": self._loaded[i].created if i in self._loaded else 0,
+        """`/v1/models` entries: named adapters and every adapter loaded so far (one per directory)."""
+        loaded = {a.id: a for a in self._loaded.values()}
+        ids = list(self.named) + [i for i in loaded if i not in self.named]
+        return [{"id": i, "object": "model", "created": loaded[i].created if i in loaded else 0,
                  "owned_by": "loom", "parent": self.base_id} for i in ids]
 
     # -- at start-up and at run time (router/adapter_api.py) ------------------------------------------
@@ -80,33 +121,31 @@ class AdapterRegistry:
         """--preloaded-adapter-ids: each resolved like a request's adapter id and paged into the pool for good.
         Their pages leave `pool_pages`, the part of the pool that admission shares out."""
         for name in ids:
-            started = time.perf_counter()
-            path = await asyncio.to_thread(self._locate, name, None, None, "--preloaded-adapter-ids")
-            await self._install(name, path, "--preloaded-adapter-ids", started, preloaded=True)
+            _check_name(name, "--preloaded-adapter-ids")
+            await self._load(name, None, None, "--preloaded-adapter-ids", preloaded=True)
 
     async def register(self, name: str, source: str) -> Adapter:
         """`POST /v1/load_lora_adapter`: adapter `name` from `source`, an absolute path inside a
-        --local-adapter-root or a hub repo id."""
-        if name in (self.base_id, "") or name in self.named or name in self._loaded or name in self._loading:
+        --local-adapter-root or a hub repo id. Served under `name` from then on, like an `--adapter` name."""
+        _check_name(name, "lora_name")
+        _check_name(source, "lora_path")
+        if name in (self.base_id, "") or name in self.named or self._find(name) is not None or \
+                any(key[0] == name for key in self._loading):
             raise APIError(400, f"the adapter '{name}' has already been loaded", param="lora_name")
-        task = asyncio.create_task(self._register(name, source))
-        self._loading[name] = task
-        task.add_done_callback(lambda _: self._loading.pop(name, None))
-        return await asyncio.shield(task)
-
-    async def _register(self, name: str, source: str) -> Adapter:
-        started = time.perf_counter()
         path = Path(source)
-        if path.is_absolute():
-            path = await asyncio.to_thread(self._local, path, source, "lora_path")
-        else:
-            path = await asyncio.to_thread(self._hub, source, None, "lora_path")
-        return await self._install(name, path, "lora_path", started)
+        located = await asyncio.to_thread(self._local, path, source, "lora_path") if path.is_absolute() else \
+            await asyncio.to_thread(self._hub, source, None, "lora_path")
+        self.named[name] = str(located.path) if not located.hub else source
+        try:
+            return await self.resolve(name, param="lora_path")
+        except APIError:
+            self.named.pop(name, None)
+            raise
 
     async def unregister(self, name: str, users: Callable[[str], int]) -> None:
         """`POST /v1/unload_lora_adapter`: forgets adapter `name` on the router and the shards. Refused (409)
         while `users(name)` requests hold it, so a request never loses its adapter mid-generation."""
-        adapter = self._loaded.get(name)
+        adapter = self._find(name)
         if adapter is None and name not in self.named:
             raise APIError(404, f"the adapter '{name}' cannot be found", param="lora_name", code="model_not_found")
         if adapter is not None and adapter.preloaded:
@@ -117,72 +156,139 @@ class AdapterRegistry:
                            param="lora_name", code="adapter_in_use")
         named = self.named.pop(name, None)
         if adapter is None:
-            return  # a --adapter name never used: nothing on the shards
-        del self._loaded[name]  # before the await: from here on new requests no longer find it
-        if error := await self.client.unload_adapter(name):
-            self._loaded[name] = adapter
+            return  # a name never used: nothing on the shards
+        aliases = {k: p for k, p in self._aliases.items() if p == adapter.path}
+        del self._loaded[adapter.path]  # before the await: from here on new requests no longer find it
+        for key in aliases:
+            del self._aliases[key]
+        if error := await self.client.unload_adapter(adapter.id):
+            self._loaded[adapter.path] = adapter
+            self._aliases.update(aliases)
             if named is not None:
                 self.named[name] = named
-            raise APIError(409, f"the adapter '{name}' cannot be unloaded: {error}", param="lora_name",
-                           code="adapter_in_use")
+            raise APIError(409, f"the adapter '{name}' cannot be unloaded: {redact_paths(error)}",
+                           param="lora_name", code="adapter_in_use")
         log.info("adapter %s unloaded", name)
 
-    async def _load(self, name: str, source: str | None, api_token: str | None, param: str) -> Adapter:
-        started = time.perf_counter()
-        path = await asyncio.to_thread(self._locate, name, source, api_token, param)
-        return await self._install(name, path, param, started)
+    def _find(self, adapter_id: str) -> Adapter | None:
+        return next((a for a in self._loaded.values() if a.id == adapter_id), None)
 
-    async def _install(self, name: str, path: Path, param: str, started: float, preloaded: bool = False) -> Adapter:
-        """Registers the adapter dir `path` on the shards under `name`."""
-        error, rank, pages = await self.client.load_adapter(name, str(path), preloaded)
+    def _remember(self, key: tuple[str, str | None], path: Path) -> None:
+        self._aliases[key] = path
+        self._aliases.move_to_end(key)
+        while len(self._aliases) > MAX_ALIASES:
+            self._aliases.popitem(last=False)
+
+    async def _load(self, name: str, source: str | None, token: str | None, param: str,
+                    preloaded: bool = False) -> Adapter:
+        started = time.perf_counter()
+        located = await asyncio.to_thread(self._locate, name, source, token, param)
+        adapter = self._loaded.get(located.path)
+        if adapter is not None:  # another spelling of an adapter already loaded
+            if located.hub and token is not None and not _hub_offline():
+                adapter.tokens.add(token)  # fetched just now with this token: it may read the repo
+            self._remember((name, source), located.path)
+            return adapter
+        await asyncio.to_thread(_check_files, located, name, param)
+        shard_id = name if name in self.named else (str(located.path) if not located.hub else name)
+        error, rank, pages = await self.client.load_adapter(shard_id, str(located.path), preloaded)
         if not error and pages > self.pool_pages:
             error = f"it needs {pages} adapter-pool pages and the pool has {self.pool_pages}"
         if error:
-            raise APIError(400, f"adapter '{name}' cannot be used with this model: {error}", param=param,
-                           code="invalid_adapter")
+            raise APIError(400, f"adapter '{name}' cannot be used with this model: {redact_paths(error)}",
+                           param=param, code="invalid_adapter")
+        try:
+            tokenizer = await asyncio.to_thread(load_adapter_tokenizer, located.path, self.base_tokenizer)
+        except Exception as e:  # a broken tokenizer file is this adapter's problem, named without its path
+            log.warning("adapter %s: its tokenizer failed to load: %r", name, e)
+            raise APIError(400, f"adapter '{name}' cannot be used: its tokenizer files cannot be loaded",
+                           param=param, code="invalid_adapter") from None
+        # Offline, the cache answers whatever the token: only a token the hub has checked binds the adapter.
+        bound = located.hub and token is not None and not _hub_offline()
         if preloaded:
             self.pool_pages -= pages
-        tokenizer = await asyncio.to_thread(load_adapter_tokenizer, path, self.base_tokenizer)
-        adapter = Adapter(name, path, rank, 0 if preloaded else pages, tokenizer, int(time.time()), preloaded)
-        self._loaded[name] = adapter
+        adapter = Adapter(shard_id, located.path, rank, 0 if preloaded else pages, tokenizer, int(time.time()),
+                          preloaded, tokens={token} if bound else {None})
+        self._loaded[located.path] = adapter
+        self._remember((name, source), located.path)
         seconds = time.perf_counter() - started
         self.metrics.adapter_loads.inc()
         self.metrics.adapter_load_seconds.observe(seconds)
-        log.info("adapter %s %s from %s (rank %d, %d pages) in %.2fs", name, "preloaded" if preloaded else "loaded",
-                 path, rank, pages, seconds)
+        log.info("adapter %s %s from %s (rank %d, %d pages) in %.2fs", shard_id,
+                 "preloaded" if preloaded else "loaded", located.path, rank, pages, seconds)
         return adapter
 
-    def _locate(self, name: str, source: str | None, api_token: str | None, param: str) -> Path:
+    async def _verify_access(self, adapter: Adapter, name: str, source: str | None, token: str | None,
+                             param: str) -> None:
+        """A hub adapter fetched with another caller's token: served only if the hub lets this caller read it
+        too. The refusal reads exactly like a missing adapter."""
+        repo_id, revision = split_revision(self.named.get(adapter.id, adapter.id))
+        try:
+            await asyncio.to_thread(snapshot, repo_id, revision, ADAPTER_FILES, "adapter", token)
+        except HubError:
+            raise _hub_api_error(not_found(name, "adapter"), param) from None
+        adapter.tokens.add(token)
+
+    def _locate(self, name: str, source: str | None, token: str | None, param: str) -> _Located:
         """Where the adapter's files are on disk, downloading from the hub if that is its source."""
         if name in self.named:  # the operator's own --adapter NAME=SOURCE: a local dir or a hub id
-            name = self.named[name]
-            if Path(name).is_dir():
-                return Path(name).resolve()
-            source = "hub"
+            target = self.named[name]
+            if Path(target).is_dir():
+                path = Path(target).resolve()
+                return _Located(path, path, hub=False)
+            return self._hub(target, None, param)
         path = Path(name)
         source = source or ("local" if path.is_absolute() else self.default_source)
         if source == "local":
             return self._local(path, name, param)
-        if source != "hub":
-            raise APIError(400, f"adapter_source '{source}' is not supported: use 'hub' or 'local'",
-                           param="adapter_source")
-        return self._hub(name, api_token, param)
+        return self._hub(name, token, param)
 
-    def _hub(self, name: str, api_token: str | None, param: str) -> Path:
-        repo_id, revision = split_revision(name)
+    def _hub(self, ref: str, token: str | None, param: str) -> _Located:
+        repo_id, revision = split_revision(ref)
         try:
-            return snapshot(repo_id, revision, ADAPTER_FILES, what="adapter", token=api_token)
+            path = snapshot(repo_id, revision, ADAPTER_FILES, what="adapter", token=token)
         except HubError as e:
-            raise APIError(404 if e.not_found else 502, str(e), param=param,
-                           code="model_not_found" if e.not_found else "hub_error") from None
+            raise _hub_api_error(e, param) from None
+        return _Located(path, repo_cache_dir(repo_id), hub=True)
 
-    def _local(self, path: Path, name: str, param: str) -> Path:
+    def _local(self, path: Path, name: str, param: str) -> _Located:
         if not path.is_absolute():
             raise APIError(400, f"local adapter '{name}' must be an absolute path", param=param)
         resolved = path.resolve()
-        if not any(resolved.is_relative_to(root) for root in self.local_roots):
+        root = next((r for r in self.local_roots if resolved.is_relative_to(r)), None)
+        if root is None:
             raise APIError(400, f"adapter path '{name}' is outside every --local-adapter-root", param=param)
         if not resolved.is_dir():
             raise APIError(404, f"adapter '{name}' not found: no such directory", param=param,
                            code="model_not_found")
-        return resolved
+        return _Located(resolved, root, hub=False)
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def _check_name(name: str, param: str) -> None:
+    if len(name) > MAX_MODEL_ID_CHARS:
+        raise APIError(400, f"`{param}` is longer than {MAX_MODEL_ID_CHARS} characters", param=param)
+    if _CONTROL.search(name):
+        raise APIError(400, f"`{param}` must not contain control characters", param=param)
+
+
+def _check_files(located: _Located, name: str, param: str) -> None:
+    """Every file the shards and the tokenizer may read from the adapter's directory (and the directory
+    itself) must resolve inside its allowed root: a link out of it is refused, whatever it points at."""
+    for entry in located.path.iterdir():
+        if not entry.resolve().is_relative_to(located.root):
+            log.warning("adapter %s: %s links outside %s", name, entry, located.root)
+            raise APIError(400, f"adapter '{name}' cannot be used: its file {entry.name!r} links outside the "
+                           "allowed adapter roots", param=param, code="invalid_adapter")
+
+
+def _hub_api_error(e: HubError, param: str) -> APIError:
+    if e.invalid:
+        return APIError(400, str(e), param=param)
+    return APIError(404 if e.not_found else 502, str(e), param=param,
+                    code="model_not_found" if e.not_found else "hub_error")

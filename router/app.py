@@ -22,10 +22,19 @@ from router import adapter_api, native_api, openai_api
 from router.adapters import AdapterRegistry
 from router.backend import Backend, StrictModel, parse_body
 from router.config import RouterConfig
+from router.connections import quiet_accept_errors
 from router.errors import APIError
 from router.logs import RequestLine
 from router.metrics import Metrics
-from router.scheduler import GenerationStats, Overloaded, QueueTimeout, Scheduler, request_generations
+from router.scheduler import (
+    Generation,
+    GenerationStats,
+    InvalidRequest,
+    Overloaded,
+    QueueTimeout,
+    Scheduler,
+    request_generations,
+)
 from router.shard_client import ShardClient
 from router.structured import GrammarChecker
 from router.sse import DONE, sse_event
@@ -67,9 +76,12 @@ class TokenizeRequest(StrictModel):
 
 
 async def tokenize(request: Request):
+    """Bounded like a prompt: the character bound before tokenizing, --max-input-length after."""
     backend: Backend = request.app.state.backend
     body = await parse_body(request, TokenizeRequest)
+    backend.check_chars(body.inputs, backend.tokenizer, "inputs")
     pieces = await backend.off_loop(backend.tokenizer.tokenize_with_offsets, body.inputs)
+    backend.check_input_length(len(pieces), "inputs")
     return JSONResponse([{"id": i, "text": text, "start": start, "stop": stop} for i, text, start, stop in pieces])
 
 
@@ -93,26 +105,37 @@ ROUTES = [
 
 
 class GuardMiddleware:
-    """Auth, the error shape of every failure, client disconnects, request metrics and the request log,
-    in one place."""
+    """Auth, the body-size limit, the error shape of every failure, client disconnects, the release of every
+    generation a request started, request metrics and the request log, in one place."""
 
-    def __init__(self, app: ASGIApp, api_key: str | None, metrics: Metrics, open_paths: frozenset[str]):
+    def __init__(self, app: ASGIApp, api_key: str | None, metrics: Metrics, open_paths: frozenset[str],
+                 max_request_bytes: int):
         self.app = app
         self.api_key = api_key
         self.metrics = metrics
         self.open_paths = open_paths  # answered without the API key
+        self.max_request_bytes = max_request_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path = scope["path"]
-        exchange = _Exchange(receive, send, _request_id(scope))
-        generations: list[GenerationStats] = []
+        exchange = _Exchange(receive, send, _request_id(scope), self.max_request_bytes)
+        generations: list[Generation] = []
         context = request_generations.set(generations)
         start = time.perf_counter()
         try:
             self._authorize(scope)
+            exchange.check_declared_length(scope)
             await exchange.run(self.app, scope)
+        except asyncio.CancelledError:
+            # The server is shutting down and gave up waiting (the drain): a stream still going ends with an
+            # error event (and [DONE] on /v1/*) rather than a cut connection.
+            if exchange.streaming and not exchange.complete and not exchange.gone:
+                error = APIError(503, "the server is shutting down; retry the request")
+                with contextlib.suppress(Exception):
+                    await exchange.end_stream_with(error.body_for(path), done=path.startswith("/v1/"))
+            raise
         except Exception as e:
             error = e if isinstance(e, APIError) else _as_api_error(e)
             if exchange.complete:
@@ -126,8 +149,10 @@ class GuardMiddleware:
                 raise
         finally:
             request_generations.reset(context)
+            for generation in generations:  # whichever way the exchange ended, nothing it started runs on
+                generation.close()
             if path not in UNLOGGED:
-                self._account(scope, exchange, generations, time.perf_counter() - start)
+                self._account(scope, exchange, [g.stats for g in generations], time.perf_counter() - start)
 
     def _authorize(self, scope: Scope) -> None:
         if not self.api_key or scope["path"] in self.open_paths:
@@ -189,10 +214,12 @@ class _Exchange:
     Generation releases its sequence on the way out.
     """
 
-    def __init__(self, receive: Receive, send: Send, request_id: str):
+    def __init__(self, receive: Receive, send: Send, request_id: str, max_body_bytes: int):
         self._receive = receive
         self._send = send
         self.request_id = request_id
+        self.max_body_bytes = max_body_bytes
+        self._body_bytes = 0
         self.status: int | None = None
         self.streaming = False
         self.complete = False
@@ -220,14 +247,30 @@ class _Exchange:
             self._disconnected.set()
             handler.cancel()
 
+    def check_declared_length(self, scope: Scope) -> None:
+        """A body announced larger than the limit is refused before any of it is read."""
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.max_body_bytes:
+            raise self._too_large()
+
+    def _too_large(self) -> APIError:
+        # Connection: close, so that the server does not read the rest of a body nobody will use.
+        return APIError(413, f"request body is larger than --max-request-bytes={self.max_body_bytes}",
+                        headers={"Connection": "close"})
+
     async def receive(self) -> Message:
-        """The handler's receive: the body as usual, then (the watcher owns the connection) the disconnect."""
+        """The handler's receive: the body as usual (up to the size limit), then (the watcher owns the
+        connection) the disconnect."""
         if self._body_read.is_set():
             await self._disconnected.wait()
             return {"type": "http.disconnect"}
         message = await self._receive()
-        if message["type"] == "http.request" and not message.get("more_body", False):
-            self._body_read.set()
+        if message["type"] == "http.request":
+            self._body_bytes += len(message.get("body", b""))
+            if self._body_bytes > self.max_body_bytes:  # a chunked body, or a Content-Length that lied
+                raise self._too_large()
+            if not message.get("more_body", False):
+                self._body_read.set()
         return message
 
     async def send(self, message: Message) -> None:
@@ -256,8 +299,11 @@ def _as_api_error(e: Exception) -> APIError:
         return APIError(429, str(e), headers={"Retry-After": "1"})
     if isinstance(e, QueueTimeout):
         return APIError(503, str(e), headers={"Retry-After": "5"})
+    if isinstance(e, InvalidRequest):
+        return APIError(400, str(e))
+    # Library messages and tracebacks go to the log only: they can name host paths and source files.
     log.exception("unhandled error")
-    return APIError(500, f"internal error: {type(e).__name__}: {e}")
+    return APIError(500, "internal error (logged on the server)")
 
 
 async def _start_backend(app: Starlette, config: RouterConfig) -> None:
@@ -301,6 +347,7 @@ def create_app(config: RouterConfig) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
+        quiet_accept_errors(asyncio.get_running_loop())
         await _start_backend(app, config)
         loop_task = asyncio.create_task(app.state.backend.scheduler.run(), name="scheduler")
         try:
@@ -313,7 +360,8 @@ def create_app(config: RouterConfig) -> Starlette:
 
     app = Starlette(routes=ROUTES, lifespan=lifespan,
                     middleware=[Middleware(GuardMiddleware, api_key=config.api_key, metrics=metrics,
-                                           open_paths=_open_paths(config))],
+                                           open_paths=_open_paths(config),
+                                           max_request_bytes=config.max_request_bytes)],
                     exception_handlers={HTTPException: _http_exception})
     app.state.metrics = metrics
     return app

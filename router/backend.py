@@ -5,24 +5,36 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.requests import Request
 
 from proto import generate_pb2 as pb
 from router.adapters import Adapter, AdapterRegistry
 from router.config import RouterConfig
 from router.errors import bad_request
+from router.limits import MAX_JSON_DEPTH, MAX_MODEL_ID_CHARS, MAX_STOP_CHARS, MAX_STOP_SEQUENCES
 from router.scheduler import GenerationRequest, Scheduler
 from router.structured import GrammarChecker
 from router.tokenization import ModelTokenizer
 
 
 class StrictModel(BaseModel):
-    """Request bodies: types as sent (no "1" for 1) and unknown keys rejected, so a typo is a 400 that names it."""
-    model_config = ConfigDict(strict=True, extra="forbid")
+    """Request bodies: types as sent (no "1" for 1), unknown keys rejected (a typo is a 400 that names it),
+    and every float finite."""
+    model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
+
+
+# Field types that several request bodies share, with their bounds (router/limits.py).
+StopString = Annotated[str, Field(max_length=MAX_STOP_CHARS)]
+StopList = Annotated[list[StopString], Field(max_length=MAX_STOP_SEQUENCES)]
+ModelId = Annotated[str, Field(max_length=MAX_MODEL_ID_CHARS)]
 
 
 @dataclass(slots=True)
@@ -42,16 +54,41 @@ class Backend:
         adapter = await self.adapters.resolve(name, source, api_token, param)
         return adapter, (adapter.tokenizer if adapter else self.tokenizer)
 
+    def check_chars(self, text: str, tokenizer: ModelTokenizer, param: str) -> None:
+        """A cheap bound before tokenizing: no token covers more than `max_token_chars` characters, so a text
+        longer than max_input_length of them cannot fit, and is refused without being tokenized."""
+        limit = self.config.max_input_length * tokenizer.max_token_chars
+        if len(text) > limit:
+            raise bad_request(f"`{param}` has {len(text)} characters, more than the {limit} that "
+                              f"--max-input-length={self.config.max_input_length} tokens can hold", param=param)
+
+    async def encode(self, tokenizer: ModelTokenizer, text: str, param: str,
+                     add_special_tokens: bool = True) -> list[int]:
+        """`text`'s token ids (checked against the character bound first), tokenized off the event loop."""
+        self.check_chars(text, tokenizer, param)
+        return await self.off_loop(tokenizer.encode, text, add_special_tokens)
+
+    def check_input_length(self, n: int, param: str) -> None:
+        if n > self.config.max_input_length:
+            raise bad_request(
+                f"`{param}` has {n} tokens, over the limit --max-input-length={self.config.max_input_length}",
+                param=param)
+
+    def check_choices(self, count: int, param: str) -> None:
+        """A request that asks for more generations than the server ever runs at once is a 400, not a 429."""
+        limit = self.config.max_concurrent_requests
+        if count > limit:
+            raise bad_request(f"the request asks for {count} generations, more than "
+                              f"--max-concurrent-requests={limit}", param=param)
+
     def check_lengths(self, input_ids: list[int], max_new_tokens: int | None, default_new_tokens: int | None,
-                      input_param: str, tokens_param: str) -> int:
+                      input_param: str, tokens_param: str, min_new_tokens: int = 0,
+                      min_tokens_param: str = "min_tokens") -> int:
         """Validates prompt and generation lengths against the limits; returns max_new_tokens."""
         n, cfg = len(input_ids), self.config
         if n == 0:
             raise bad_request(f"`{input_param}` is empty after tokenization", param=input_param)
-        if n > cfg.max_input_length:
-            raise bad_request(
-                f"`{input_param}` has {n} tokens, over the limit --max-input-length={cfg.max_input_length}",
-                param=input_param)
+        self.check_input_length(n, input_param)
         room = cfg.max_total_tokens - n
         if max_new_tokens is None:
             max_new_tokens = room if default_new_tokens is None else min(default_new_tokens, room)
@@ -64,6 +101,9 @@ class Backend:
             raise bad_request(
                 f"`{tokens_param}`={max_new_tokens} plus the {n} prompt tokens exceeds "
                 f"--max-total-tokens={cfg.max_total_tokens}", param=tokens_param)
+        if min_new_tokens > max_new_tokens:
+            raise bad_request(f"`{min_tokens_param}`={min_new_tokens} exceeds the {max_new_tokens} tokens this "
+                              "request may generate", param=min_tokens_param)
         return max_new_tokens
 
     def generation_request(self, input_ids: list[int], max_new_tokens: int, adapter: Adapter | None,
@@ -109,13 +149,67 @@ def sampling_parameters(temperature: float | None = None, top_k: int | None = No
     return p
 
 
+async def gather_all(*aws: Awaitable) -> list:
+    """asyncio.gather that cancels the others when one fails: a failed request leaves nothing running."""
+    tasks = [asyncio.ensure_future(a) for a in aws]
+    try:
+        return await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"the number {text[:24]} is out of range")
+    return value
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def decode_json(raw: bytes):
+    """JSON as RFC 8259 has it (no NaN / Infinity, finite numbers), nested at most MAX_JSON_DEPTH deep,
+    every string valid Unicode (no lone surrogates); anything else is a 400."""
+    try:
+        data = json.loads(raw, parse_float=_finite_float, parse_constant=_no_constant)
+    except json.JSONDecodeError as e:
+        raise bad_request(f"request body is not valid JSON: {e}") from None
+    except UnicodeDecodeError:
+        raise bad_request("request body is not valid UTF-8") from None
+    except RecursionError:
+        raise bad_request(f"request body is nested more than {MAX_JSON_DEPTH} levels deep") from None
+    except ValueError as e:  # a number too long to convert, or not finite
+        message = str(e) if "out of range" in str(e) or "JSON value" in str(e) else "a number is too long"
+        raise bad_request(f"request body is not valid JSON: {message}") from None
+    _check_values(data)
+    return data
+
+
+def _check_values(data) -> None:
+    stack = [(data, 0)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, str):
+            if not value.isascii():
+                try:
+                    value.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise bad_request("request body holds a string with a lone surrogate (invalid Unicode)") from None
+        elif isinstance(value, (dict, list)):
+            if depth >= MAX_JSON_DEPTH:
+                raise bad_request(f"request body is nested more than {MAX_JSON_DEPTH} levels deep")
+            items = value.items() if isinstance(value, dict) else enumerate(value)
+            for key, item in items:
+                stack.append((key, depth + 1))
+                stack.append((item, depth + 1))
+
+
 async def parse_body(request: Request, model: type[BaseModel]) -> BaseModel:
     """Reads a JSON body into `model`; any problem is a 400 that names the field."""
-    raw = await request.body()
-    try:
-        data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise bad_request(f"request body is not valid JSON: {e}") from None
+    data = decode_json(await request.body())
     if not isinstance(data, dict):
         raise bad_request("request body must be a JSON object")
     try:

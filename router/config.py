@@ -6,6 +6,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from router.limits import DEFAULT_HEADER_TIMEOUT_S, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_REQUEST_BYTES
+
 
 @dataclass(slots=True)
 class RouterConfig:
@@ -29,6 +31,9 @@ class RouterConfig:
     enable_adapter_api: bool = False  # `--enable-adapter-api`: POST /v1/load_lora_adapter, /v1/unload_lora_adapter
     preloaded_adapter_ids: list[str] = field(default_factory=list)  # resident in the adapter pool for good
     public_metrics: bool = False  # `--public-metrics`: /metrics answers without the API key
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES  # larger bodies get 413 (`--max-request-bytes`)
+    max_connections: int = DEFAULT_MAX_CONNECTIONS  # open HTTP connections (`--max-connections`)
+    header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S  # to send a request head (`--header-timeout`)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

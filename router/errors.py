@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import re
+
 from starlette.responses import JSONResponse
 
 # LoRAX's error_type names for the statuses we produce.
-_LORAX_TYPES = {400: "validation", 401: "authentication", 404: "not_found", 409: "validation", 422: "validation",
-                429: "overloaded", 500: "generation", 503: "unhealthy"}
+_LORAX_TYPES = {400: "validation", 401: "authentication", 404: "not_found", 409: "validation", 413: "validation",
+                422: "validation", 429: "overloaded", 500: "generation", 503: "unhealthy"}
 _OPENAI_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-                 409: "conflict_error", 422: "invalid_request_error", 429: "rate_limit_error", 500: "server_error",
-                 503: "server_error"}
+                 409: "conflict_error", 413: "invalid_request_error", 422: "invalid_request_error",
+                 429: "rate_limit_error", 500: "server_error", 503: "server_error"}
+# An absolute path in a message from the shards or a library: only its last part reaches a client.
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.:/])/(?:[^\s/'\"]+/)+(?=[^\s/'\"]*)")
 
 
 class APIError(Exception):
@@ -38,3 +42,8 @@ class APIError(Exception):
 
 def bad_request(message: str, param: str | None = None) -> APIError:
     return APIError(400, message, param=param)
+
+
+def redact_paths(message: str) -> str:
+    """`message` with every absolute path cut to its last part: clients learn which file, not where it lives."""
+    return _ABSOLUTE_PATH.sub("", message)

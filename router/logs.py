@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -39,6 +40,24 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(line, ensure_ascii=False)
 
 
+# C0 and C1 control characters (newlines included) and the Unicode line separators: in a text log they could
+# start a forged line or hide one.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def escape_controls(text: str) -> str:
+    """`text` with each control character written as an escape (a newline becomes the two characters \\n)."""
+    return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
+
+
+class TextFormatter(logging.Formatter):
+    """One record, one line: control characters in the message are escaped; a traceback keeps its lines."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = escape_controls(record.message)
+        return super().formatMessage(record)
+
+
 def configure_logging(process: str) -> None:
     """Root logging for one child process ("router", "shard0", ...): text, or JSON lines when the launcher
     asked for them."""
@@ -46,7 +65,7 @@ def configure_logging(process: str) -> None:
     if os.environ.get("LOOM_LOG_FORMAT") == "json":
         handler.setFormatter(JsonFormatter(process))
     else:
-        handler.setFormatter(logging.Formatter(f"%(asctime)s {process} %(levelname)s %(message)s"))
+        handler.setFormatter(TextFormatter(f"%(asctime)s {process} %(levelname)s %(message)s"))
     logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
 
 

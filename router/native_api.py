@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import math
 import random
 from dataclasses import dataclass, field
@@ -12,9 +11,18 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from router.adapters import Adapter
-from router.backend import Backend, StrictModel, parse_body, sampling_parameters
+from router.backend import Backend, ModelId, StopList, StrictModel, gather_all, parse_body, sampling_parameters
 from router.errors import APIError
-from router.scheduler import GenerationFailed
+from router.limits import (
+    MAX_CHOICES,
+    MAX_NATIVE_TEMPERATURE,
+    MAX_REPETITION_PENALTY,
+    MAX_TOP_K,
+    MAX_TOP_LOGPROBS,
+    UINT32_MAX,
+    UINT64_MAX,
+)
+from router.scheduler import Generation, GenerationFailed
 from router.sse import sse_event, sse_response
 from router.structured import response_format_grammar
 from router.text_stream import TextChunk, generate_text
@@ -23,29 +31,29 @@ from router.tokenization import ModelTokenizer
 
 class Parameters(StrictModel):
     # LoRAX's client sends every parameter, most of them null (accepted); unknown keys are a client bug.
-    adapter_id: str | None = None
-    adapter_source: str | None = None
+    adapter_id: ModelId | None = None
+    adapter_source: str | None = Field(None, max_length=16)
     adapter_parameters: dict | None = None
     merged_adapters: dict | None = None
-    api_token: str | None = None
-    best_of: int | None = Field(None, ge=1)
+    api_token: str | None = Field(None, max_length=1024)
+    best_of: int | None = Field(None, ge=1, le=MAX_CHOICES)
     decoder_input_details: bool = False
     details: bool = True
     do_sample: bool = False
     max_new_tokens: int | None = 20
     ignore_eos_token: bool = False
-    repetition_penalty: float | None = Field(None, gt=0)
+    repetition_penalty: float | None = Field(None, gt=0, le=MAX_REPETITION_PENALTY)
     return_full_text: bool | None = False
-    seed: int | None = Field(None, ge=0)
-    stop: list[str] = Field(default_factory=list)
-    temperature: float | None = Field(None, gt=0)
-    top_k: int | None = Field(None, gt=0)
+    seed: int | None = Field(None, ge=0, le=UINT64_MAX)
+    stop: StopList = Field(default_factory=list)
+    temperature: float | None = Field(None, gt=0, le=MAX_NATIVE_TEMPERATURE)
+    top_k: int | None = Field(None, gt=0, le=MAX_TOP_K)
     top_p: float | None = Field(None, gt=0, lt=1)
-    truncate: int | None = Field(None, ge=1)
+    truncate: int | None = Field(None, ge=1, le=UINT32_MAX)
     typical_p: float | None = Field(None, gt=0, lt=1)
     watermark: bool = False
     response_format: dict | None = None
-    return_k_alternatives: int | None = Field(None, ge=0)
+    return_k_alternatives: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
 
     @field_validator("adapter_parameters", "merged_adapters")
     @classmethod
@@ -108,17 +116,24 @@ class _Native:
             seed = p.seed if p.seed is not None else random.getrandbits(63)
             temperature = p.temperature or 1.0
         max_new = backend.check_lengths(input_ids, p.max_new_tokens, None, "inputs", "parameters.max_new_tokens")
-        # best_of candidates differ by seed: seed, seed + 1, ...
-        self.seeds = [None] if seed is None else [seed + i for i in range(p.best_of or 1)]
+        # best_of candidates differ by seed: seed, seed + 1, ... (mod 2**64, the proto's range)
+        self.seeds = [None] if seed is None else [(seed + i) % (UINT64_MAX + 1) for i in range(p.best_of or 1)]
         self.requests = [backend.generation_request(
             input_ids, max_new, adapter, tokenizer,
             sampling_parameters(temperature=temperature, top_k=p.top_k, top_p=p.top_p, typical_p=p.typical_p,
                                 repetition_penalty=p.repetition_penalty, seed=seed),
             ignore_eos=p.ignore_eos_token, top_n_tokens=p.return_k_alternatives or 0,
             prefill_logprobs=p.decoder_input_details, grammar=grammar) for seed in self.seeds]
+        self.generations: list[Generation] = []
+
+    def start(self) -> "_Native":
+        """Queues every candidate (all or none) before the answer starts: overload is a 429, never a 200 and
+        then an error, and nothing is left running when it is refused."""
+        self.generations = self.backend.scheduler.generate_all(self.requests)
+        return self
 
     def chunks(self, candidate: int = 0):
-        return generate_text(self.backend.scheduler, self.tokenizer, self.requests[candidate], self.body.parameters.stop)
+        return generate_text(self.generations[candidate], self.tokenizer, self.body.parameters.stop)
 
     def full_text(self, generated: str) -> str:
         return self.body.inputs + generated if self.body.parameters.return_full_text else generated
@@ -167,21 +182,22 @@ async def _prepare(request: Request, body: GenerateRequest | None = None) -> _Na
     if body is None:
         body = await parse_body(request, GenerateRequest)
     p = body.parameters
+    backend.check_choices(p.best_of or 1, "parameters.best_of")
     adapter, tokenizer = await backend.resolve_model(p.adapter_id, p.adapter_source, p.api_token,
                                                      param="parameters.adapter_id")
-    input_ids = await backend.off_loop(tokenizer.encode, body.inputs)
+    input_ids = await backend.encode(tokenizer, body.inputs, "inputs")
     if p.truncate is not None and len(input_ids) > p.truncate:
         input_ids = input_ids[-p.truncate:]
     grammar = response_format_grammar(p.response_format, "parameters.response_format")
     if grammar:
         grammar = await backend.off_loop(backend.grammars.check, grammar, "parameters.response_format")
-    return _Native(backend, adapter, tokenizer, body, input_ids, grammar)
+    return _Native(backend, adapter, tokenizer, body, input_ids, grammar).start()
 
 
 async def _generate_response(native: _Native) -> dict:
     """Runs every best_of candidate at once and answers with the most likely one (highest summed logprob)."""
     try:
-        candidates = await asyncio.gather(*(_collect(native, i) for i in range(len(native.requests))))
+        candidates = await gather_all(*(_collect(native, i) for i in range(len(native.requests))))
     except GenerationFailed as e:
         raise APIError(500 if e.server_error else 400, str(e)) from None
     best, *others = sorted(candidates, key=lambda c: c.sum_logprob, reverse=True)
@@ -217,9 +233,7 @@ async def generate(request: Request):
 
 
 async def generate_stream(request: Request):
-    native = await _prepare(request)
-    native.backend.scheduler.check_capacity()
-    return sse_response(_stream_events(native))
+    return sse_response(_stream_events(await _prepare(request)))
 
 
 async def compat_generate(request: Request):
@@ -227,6 +241,5 @@ async def compat_generate(request: Request):
     body = await parse_body(request, GenerateRequest)
     native = await _prepare(request, body)
     if body.stream:
-        native.backend.scheduler.check_capacity()
         return sse_response(_stream_events(native))
     return JSONResponse([await _generate_response(native)])

@@ -16,8 +16,18 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from router.adapters import Adapter
-from router.backend import Backend, StrictModel, parse_body, sampling_parameters
+from router.backend import Backend, ModelId, StopList, StopString, StrictModel, parse_body, sampling_parameters
 from router.errors import APIError, bad_request
+from router.limits import (
+    INT64_MIN,
+    MAX_CHOICES,
+    MAX_COMPLETION_LOGPROBS,
+    MAX_REPETITION_PENALTY,
+    MAX_TOP_K,
+    MAX_TOP_LOGPROBS,
+    UINT32_MAX,
+    UINT64_MAX,
+)
 from router.scheduler import GenerationFailed, GenerationRequest
 from router.sse import DONE, sse_event, sse_response
 from router.structured import parse_tool_call, response_format_grammar, tool_choice_grammar
@@ -101,21 +111,21 @@ class StreamOptions(StrictModel):
 class _Sampling(StrictModel):
     """Fields chat and legacy completions share (OpenAI's, plus vLLM's common extensions)."""
 
-    model: str
+    model: ModelId
     max_tokens: int | None = None
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=-1)
+    top_k: int | None = Field(None, ge=-1, le=MAX_TOP_K)
     min_p: float | None = Field(None, ge=0, le=1)
-    repetition_penalty: float | None = Field(None, gt=0)
+    repetition_penalty: float | None = Field(None, gt=0, le=MAX_REPETITION_PENALTY)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
-    seed: int | None = None
-    n: int = Field(1, ge=1, le=128)
-    min_tokens: int = Field(0, ge=0)
+    seed: int | None = Field(None, ge=INT64_MIN, le=UINT64_MAX)
+    n: int = Field(1, ge=1, le=MAX_CHOICES)
+    min_tokens: int = Field(0, ge=0, le=UINT32_MAX)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
+    stop: StopString | StopList | None = None
     ignore_eos: bool = False
     user: str | None = None
 
@@ -135,7 +145,7 @@ class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = None
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     response_format: dict | None = None
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
@@ -172,9 +182,9 @@ class ChatCompletionRequest(_Sampling):
 
 class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[int] | list[list[int]]
-    logprobs: int | None = Field(None, ge=0, le=5)
+    logprobs: int | None = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS)
     echo: bool = False
-    best_of: int | None = Field(None, ge=1, le=128)
+    best_of: int | None = Field(None, ge=1, le=MAX_CHOICES)
 
     @model_validator(mode="after")
     def _check(self) -> "CompletionRequest":
@@ -428,7 +438,8 @@ async def _respond(backend: Backend, adapter: Adapter | None, tokenizer: ModelTo
     per_prompt = best_of or body.n
     jobs = []
     for p, (input_ids, text) in enumerate(prompts):
-        max_new = backend.check_lengths(input_ids, max_tokens, default_max_tokens, input_param, tokens_param)
+        max_new = backend.check_lengths(input_ids, max_tokens, default_max_tokens, input_param, tokens_param,
+                                        min_new_tokens=body.min_tokens)
         for j in range(per_prompt):
             request = backend.generation_request(
                 input_ids, max_new, adapter, tokenizer, _seeded(body.sampling(), j), ignore_eos=body.ignore_eos,
@@ -439,8 +450,9 @@ async def _respond(backend: Backend, adapter: Adapter | None, tokenizer: ModelTo
     completion.tools = tools or []
     choices = {job.index: _Choice(job) for job in jobs}
     stops = body.stop_strings()
-    events = _merged({job.index: generate_text(backend.scheduler, tokenizer, job.request, stops) for job in jobs})
-    backend.scheduler.check_capacity(len(jobs))
+    # Queued before the answer starts: past --max-concurrent-requests this is a 429, never a 200 and then an error.
+    generations = backend.scheduler.generate_all([job.request for job in jobs])
+    events = _merged({job.index: generate_text(g, tokenizer, stops) for job, g in zip(jobs, generations)})
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return sse_response(_stream(completion, choices, events, include_usage))
@@ -453,13 +465,16 @@ async def _respond(backend: Backend, adapter: Adapter | None, tokenizer: ModelTo
 async def chat_completions(request: Request):
     backend = _backend(request)
     body: ChatCompletionRequest = await parse_body(request, ChatCompletionRequest)
+    backend.check_choices(body.n, "n")
     messages = [m.as_template_input() for m in body.messages]
     adapter, tokenizer = await backend.resolve_model(body.model)
     tools = body.tool_dicts
     try:
-        input_ids = await backend.off_loop(tokenizer.apply_chat_template, messages, tools or None)
+        text = await backend.off_loop(tokenizer.render_chat, messages, tools or None)
     except ChatTemplateError as e:
         raise bad_request(str(e), param="messages") from None
+    # The rendered text holds every special token the template wants: no BOS/EOS added again.
+    input_ids = await backend.encode(tokenizer, text, "messages", add_special_tokens=False)
     grammar, param = body.grammar()
     grammar = await backend.off_loop(backend.grammars.check, grammar, param) if grammar else ""
     top_logprobs = (body.top_logprobs or 0) if body.logprobs else None
@@ -471,12 +486,14 @@ async def chat_completions(request: Request):
 async def completions(request: Request):
     backend = _backend(request)
     body: CompletionRequest = await parse_body(request, CompletionRequest)
+    backend.check_choices(len(body.prompts()) * (body.best_of or body.n), "best_of" if body.best_of else "n")
     adapter, tokenizer = await backend.resolve_model(body.model)
     prompts = []
     for prompt in body.prompts():
         if isinstance(prompt, str):
-            prompts.append((await backend.off_loop(tokenizer.encode, prompt), prompt))
+            prompts.append((await backend.encode(tokenizer, prompt, "prompt"), prompt))
             continue
+        backend.check_input_length(len(prompt), "prompt")
         bad = [t for t in prompt if not 0 <= t < backend.vocab_size]
         if bad:
             raise bad_request(f"`prompt` holds token id {bad[0]}, outside the vocabulary [0, {backend.vocab_size})",

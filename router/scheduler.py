@@ -21,6 +21,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 from proto import generate_pb2 as pb
+from router.errors import redact_paths
 from router.shard_client import ShardClient, ShardError
 
 log = logging.getLogger("loom.scheduler")
@@ -80,8 +81,9 @@ class GenerationStats:
         return (self.finished - self.first_token) / (self.generated - 1)
 
 
-# The HTTP layer sets a list here per request; every generation the request starts appends its stats.
-request_generations: ContextVar[list[GenerationStats] | None] = ContextVar("request_generations", default=None)
+# The HTTP layer sets a list here per request; every generation the request starts appends itself, and the
+# HTTP layer closes them all when the exchange ends, whichever way it ends (`Generation.close`).
+request_generations: ContextVar[list["Generation"] | None] = ContextVar("request_generations", default=None)
 
 
 class GenerationFailed(RuntimeError):
@@ -94,6 +96,11 @@ class GenerationFailed(RuntimeError):
 
 class Overloaded(RuntimeError):
     pass
+
+
+class InvalidRequest(ValueError):
+    """A request the shards' protocol cannot carry (a field out of its proto type's range): refused before it
+    is queued, so it can never fail a step that other requests share."""
 
 
 class QueueTimeout(RuntimeError):
@@ -114,6 +121,7 @@ class Sequence:
     blocks: int
     stats: GenerationStats
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    proto: pb.Request | None = None  # what the prefill sends, built (and so checked) when the request is queued
     state: State = State.WAITING
     generated: int = 0
     timer: asyncio.TimerHandle | None = None  # the queue timeout, while WAITING
@@ -128,6 +136,14 @@ class Generation:
     def __init__(self, scheduler: "Scheduler", seq: Sequence):
         self._scheduler = scheduler
         self._seq = seq
+
+    @property
+    def stats(self) -> GenerationStats:
+        return self._seq.stats
+
+    def close(self, reason: str = "cancelled") -> None:
+        """Releases the sequence unless it has ended already; safe to call any number of times."""
+        self._scheduler.cancel(self._seq, reason)
 
     async def __aenter__(self) -> "Generation":
         return self
@@ -202,16 +218,34 @@ class Scheduler:
 
     def generate(self, request: GenerationRequest) -> Generation:
         """Queues `request`; raises Overloaded past --max-concurrent-requests."""
-        self.check_capacity()
+        return self.generate_all([request])[0]
+
+    def generate_all(self, requests: list[GenerationRequest]) -> list[Generation]:
+        """Queues every request or none: Overloaded when they do not all fit under --max-concurrent-requests,
+        InvalidRequest when one cannot be sent to the shards. Handlers queue before they answer, so a stream
+        that got its 200 holds its place."""
+        self.check_capacity(len(requests))
+        seqs = [self._sequence(r) for r in requests]
+        loop = asyncio.get_running_loop()
+        generations = [Generation(self, seq) for seq in seqs]
+        tracked = request_generations.get()
+        for seq, generation in zip(seqs, generations):
+            seq.timer = loop.call_later(self.max_queue_time_s, self._expire, seq)
+            if tracked is not None:
+                tracked.append(generation)
+            self._waiting.append(seq)
+        self._wake.set()
+        return generations
+
+    def _sequence(self, request: GenerationRequest) -> Sequence:
         blocks = math.ceil((len(request.input_ids) + request.max_new_tokens) / self.block_size)
         stats = GenerationStats(request.adapter_id, len(request.input_ids), time.perf_counter())
         seq = Sequence(id=next(self._ids), request=request, blocks=blocks, stats=stats)
-        seq.timer = asyncio.get_running_loop().call_later(self.max_queue_time_s, self._expire, seq)
-        if (generations := request_generations.get()) is not None:
-            generations.append(stats)
-        self._waiting.append(seq)
-        self._wake.set()
-        return Generation(self, seq)
+        try:
+            seq.proto = self._to_proto(seq)
+        except (ValueError, TypeError) as e:  # protobuf's range and type checks
+            raise InvalidRequest(f"a request field is out of range: {e}") from None
+        return seq
 
     def cancel(self, seq: Sequence, reason: str = "cancelled") -> None:
         """The consumer is done with `seq`; frees its place in the queue, or its KV blocks and adapter
@@ -245,19 +279,17 @@ class Scheduler:
                 continue
             try:
                 await self._step()
-            except Exception as e:  # a bug here must not wedge every request: fail the batch, go on
+            except Exception:  # a bug here must not wedge every request: fail the batch, go on
                 log.exception("scheduler step crashed")
                 self._post()
-                self._fail_running(f"internal error: {e!r}")
+                self._fail_running("internal error in the batch step; the request can be retried")
                 await self._recover()
 
     async def _step(self) -> None:
         admitted = self._admit()
         decode = [sid for sid, s in self._running.items() if s.state is State.RUNNING]
         release, self._to_release = self._to_release, []
-        step = pb.StepRequest(prefill=[self._to_proto(s) for s in admitted], decode=decode, release=release)
-        for seq in admitted:
-            self._running[seq.id] = seq
+        step = pb.StepRequest(prefill=[s.proto for s in admitted], decode=decode, release=release)
         started = time.perf_counter()
         try:
             call = self.client.step(step)
@@ -266,8 +298,8 @@ class Scheduler:
             self._post()
             reply = await call
         except ShardError as e:
-            log.error("step failed: %s", e)
-            self._fail_running(str(e))
+            log.error("step failed: %s", e)  # the details (ranks, library messages) stay in the log
+            self._fail_running("the batch step failed on the shards; the request can be retried")
             await self._recover()
             return
         self.healthy = True
@@ -298,8 +330,11 @@ class Scheduler:
             self._waiting.popleft()
             seq.timer.cancel()
             seq.stats.admitted = time.perf_counter()
+            # Running from here on: whatever happens to this step, `_finish` or `_fail_running` gives the blocks
+            # and the adapter reference back.
             self.reserved_blocks += seq.blocks
             self._acquire_adapter(seq.request)
+            self._running[seq.id] = seq
             prefill_tokens += n
             seq.state = State.PREFILLING
             admitted.append(seq)
@@ -365,7 +400,7 @@ class Scheduler:
             return  # cancelled while the step ran; already queued for release
         if gen.error:
             self._finish(seq, "error")
-            self._outbox.append((seq, GenerationFailed(gen.error, server_error=False)))
+            self._outbox.append((seq, GenerationFailed(redact_paths(gen.error), server_error=False)))
             return
         seq.generated += 1
         seq.stats.generated = seq.generated

@@ -3,21 +3,37 @@
 from __future__ import annotations
 
 
+def _failure_table(s: str) -> list[int]:
+    """KMP: table[i] is the length of the longest proper prefix of s[:i + 1] that is also its suffix."""
+    table = [0] * len(s)
+    k = 0
+    for i in range(1, len(s)):
+        while k and s[i] != s[k]:
+            k = table[k - 1]
+        if s[i] == s[k]:
+            k += 1
+        table[i] = k
+    return table
+
+
 class StopMatcher:
     """Feed the detokenizer's pieces in order; emit what `feed` returns; call `flush` when generation ends.
 
     Text that could still be the start of a stop string is held back until the next pieces show
     whether it is one. Once a stop string is hit, the matcher is done: later calls return "".
     Empty stop strings are ignored.
+
+    Each stop string runs a KMP automaton over the text, one character at a time: the work per character is
+    amortised constant per stop string and the memory is linear in the stop strings' lengths (a table of
+    every prefix would grow with the square of a long stop string's length).
     """
 
-    __slots__ = ("_stops", "_prefixes", "_longest_prefix", "_held", "stopped")
+    __slots__ = ("_stops", "_tables", "_states", "_held", "stopped")
 
     def __init__(self, stop_strings: list[str]):
         self._stops = tuple(dict.fromkeys(s for s in stop_strings if s))
-        # Every proper prefix of a stop string: the tails of the text worth holding back.
-        self._prefixes = frozenset(s[:i] for s in self._stops for i in range(1, len(s)))
-        self._longest_prefix = max(map(len, self._prefixes), default=0)
+        self._tables = [_failure_table(s) for s in self._stops]
+        self._states = [0] * len(self._stops)  # per stop string: how much of it the text now ends with
         self._held = ""
         self.stopped = False
 
@@ -28,13 +44,14 @@ class StopMatcher:
         if self.stopped:
             return "", True
         text = self._held + piece
-        # The stop string that ends first wins (the longest one on a tie), as if fed one char at a
-        # time, so the result does not depend on how the text was split into pieces.
-        hit = min(((i + len(s), i) for s in self._stops if (i := text.find(s)) >= 0), default=None)
-        if hit is not None:
-            self._held, self.stopped = "", True
-            return text[: hit[1]], True
-        keep = self._open_prefix_len(text)
+        start = len(self._held)  # the held text has already been run through the automata
+        for pos in range(start, len(text)):
+            hit = self._advance(text[pos])
+            if hit:
+                # The stop string that ends first wins (the longest one on a tie), as if fed one char at a time.
+                self._held, self.stopped = "", True
+                return text[: pos + 1 - hit], True
+        keep = max(self._states)
         self._held = text[len(text) - keep :]
         return text[: len(text) - keep], False
 
@@ -43,11 +60,20 @@ class StopMatcher:
         held, self._held = self._held, ""
         return held
 
-    def _open_prefix_len(self, text: str) -> int:
-        # Longest tail of `text` that a stop string starts with. Earlier text cannot start a stop string:
-        # that string would have to begin with a longer tail, or occur in full and have been found.
-        for n in range(min(len(text), self._longest_prefix), 0, -1):
-            if text[-n:] in self._prefixes:
-                return n
-        return 0
-
+    def _advance(self, ch: str) -> int:
+        """Feeds one character to every automaton; returns the length of the longest stop string that the
+        text now ends with (0: none)."""
+        hit = 0
+        states = self._states
+        for j, (stop, table) in enumerate(zip(self._stops, self._tables)):
+            k = states[j]
+            if k == len(stop):
+                k = table[k - 1]
+            while k and stop[k] != ch:
+                k = table[k - 1]
+            if stop[k] == ch:
+                k += 1
+            states[j] = k
+            if k == len(stop):
+                hit = max(hit, k)
+        return hit

@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from router.detokenizer import IncrementalDetokenizer
-from router.scheduler import GenerationRequest, Scheduler, TokenEvent
+from router.scheduler import Generation, TokenEvent
 from router.stops import StopMatcher
 from router.tokenization import ModelTokenizer
 
@@ -18,13 +18,11 @@ class TextChunk:
     finish_reason: str | None = None  # "length" | "eos_token" | "stop_sequence"
 
 
-async def generate_text(
-    scheduler: Scheduler, tokenizer: ModelTokenizer, request: GenerationRequest, stop: list[str]
-) -> AsyncIterator[TextChunk]:
-    """Yields one TextChunk per generated token; the last one carries the finish reason."""
+async def generate_text(generation: Generation, tokenizer: ModelTokenizer, stop: list[str]) -> AsyncIterator[TextChunk]:
+    """Yields one TextChunk per generated token of a queued generation; the last one carries the finish reason."""
     detokenizer = IncrementalDetokenizer(tokenizer)
     stops = StopMatcher(stop)
-    async with scheduler.generate(request) as tokens:
+    async with generation as tokens:
         async for event in tokens:
             piece = detokenizer.push(event.token_id)
             if event.finish_reason:

@@ -28,14 +28,18 @@ class ModelTokenizer:
     share the base model's tokenizer object.
     """
 
-    __slots__ = ("hf", "eos_token_ids", "chat_template", "special_ids")
+    __slots__ = ("hf", "eos_token_ids", "chat_template", "special_ids", "max_token_chars")
 
-    def __init__(self, hf: Any, eos_token_ids: frozenset[int], chat_template: str | dict[str, str] | None):
+    def __init__(self, hf: Any, eos_token_ids: frozenset[int], chat_template: str | dict[str, str] | None,
+                 max_token_chars: int | None = None):
         self.hf = hf
         self.eos_token_ids = eos_token_ids
         self.chat_template = chat_template
         # Ids that decode(skip_special_tokens=True) drops: the Rust tokenizer's notion of "special".
         self.special_ids = frozenset(i for i, tok in hf.added_tokens_decoder.items() if tok.special)
+        # The most text characters one token can stand for: a token's stored form has at least as many
+        # characters as the text it decodes to (byte-level BPE: one per byte; SentencePiece: one per character).
+        self.max_token_chars = max_token_chars or max(map(len, hf.get_vocab()), default=1)
 
     @classmethod
     def from_dir(cls, path: str | Path) -> ModelTokenizer:
@@ -60,9 +64,10 @@ class ModelTokenizer:
             return True
         return bool(getattr(self.hf, "clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output", False))
 
-    def encode(self, text: str) -> list[int]:
-        """Ids exactly as `tokenizer(text)["input_ids"]`, including the tokenizer's own special tokens (e.g. BOS)."""
-        return self.hf(text)["input_ids"]
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Ids exactly as `tokenizer(text)["input_ids"]`, including the tokenizer's own special tokens (e.g. BOS)
+        unless `add_special_tokens` is false (a rendered chat prompt already holds them)."""
+        return self.hf(text, add_special_tokens=add_special_tokens)["input_ids"]
 
     def tokenize_with_offsets(self, text: str) -> list[tuple[int, str, int, int]]:
         """(id, token text, start, stop) for each id of `encode(text)`; offsets index characters of `text`."""
@@ -112,12 +117,11 @@ class ModelTokenizer:
         The rendered text already holds every special token the template wants, so it is encoded
         without adding BOS/EOS again.
         """
-        text = self.render_chat(messages, tools, add_generation_prompt)
-        return self.hf(text, add_special_tokens=False)["input_ids"]
+        return self.encode(self.render_chat(messages, tools, add_generation_prompt), add_special_tokens=False)
 
     def with_chat_template(self, chat_template: str | dict[str, str]) -> ModelTokenizer:
         """This tokenizer with another template (an adapter that ships only a template); shares `hf`."""
-        return ModelTokenizer(self.hf, self.eos_token_ids, chat_template)
+        return ModelTokenizer(self.hf, self.eos_token_ids, chat_template, self.max_token_chars)
 
 
 def load_adapter_tokenizer(adapter_dir: str | Path, base: ModelTokenizer) -> ModelTokenizer:

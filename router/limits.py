@@ -1,0 +1,26 @@
+"""The documented maximum of every request field that has one, written once (README: "Operating Loom").
+
+Each bound keeps a field inside its proto type and the work a single request can ask for small; a request past
+one is a 400 that names the field. Limits an operator sets (prompt tokens, body bytes, connections) are flags.
+"""
+
+from __future__ import annotations
+
+UINT32_MAX = 2**32 - 1
+UINT64_MAX = 2**64 - 1
+INT64_MIN = -(2**63)
+
+MAX_CHOICES = 128  # n, best_of: generations one prompt may ask for
+MAX_TOP_LOGPROBS = 20  # chat top_logprobs, native return_k_alternatives
+MAX_COMPLETION_LOGPROBS = 5  # legacy completions' logprobs (OpenAI's own bound)
+MAX_TOP_K = 1 << 20  # above any vocabulary: a larger top_k means the same as none
+MAX_NATIVE_TEMPERATURE = 100.0  # OpenAI routes: 2, as OpenAI
+MAX_REPETITION_PENALTY = 100.0
+MAX_STOP_SEQUENCES = 16
+MAX_STOP_CHARS = 512  # per stop string
+MAX_MODEL_ID_CHARS = 512  # `model` / `adapter_id`: a name, a hub id or an absolute path
+MAX_JSON_DEPTH = 64  # nesting of objects and lists in a request body
+
+DEFAULT_MAX_REQUEST_BYTES = 4 << 20  # `--max-request-bytes`
+DEFAULT_HEADER_TIMEOUT_S = 10.0  # `--header-timeout`: a connection must send a request head within this
+DEFAULT_MAX_CONNECTIONS = 4096  # `--max-connections` (lowered to fit the open-file limit)
