@@ -247,14 +247,15 @@ def test_over_limit_streams_get_429_before_any_200(hardened):
 def test_refused_best_of_leaves_nothing_running(hardened):
     url = hardened.url
     with ThreadPoolExecutor(CAPACITY) as pool:
-        busy = [pool.submit(stream_events, url, 60) for _ in range(CAPACITY - 2)]
+        # Long streams, so none ends before the refusal is checked.
+        busy = [pool.submit(stream_events, url, 300) for _ in range(CAPACITY - 2)]
         assert wait_until(lambda: metric(url, "loom_running_requests") + metric(url, "loom_waiting_requests")
                           == CAPACITY - 2, 30)
         r = post(url, GEN, native(best_of=4, do_sample=True))
         assert r.status_code == 429 and r.headers["retry-after"]
         assert metric(url, "loom_running_requests") + metric(url, "loom_waiting_requests") == CAPACITY - 2
         for future in busy:
-            assert stream_outcome(future.result(timeout=120)) == ("length", 60)
+            assert stream_outcome(future.result(timeout=120)) == ("length", 300)
     assert wait_until(lambda: kv_idle(url), 10)
 
 
@@ -303,7 +304,7 @@ def test_stream_cut_by_shutdown_ends_with_an_error_event_and_done():
         async def send(message):
             sent.append(message)
 
-        guard = GuardMiddleware(endless, api_key=None, metrics=Metrics(), max_request_bytes=1000)
+        guard = GuardMiddleware(endless, api_key=None, metrics=Metrics(), open_paths=frozenset(), max_request_bytes=1000)
         scope = {"type": "http", "path": COMP, "method": "POST", "headers": [], "query_string": b""}
         task = asyncio.create_task(guard(scope, incoming.get, send))
         while not any(m.get("body", b"").startswith(b"data: {") for m in sent):
