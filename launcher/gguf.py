@@ -63,7 +63,11 @@ def prune_superseded(converted: Path) -> None:
     """Removes the conversions of the same file made before it changed (they can be large)."""
     source = json.loads((converted / SOURCE_RECORD).read_text())["file"]
     for record in converted.parent.glob(f"*/{SOURCE_RECORD}"):
-        if record.parent != converted and json.loads(record.read_text()).get("file") == source:
+        try:
+            superseded = record.parent != converted and json.loads(record.read_text()).get("file") == source
+        except (OSError, ValueError):  # being removed by another launch meanwhile
+            continue
+        if superseded:
             shutil.rmtree(record.parent, ignore_errors=True)
 
 

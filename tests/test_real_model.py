@@ -6,6 +6,7 @@ the GGUF carries, as transformers reads it."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -172,6 +173,15 @@ def test_the_cache_key_follows_the_file(tmp_path):
     assert gguf.cache_name(path) == first and first.startswith("m-")
     path.write_bytes(b"GGUF v2, longer")
     assert gguf.cache_name(path) != first
+
+
+def test_a_new_conversion_of_a_file_replaces_the_old_one(tmp_path):
+    cache = tmp_path / "gguf"
+    for name, source in (("m-old", "m.gguf"), ("m-new", "m.gguf"), ("x-other", "x.gguf")):
+        (cache / name).mkdir(parents=True)
+        (cache / name / gguf.SOURCE_RECORD).write_text(json.dumps({"file": str(tmp_path / source)}))
+    gguf.prune_superseded(cache / "m-new")
+    assert sorted(p.name for p in cache.iterdir()) == ["m-new", "x-other"]
 
 
 def test_a_truncated_gguf_is_a_one_line_error(smollm2_gguf, tmp_path, monkeypatch):
