@@ -60,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="loom",
         description="Serve one base LLM and many LoRA adapters behind OpenAI- and LoRAX-compatible APIs.",
     )
-    p.add_argument("--model-id", metavar="ID", default=None, help="Local model directory or hub repo id (org/name[@revision]). "
+    p.add_argument("--model-id", metavar="ID", default=None, help="Local model directory, a .gguf file (dequantized once into $LOOM_CACHE), "
+                   "or hub repo id (org/name[@revision]). "
                    "Unset: the embedded demo model, built once into $LOOM_CACHE (default ~/.cache/loom) and reused.")
     p.add_argument("--port", metavar="PORT", type=port_number, default=8080, help="Port the HTTP server listens on (default: %(default)s).")
     p.add_argument("--hostname", metavar="HOST", default="127.0.0.1", help="Address the HTTP server listens on; 0.0.0.0 for all interfaces (default: %(default)s).")

@@ -1,4 +1,5 @@
-"""Turns `--model-id` into a local model directory: the embedded demo model, a local dir, or a hub snapshot."""
+"""Turns `--model-id` into a local model directory: the embedded demo model, a local dir, a GGUF file
+(converted once into the user cache) or a hub snapshot."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
+from launcher import gguf
 from launcher.hub import HubError, snapshot, split_revision
 
 DEMO_MODEL_ID = "demo"
@@ -38,11 +41,20 @@ class ResolvedModel:
 
 
 def resolve_model(model_id: str | None) -> ResolvedModel:
+    """The base model is served under `model_id` as given (a hub id without its @revision)."""
     if model_id is None:
         return ResolvedModel(ensure_demo_model(), DEMO_MODEL_ID)
     path = Path(model_id).expanduser()
+    if path.is_file():
+        if not gguf.is_gguf(path):
+            raise ModelSourceError(f"model {model_id!r} is a file, but not a .gguf; give its directory instead")
+        return ResolvedModel(convert_gguf(path.resolve()), model_id)
     if path.is_dir():
-        return ResolvedModel(check_model_dir(path.resolve(), model_id), model_id)
+        lone = lone_gguf(path)
+        model_dir = convert_gguf(lone.resolve()) if lone else check_model_dir(path.resolve(), model_id)
+        return ResolvedModel(model_dir, model_id)
+    if gguf.is_gguf(path):
+        raise ModelSourceError(f"model file {model_id!r} does not exist")
     if model_id.startswith(("/", ".", "~")) or model_id.count("/") > 1:
         raise ModelSourceError(f"model directory {model_id!r} does not exist")
     repo_id, revision = split_revision(model_id)
@@ -51,10 +63,22 @@ def resolve_model(model_id: str | None) -> ResolvedModel:
 
 def check_model_dir(path: Path, model_id: str) -> Path:
     if not (path / "config.json").is_file():
-        raise ModelSourceError(f"model {model_id!r}: {path} has no config.json")
+        raise ModelSourceError(f"model {model_id!r}: {path} has no config.json (nor a single .gguf file)")
     if not any(path.glob("*.safetensors")):
-        raise ModelSourceError(f"model {model_id!r}: {path} has no *.safetensors weights (Loom loads safetensors only)")
+        raise ModelSourceError(f"model {model_id!r}: {path} has no *.safetensors weights "
+                               "(Loom loads safetensors, or a .gguf file)")
     return path
+
+
+def lone_gguf(path: Path) -> Path | None:
+    """The .gguf file a directory holds in place of a model (no config.json, no safetensors), if just one."""
+    if (path / "config.json").exists() or any(path.glob("*.safetensors")):
+        return None
+    files = sorted(p for p in path.iterdir() if p.is_file() and gguf.is_gguf(p))
+    if len(files) > 1:
+        raise ModelSourceError(f"model directory {str(path)!r} holds {len(files)} .gguf files "
+                               f"({', '.join(p.name for p in files)}); give one of them as --model-id")
+    return files[0] if files else None
 
 
 def max_position_embeddings(model_dir: Path) -> int | None:
@@ -77,7 +101,7 @@ def download(repo_id: str, revision: str | None) -> Path:
         raise ModelSourceError(str(e)) from None
 
 
-# ---- demo model --------------------------------------------------------------------------------------
+# ---- the user cache -----------------------------------------------------------------------------------
 
 
 def cache_root() -> Path:
@@ -87,31 +111,56 @@ def cache_root() -> Path:
     return Path(xdg).expanduser() / "loom"
 
 
-def ensure_demo_model() -> Path:
-    """Builds the demo model once and reuses it. A file lock keeps concurrent launches from building it
-    twice, and the build happens in a temp dir renamed into place, so a crash never leaves half a model."""
+def cached_model_dir(target: Path, build: Callable[[Path], None], what: str) -> Path:
+    """`target`, built once by `build(staging_dir)` and reused. A file lock keeps concurrent launches from
+    building it twice, and the build happens in a temp dir renamed into place, so a crash never leaves half
+    a model. A model dir is complete once its config.json is there."""
     from filelock import FileLock
 
-    root = cache_root()
-    target = root / DEMO_DIR_NAME
     if (target / "config.json").is_file():
         return target
+    parent = target.parent
     try:
-        root.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(root / f"{DEMO_DIR_NAME}.lock")):
+        parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(parent / f"{target.name}.lock")):
             if not (target / "config.json").is_file():
-                build_demo_model(root, target)
+                for stale in parent.glob(f".{target.name}-*"):  # left behind by a build that was killed
+                    shutil.rmtree(stale, ignore_errors=True)
+                staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=parent))
+                try:
+                    build(staging)
+                except BaseException:
+                    shutil.rmtree(staging, ignore_errors=True)
+                    raise
+                staging.chmod(0o755)  # mkdtemp makes it private; the cache is the user's own, readable as usual
+                os.rename(staging, target)
     except OSError as e:
-        raise ModelSourceError(f"cannot build the demo model in {root}: {e}") from None
+        raise ModelSourceError(f"cannot build {what} in {parent}: {e}") from None
     return target
 
 
-def build_demo_model(root: Path, target: Path) -> None:
+# ---- GGUF --------------------------------------------------------------------------------------------
+
+
+def convert_gguf(gguf_file: Path) -> Path:
+    """The safetensors model dir converted from `gguf_file`, made on first use under `<cache>/gguf/`."""
+    target = cache_root() / "gguf" / gguf.cache_name(gguf_file)
+    try:
+        converted = cached_model_dir(target, lambda staging: gguf.convert(gguf_file, staging),
+                                     f"the model converted from {gguf_file.name}")
+    except gguf.GGUFError as e:
+        raise ModelSourceError(str(e)) from None
+    gguf.prune_superseded(converted)
+    return converted
+
+
+# ---- demo model --------------------------------------------------------------------------------------
+
+
+def ensure_demo_model() -> Path:
+    """The demo model, built once into the user cache."""
     from launcher.tiny_model import build_tiny_model
 
-    for stale in root.glob(f".{DEMO_DIR_NAME}-*"):  # left behind by a build that was killed
-        shutil.rmtree(stale, ignore_errors=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{DEMO_DIR_NAME}-", dir=root))
-    build_tiny_model(staging, family="llama", seed=0, **DEMO_CONFIG)
-    staging.chmod(0o755)  # mkdtemp makes it private; the cache is the user's own, readable as usual
-    os.rename(staging, target)
+    return cached_model_dir(cache_root() / DEMO_DIR_NAME,
+                            lambda staging: build_tiny_model(staging, family="llama", seed=0, **DEMO_CONFIG),
+                            "the demo model")
