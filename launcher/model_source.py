@@ -67,6 +67,12 @@ def check_model_dir(path: Path, model_id: str) -> Path:
     if not any(path.glob("*.safetensors")):
         raise ModelSourceError(f"model {model_id!r}: {path} has no *.safetensors weights "
                                "(Loom loads safetensors, or a .gguf file)")
+    quantization = json.loads((path / "config.json").read_text()).get("quantization_config")
+    if quantization is not None:
+        # Quantized tensors loaded as dense weights would compute garbage; refuse instead of guessing.
+        method = quantization.get("quant_method", "?") if isinstance(quantization, dict) else "?"
+        raise ModelSourceError(f"model {model_id!r}: config.json has quantization_config (quant_method {method!r}); "
+                               "Loom serves unquantized safetensors or GGUF files (dequantized on load)")
     return path
 
 

@@ -353,6 +353,18 @@ def test_local_dir_without_config_is_a_clear_error(tmp_path):
         resolve_model(str(tmp_path))
 
 
+def test_quantized_checkpoint_is_refused_naming_the_field(llama_dir, tmp_path):
+    import json
+    import shutil
+
+    quantized = shutil.copytree(llama_dir, tmp_path / "quantized")
+    config = json.loads((quantized / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "awq", "bits": 4}
+    (quantized / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelSourceError, match="quantization_config.*awq"):
+        resolve_model(str(quantized))
+
+
 @pytest.mark.parametrize("model_id", ["./no-such-model", "/no/such/model", "~/no-such-model", "a/b/c"])
 def test_missing_local_path_is_a_clear_error(model_id):
     with pytest.raises(ModelSourceError, match="does not exist"):
