@@ -246,16 +246,23 @@ def test_over_limit_streams_get_429_before_any_200(hardened):
 
 def test_refused_best_of_leaves_nothing_running(hardened):
     url = hardened.url
-    with ThreadPoolExecutor(CAPACITY) as pool:
-        # Long streams, so none ends before the refusal is checked.
-        busy = [pool.submit(stream_events, url, 300) for _ in range(CAPACITY - 2)]
-        assert wait_until(lambda: metric(url, "loom_running_requests") + metric(url, "loom_waiting_requests")
-                          == CAPACITY - 2, 30)
-        r = post(url, GEN, native(best_of=4, do_sample=True))
-        assert r.status_code == 429 and r.headers["retry-after"]
-        assert metric(url, "loom_running_requests") + metric(url, "loom_waiting_requests") == CAPACITY - 2
-        for future in busy:
-            assert stream_outcome(future.result(timeout=120)) == ("length", 300)
+    busy_count = lambda: metric(url, "loom_running_requests") + metric(url, "loom_waiting_requests")  # noqa: E731
+    # The tiny model streams 100 tokens in well under a second: if a stream ends before the refusal is
+    # decided the server rightly admits best_of, so such a round is run again.
+    for _ in range(5):
+        with ThreadPoolExecutor(CAPACITY) as pool:
+            busy = [pool.submit(stream_events, url, 100) for _ in range(CAPACITY - 2)]
+            assert wait_until(lambda: busy_count() == CAPACITY - 2, 30)
+            r = post(url, GEN, native(best_of=4, do_sample=True))
+            refused, still_busy = r.status_code == 429, busy_count()
+            for future in busy:
+                assert stream_outcome(future.result(timeout=120)) == ("length", 100)
+        if refused:
+            assert r.headers["retry-after"] and still_busy <= CAPACITY - 2
+            break
+        assert r.status_code == 200, r.text
+    else:
+        pytest.fail("best_of beside a nearly full server was never refused")
     assert wait_until(lambda: kv_idle(url), 10)
 
 
