@@ -9,6 +9,9 @@ and shared by all layers.
 
 Sliding window (transformers' Mistral semantics): query at position q sees keys at positions k with
 q - window < k <= q, i.e. itself and the window - 1 tokens before it.
+
+Attention logit soft-capping (Gemma 2: scores -> cap * tanh(scores / cap) before the mask) is not something
+SDPA can do, so layers with a cap compute their scores explicitly, in transformers' eager op order.
 """
 
 from __future__ import annotations
@@ -75,15 +78,42 @@ def decode_metadata(block_tables: torch.Tensor, context_lens: torch.Tensor, slot
                              context_lens)
 
 
+def softcapped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
+                         softcap: float) -> torch.Tensor:
+    """q [B, heads, Q, D], k/v [B, kv_heads, K, D], mask [B or 1, 1, Q, K] (True = attend) -> [B, heads, Q, D].
+    Each kv head serves `heads / kv_heads` consecutive query heads (transformers' repeat_kv)."""
+    b, heads, n, d = q.shape
+    kv_heads = k.shape[1]
+    q = q.reshape(b, kv_heads, heads // kv_heads * n, d)
+    scores = (q @ k.transpose(-1, -2) * scale).view(b, heads, n, -1)
+    scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.masked_fill(~mask, float("-inf"))
+    probs = scores.softmax(-1, dtype=torch.float32).to(q.dtype)
+    return (probs.view(b, kv_heads, -1, probs.shape[-1]) @ v).view(b, heads, n, d)
+
+
 class PagedAttention:
-    """Writes this step's K/V into the layer's cache and attends over the cached context."""
+    """Writes this step's K/V into the layer's cache and attends over the cached context. `scale` multiplies
+    the scores (default head_dim ** -0.5); `softcap` caps them (None: no cap)."""
 
-    __slots__ = ("num_heads", "num_kv_heads", "head_dim", "scale", "sliding_window")
+    __slots__ = ("num_heads", "num_kv_heads", "head_dim", "scale", "sliding_window", "softcap")
 
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, sliding_window: int | None):
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, sliding_window: int | None,
+                 scale: float | None = None, softcap: float | None = None):
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
-        self.scale = head_dim ** -0.5
+        self.scale = head_dim ** -0.5 if scale is None else scale
         self.sliding_window = sliding_window
+        self.softcap = softcap
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """q [B, heads, Q, D], k/v [B, kv_heads, K, D]; mask None = causal (prefill without a window)."""
+        if self.softcap is None:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale,
+                                                  enable_gqa=True)
+        if mask is None:
+            n = q.shape[2]
+            mask = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
+        return softcapped_attention(q, k, v, mask, self.scale, self.softcap)
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata,
                  kv_cache: torch.Tensor) -> torch.Tensor:
@@ -99,9 +129,7 @@ class PagedAttention:
         start = 0
         for n, window_mask in zip(meta.seq_lens, meta.prefill_window_masks):
             qs, ks, vs = (t[start:start + n].transpose(0, 1).unsqueeze(0) for t in (q, k, v))
-            mask = window_mask if self.sliding_window is not None else None
-            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, is_causal=mask is None,
-                                               scale=self.scale, enable_gqa=True)
+            o = self._attend(qs, ks, vs, window_mask if self.sliding_window is not None else None)
             outs.append(o[0].transpose(0, 1))
             start += n
         return outs[0] if len(outs) == 1 else torch.cat(outs)
@@ -111,12 +139,11 @@ class PagedAttention:
             from shard.kernels.paged_attention import paged_decode_attention
 
             return paged_decode_attention(q, kv_cache, meta.context_blocks, meta.context_lens, meta.block_size,
-                                          self.scale, self.sliding_window)
+                                          self.scale, self.sliding_window, self.softcap)
         b, ctx = meta.context_blocks.shape[0], meta.context_mask.shape[-1]
         blocks = meta.context_blocks.reshape(-1)
         num_blocks = kv_cache.shape[1] // meta.block_size
         k, v = (kv_cache[i].view(num_blocks, -1).index_select(0, blocks)
                 .view(b, ctx, self.num_kv_heads, self.head_dim).transpose(1, 2) for i in (0, 1))
         mask = meta.window_mask if self.sliding_window is not None else meta.context_mask
-        o = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=mask, scale=self.scale, enable_gqa=True)
-        return o.squeeze(2)
+        return self._attend(q.unsqueeze(2), k, v, mask).squeeze(2)
