@@ -32,7 +32,9 @@ CORPUS = [
     "system user assistant tool function arguments name content role message",
 ]
 
-FAMILIES = ("llama", "mistral", "qwen2")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text")
+# Sliding window of the tiny Gemma models: shorter than the longer test prompts.
+GEMMA_WINDOW = 24
 
 
 def train_tokenizer(vocab_size: int = 384):
@@ -61,7 +63,15 @@ def train_tokenizer(vocab_size: int = 384):
 
 def model_config(family: str, vocab_size: int, **overrides):
     """A tiny config of `family`; `overrides` set any config field (hidden_size, num_hidden_layers, ...)."""
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+    from transformers import (
+        Gemma2Config,
+        Gemma3TextConfig,
+        LlamaConfig,
+        MistralConfig,
+        Phi3Config,
+        Qwen2Config,
+        Qwen3Config,
+    )
 
     common = dict(
         vocab_size=vocab_size,
@@ -89,6 +99,36 @@ def model_config(family: str, vocab_size: int, **overrides):
     elif family == "qwen2":
         common.update(tie_word_embeddings=True, use_sliding_window=False)
         cls = Qwen2Config
+    elif family == "qwen3":
+        # head_dim wider than hidden_size / heads, as in the real Qwen3 sizes.
+        common.update(head_dim=32, tie_word_embeddings=True, use_sliding_window=False)
+        cls = Qwen3Config
+    elif family == "phi3":
+        # Phi-4-mini's shape: partial rotary, longrope switching to its long factors past 32 tokens, tied.
+        rotary_half = int(64 // 4 * 0.75) // 2
+        common.pop("rope_theta")
+        common.update(tie_word_embeddings=True, original_max_position_embeddings=32, rope_parameters={
+            "rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.75,
+            "short_factor": [1.0 + 0.1 * i for i in range(rotary_half)],
+            "long_factor": [1.5 + 0.5 * i for i in range(rotary_half)],
+        })
+        cls = Phi3Config
+    elif family == "gemma2":
+        # Caps small enough to change the attention weights and the logprobs of random weights. Untied: with
+        # tied random embeddings scaled by sqrt(hidden) a Gemma repeats its input token whatever the context.
+        common.update(head_dim=16, query_pre_attn_scalar=24, sliding_window=GEMMA_WINDOW, tie_word_embeddings=False,
+                      attn_logit_softcapping=5.0, final_logit_softcapping=5.0)
+        cls = Gemma2Config
+    elif family == "gemma3_text":
+        # Both layer kinds, each with its own rope base and type.
+        common.pop("rope_theta")
+        common.update(num_hidden_layers=3, head_dim=16, query_pre_attn_scalar=16, sliding_window=GEMMA_WINDOW,
+                      layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                      tie_word_embeddings=False, rope_parameters={
+                          "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                          "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1000000.0},
+                      })
+        cls = Gemma3TextConfig
     else:
         raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
     common.update(overrides)

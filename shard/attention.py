@@ -14,6 +14,9 @@ Grouped-query attention with an explicit mask (decode, windowed prefill) folds e
 into the query-length dimension, so K/V keep their own head count: SDPA's enable_gqa together with a mask
 rules out CUDA's flash and memory-efficient kernels and falls to the math kernel (fp32 upcast, K/V copied per
 query head). Only causal prefill, which has no mask, uses enable_gqa (flash supports it).
+
+Attention logit soft-capping (Gemma 2: scores -> cap * tanh(scores / cap) before the mask) is not something
+SDPA can do, so layers with a cap compute their scores explicitly, in transformers' eager op order.
 """
 
 from __future__ import annotations
@@ -88,15 +91,53 @@ def decode_metadata(block_tables: torch.Tensor, context_lens: torch.Tensor, slot
                              context_lens)
 
 
+def softcapped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
+                         softcap: float) -> torch.Tensor:
+    """q [B, heads, Q, D], k/v [B, kv_heads, K, D], mask [B or 1, 1, Q, K] (True = attend) -> [B, heads, Q, D].
+    Each kv head serves `heads / kv_heads` consecutive query heads (transformers' repeat_kv)."""
+    b, heads, n, d = q.shape
+    kv_heads = k.shape[1]
+    q = q.reshape(b, kv_heads, heads // kv_heads * n, d)
+    scores = (q @ k.transpose(-1, -2) * scale).view(b, heads, n, -1)
+    scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.masked_fill(~mask, float("-inf"))
+    probs = scores.softmax(-1, dtype=torch.float32).to(q.dtype)
+    return (probs.view(b, kv_heads, -1, probs.shape[-1]) @ v).view(b, heads, n, d)
+
+
 class PagedAttention:
-    """Writes this step's K/V into the layer's cache and attends over the cached context."""
+    """Writes this step's K/V into the layer's cache and attends over the cached context. `scale` multiplies
+    the scores (default head_dim ** -0.5); `softcap` caps them (None: no cap)."""
 
-    __slots__ = ("num_heads", "num_kv_heads", "head_dim", "scale", "sliding_window")
+    __slots__ = ("num_heads", "num_kv_heads", "head_dim", "scale", "sliding_window", "softcap")
 
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, sliding_window: int | None):
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, sliding_window: int | None,
+                 scale: float | None = None, softcap: float | None = None):
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
-        self.scale = head_dim ** -0.5
+        self.scale = head_dim ** -0.5 if scale is None else scale
         self.sliding_window = sliding_window
+        self.softcap = softcap
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """q: [N, heads, Lq, D]; k, v: [N, kv_heads, Lk, D]; mask: [N or 1, 1, Lq, Lk] (True = attend) or None
+        for causal -> [N, heads, Lq, D]. Every torch attention path goes through here (one place for the
+        score function)."""
+        if self.softcap is not None:
+            if mask is None:
+                n = q.shape[2]
+                mask = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
+            return softcapped_attention(q, k, v, mask, self.scale, self.softcap)
+        if mask is None:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, enable_gqa=True)
+        n, heads, lq, d = q.shape
+        group = heads // self.num_kv_heads
+        # Query heads j*group .. (j+1)*group-1 share KV head j (transformers' repeat_kv): row g*Lq + i of the
+        # folded queries is head j*group + g at position i, and reads mask row i.
+        folded = q.reshape(n, self.num_kv_heads, group * lq, d)
+        if lq > 1 and group > 1:
+            mask = mask.repeat(1, 1, group, 1)
+        o = F.scaled_dot_product_attention(folded, k, v, attn_mask=mask, scale=self.scale)
+        return o.view(n, heads, lq, d)
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata,
                  kv_cache: torch.Tensor) -> torch.Tensor:
@@ -108,7 +149,8 @@ class PagedAttention:
 
     def _prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         # No prefix caching: a prompt's K/V are exactly this step's k/v, so attend without reading the cache.
-        if meta.cu_seq_lens is not None and q.dtype in (torch.float16, torch.bfloat16) and len(meta.seq_lens) > 1:
+        if meta.cu_seq_lens is not None and self.softcap is None and q.dtype in (torch.float16, torch.bfloat16) \
+                and len(meta.seq_lens) > 1:
             return self._prefill_varlen(q, k, v, meta)
         outs = []
         start = 0
@@ -134,7 +176,7 @@ class PagedAttention:
             from shard.kernels.paged_attention import paged_decode_attention
 
             return paged_decode_attention(q, kv_cache, meta.context_blocks, meta.context_lens, meta.block_size,
-                                          self.scale, self.sliding_window)
+                                          self.scale, self.sliding_window, self.softcap)
         b, ctx = meta.context_blocks.shape[0], meta.context_mask.shape[-1]
         blocks = meta.context_blocks.reshape(-1)
         num_blocks = kv_cache.shape[1] // meta.block_size
@@ -142,19 +184,3 @@ class PagedAttention:
                 .view(b, ctx, self.num_kv_heads, self.head_dim).transpose(1, 2) for i in (0, 1))
         mask = meta.window_mask if self.sliding_window is not None else meta.context_mask
         return self._attend(q.unsqueeze(2), k, v, mask).squeeze(2)
-
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """q: [N, heads, Lq, D]; k, v: [N, kv_heads, Lk, D]; mask: [N or 1, 1, Lq, Lk] (True = attend) or None
-        for causal -> [N, heads, Lq, D]. Every torch attention path goes through here (one place for the
-        score function)."""
-        if mask is None:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, enable_gqa=True)
-        n, heads, lq, d = q.shape
-        group = heads // self.num_kv_heads
-        # Query heads j*group .. (j+1)*group-1 share KV head j (transformers' repeat_kv): row g*Lq + i of the
-        # folded queries is head j*group + g at position i, and reads mask row i.
-        folded = q.reshape(n, self.num_kv_heads, group * lq, d)
-        if lq > 1 and group > 1:
-            mask = mask.repeat(1, 1, group, 1)
-        o = F.scaled_dot_product_attention(folded, k, v, attn_mask=mask, scale=self.scale)
-        return o.view(n, heads, lq, d)

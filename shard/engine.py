@@ -34,7 +34,7 @@ from shard.kv_cache import (
 )
 from shard.lora import AdapterError, PageLayout, projection_shapes
 from shard.lora_batch import LoraBatch, PageGather, TritonLoraBatch
-from shard.model import head_dim_of
+from shard.models import head_dim_of
 from shard.sampler import SamplerOutput, SamplerRow, SamplingParams, sample
 from shard.grammar import GrammarError, Grammars
 from shard.weights import load_model
@@ -502,12 +502,19 @@ class Engine:
         if not live:
             return results
 
-        live = self._group_by_adapter(live, [self.seq_adapters.get(seq_ids[i], "") for i in live])
         bm = self.blocks
-        rows = [self.sequences[seq_ids[i]] for i in live]
         needed = sum(1 for i in live if bm.lengths[seq_ids[i]] % bm.block_size == 0)
         if needed > bm.num_free:
             raise KVCacheExhausted(f"KV cache out of blocks: decode needs {needed} new blocks, {bm.num_free} free")
+        if self.model.recompute_at is not None:
+            whole = [i for i in live if len(self.sequences[seq_ids[i]].token_ids) == self.model.recompute_at]
+            for i, result in zip(whole, self._recompute([seq_ids[i] for i in whole]) if whole else []):
+                results[i] = result
+            live = [i for i in live if i not in whole]
+            if not live:
+                return results
+        live = self._group_by_adapter(live, [self.seq_adapters.get(seq_ids[i], "") for i in live])
+        rows = [self.sequences[seq_ids[i]] for i in live]
         slots = [bm.append_slot(seq_ids[i]) for i in live]
         tables = [bm.tables[seq_ids[i]] for i in live]
         width = max(len(t) for t in tables)
@@ -531,3 +538,26 @@ class Engine:
             _accept(rows[j], out.token_ids[j])
             results[i] = TokenResult(seq_ids[i], out.token_ids[j], out.logprobs[j], out.top_tokens[j])
         return results
+
+    def _recompute(self, seq_ids: list[int]) -> list[TokenResult]:
+        """Decodes `seq_ids` by running each whole, as a prefill of every token it holds that rewrites all its
+        KV slots, as transformers' generate does for families whose earlier positions change (Phi-3's longrope
+        switching to its long factors once a sequence passes original_max_position_embeddings)."""
+        bm, dev = self.blocks, self.device
+        rows = [self.sequences[s] for s in seq_ids]
+        ids, positions, slots, lengths, last_rows = [], [], [], [], []
+        for seq_id, row in zip(seq_ids, rows):
+            bm.append_slot(seq_id)
+            n = len(row.token_ids)
+            ids += row.token_ids
+            positions += range(n)
+            slots += bm.slots(seq_id, 0, n)
+            lengths.append(n)
+            last_rows.append(len(ids) - 1)
+        meta = prefill_metadata(lengths, torch.tensor(slots, device=dev), self.model.sliding_window)
+        lora = self._lora_batch([self.seq_adapters.get(s, "") for s in seq_ids], lengths)
+        hidden = self.model(torch.tensor(ids, device=dev), torch.tensor(positions, device=dev), meta, lora)
+        out = self._sample(self.model.compute_logits(hidden[torch.tensor(last_rows, device=dev)]), rows)
+        for j, row in enumerate(rows):
+            _accept(row, out.token_ids[j])
+        return [TokenResult(s, out.token_ids[j], out.logprobs[j], out.top_tokens[j]) for j, s in enumerate(seq_ids)]

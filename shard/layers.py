@@ -1,8 +1,9 @@
-"""Building blocks of the Llama family, tensor-parallel aware.
+"""Building blocks of the decoder families, tensor-parallel aware.
 
-Every parallel layer owns the slicing rule for its weights: `load(param_name, src, shard)` reads only this
+Every parallel layer owns the slicing rule for its weights: `load(param_name, src, parts)` reads only this
 rank's part of a checkpoint tensor (`src` is a safetensors slice, indexable like a tensor without loading
-it). With tp_size == 1 no torch.distributed call is ever made.
+it; `parts` names the logical projections of a fused layer that tensor holds). The same accessors say which
+rows of a LoRA tensor a rank keeps. With tp_size == 1 no torch.distributed call is ever made.
 """
 
 from __future__ import annotations
@@ -39,50 +40,75 @@ class RMSNorm(nn.Module):
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(x.dtype)
 
-    def load(self, param_name: str, src, shard: str | None = None) -> None:
+    def load(self, param_name: str, src, parts: tuple[str, ...] | None = None) -> None:
         _copy(getattr(self, param_name).data, src[:], param_name)
 
 
 class ColumnParallelLinear(nn.Module):
     """y = x W^T + b with the output features split across ranks; the result stays sharded.
 
-    `out_sizes` lists the full sizes of the logical projections fused into this one (e.g. gate and up);
-    each is split evenly, and rank r holds part r of every one of them, concatenated.
+    `out_sizes` names the logical projections fused into this one, with their full sizes (gate and up:
+    {"gate": n, "up": n}); each is split evenly, and rank r holds part r of every one of them, concatenated.
     """
 
-    def __init__(self, in_features: int, out_sizes: list[int], bias: bool, dtype: torch.dtype,
+    def __init__(self, in_features: int, out_sizes: dict[str, int], bias: bool, dtype: torch.dtype,
                  device: torch.device | str, tp_rank: int = 0, tp_size: int = 1):
         super().__init__()
-        for size in out_sizes:
+        for size in out_sizes.values():
             if size % tp_size:
                 raise ValueError(f"output size {size} is not divisible by tp_size {tp_size}")
-        self._init_params(in_features, [size // tp_size for size in out_sizes], bias, dtype, device, tp_rank, tp_size)
+        self._init_params(in_features, out_sizes, {p: n // tp_size for p, n in out_sizes.items()}, bias, dtype,
+                          device, tp_rank, tp_size)
 
-    def _init_params(self, in_features: int, local_sizes: list[int], bias: bool, dtype: torch.dtype,
-                     device: torch.device | str, tp_rank: int, tp_size: int) -> None:
-        self.tp_rank, self.tp_size = tp_rank, tp_size
-        self.local_sizes = local_sizes
-        self.weight = _param((sum(local_sizes), in_features), dtype, device)
-        self.bias = _param((sum(local_sizes),), dtype, device) if bias else None
+    def _init_params(self, in_features: int, full_sizes: dict[str, int], local_sizes: dict[str, int], bias: bool,
+                     dtype: torch.dtype, device: torch.device | str, tp_rank: int, tp_size: int) -> None:
+        self.in_features, self.tp_rank, self.tp_size = in_features, tp_rank, tp_size
+        self.full_sizes, self.local_sizes = full_sizes, local_sizes
+        out = sum(local_sizes.values())
+        self.weight = _param((out, in_features), dtype, device)
+        self.bias = _param((out,), dtype, device) if bias else None
+
+    @property
+    def parts(self) -> tuple[str, ...]:
+        return tuple(self.full_sizes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
 
-    def _rows(self, shard: int | str | None) -> tuple[int, int, int]:
-        """(destination offset, source start, length) of this rank's rows of logical projection `shard`."""
-        index = 0 if shard is None else int(shard)
-        size = self.local_sizes[index]
-        return sum(self.local_sizes[:index]), self.tp_rank * size, size
+    def _source_start(self, part: str) -> int:
+        """Where this rank's rows of `part` start in that part's full tensor."""
+        return self.tp_rank * self.local_sizes[part]
 
-    def load(self, param_name: str, src, shard: int | str | None = None) -> None:
-        dst_off, src_off, size = self._rows(shard)
+    def local_columns(self, parts: tuple[str, ...]) -> tuple[int, int]:
+        """(start, size) of consecutive `parts` in this rank's output columns."""
+        names = self.parts
+        first = names.index(parts[0])
+        if names[first:first + len(parts)] != parts:
+            raise ValueError(f"parts {parts} are not consecutive in {names}")
+        return sum(self.local_sizes[p] for p in names[:first]), sum(self.local_sizes[p] for p in parts)
+
+    def source_rows(self, parts: tuple[str, ...]) -> list[tuple[int, int]]:
+        """(start, size) of this rank's rows in a tensor that concatenates the full `parts` (a checkpoint's
+        fused qkv_proj, or one LoRA B over them), in this rank's output order."""
+        runs, offset = [], 0
+        for part in parts:
+            runs.append((offset + self._source_start(part), self.local_sizes[part]))
+            offset += self.full_sizes[part]
+        return runs
+
+    def load(self, param_name: str, src, parts: tuple[str, ...] | None = None) -> None:
+        """Loads `parts` (default: all of them) from `src`, which holds those full parts concatenated."""
+        parts = parts or self.parts
         dst = getattr(self, param_name).data
-        _copy(dst[dst_off:dst_off + size], src[src_off:src_off + size], param_name)
+        dst_start = self.local_columns(parts)[0]
+        for (start, size), part in zip(self.source_rows(parts), parts):
+            _copy(dst[dst_start:dst_start + size], src[start:start + size], f"{param_name} ({part})")
+            dst_start += size
 
 
 class QKVParallelLinear(ColumnParallelLinear):
-    """Fused q/k/v projection split by heads. When there are fewer kv heads than ranks, kv heads are
-    replicated so that each rank holds the one its query heads use."""
+    """Fused q/k/v projection split by heads (parts "q", "k", "v"). When there are fewer kv heads than
+    ranks, kv heads are replicated so that each rank holds the one its query heads use."""
 
     def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool,
                  dtype: torch.dtype, device: torch.device | str, tp_rank: int = 0, tp_size: int = 1):
@@ -95,14 +121,13 @@ class QKVParallelLinear(ColumnParallelLinear):
         self.num_kv_heads = max(1, num_kv_heads // tp_size)
         self.head_dim = head_dim
         self.kv_head_start = tp_rank * num_kv_heads // tp_size
+        full = {"q": num_heads * head_dim, "k": num_kv_heads * head_dim, "v": num_kv_heads * head_dim}
         q_size, kv_size = self.num_heads * head_dim, self.num_kv_heads * head_dim
-        self._init_params(hidden_size, [q_size, kv_size, kv_size], bias, dtype, device, tp_rank, tp_size)
+        self._init_params(hidden_size, full, {"q": q_size, "k": kv_size, "v": kv_size}, bias, dtype, device,
+                          tp_rank, tp_size)
 
-    def _rows(self, shard: int | str | None) -> tuple[int, int, int]:
-        index = "qkv".index(shard)
-        size = self.local_sizes[index]
-        start = self.tp_rank * size if index == 0 else self.kv_head_start * self.head_dim
-        return sum(self.local_sizes[:index]), start, size
+    def _source_start(self, part: str) -> int:
+        return self.tp_rank * self.local_sizes[part] if part == "q" else self.kv_head_start * self.head_dim
 
 
 class RowParallelLinear(nn.Module):
@@ -113,6 +138,7 @@ class RowParallelLinear(nn.Module):
         super().__init__()
         if in_features % tp_size:
             raise ValueError(f"input size {in_features} is not divisible by tp_size {tp_size}")
+        self.in_features, self.out_features = in_features, out_features
         self.tp_rank, self.tp_size = tp_rank, tp_size
         self.local_in = in_features // tp_size
         self.weight = _param((out_features, self.local_in), dtype, device)
@@ -131,13 +157,17 @@ class RowParallelLinear(nn.Module):
             dist.all_reduce(y)
         return y if self.bias is None else y + self.bias
 
-    def load(self, param_name: str, src, shard: str | None = None) -> None:
+    @property
+    def input_start(self) -> int:
+        """Where this rank's input features start in the full input."""
+        return self.tp_rank * self.local_in
+
+    def load(self, param_name: str, src, parts: tuple[str, ...] | None = None) -> None:
         dst = getattr(self, param_name).data
         if param_name == "bias":
             _copy(dst, src[:], param_name)
         else:
-            start = self.tp_rank * self.local_in
-            _copy(dst, src[:, start:start + self.local_in], param_name)
+            _copy(dst, src[:, self.input_start:self.input_start + self.local_in], param_name)
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -162,7 +192,7 @@ class VocabParallelEmbedding(nn.Module):
         dist.all_reduce(y)
         return y
 
-    def load(self, param_name: str, src, shard: str | None = None) -> None:
+    def load(self, param_name: str, src, parts: tuple[str, ...] | None = None) -> None:
         end = min(self.vocab_start + self.local_vocab, self.vocab_size)
         dst = self.weight.data
         if end < self.vocab_start + self.local_vocab:

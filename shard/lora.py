@@ -18,9 +18,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+# The projections PEFT targets on Llama-style families; each family declares its own (shard/models/).
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-_PARENT = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
-           "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
 # Modules PEFT could target that Loom does not serve adapters on.
 _UNSUPPORTED_PATHS = ("lm_head", "model.embed_tokens", "model.norm")
 _KEY = re.compile(r"base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])\.weight")
@@ -45,25 +44,19 @@ class ProjShape:
     in_size: int
     out_start: int
     out_size: int
+    parent: str = ""  # the module holding it inside a layer: self_attn or mlp
+    # A fused target (Phi-3's qkv_proj) keeps several runs of lora_B's rows on a rank, (start, size) each,
+    # concatenated; empty: the one run (out_start, out_size).
+    out_runs: tuple[tuple[int, int], ...] = ()
+
+    def out_rows(self) -> tuple[tuple[int, int], ...]:
+        return self.out_runs or ((self.out_start, self.out_size),)
 
 
 def projection_shapes(model) -> dict[str, ProjShape]:
-    """Every target's shape, read off the parallel layers so LoRA slices exactly like the base weights."""
-    cfg, attn, mlp = model.config, model.model.layers[0].self_attn, model.model.layers[0].mlp
-    hidden, inter = cfg.hidden_size, cfg.intermediate_size
-    head_dim = attn.qkv_proj.head_dim
-    shapes = {}
-    for proj, full in (("q_proj", cfg.num_attention_heads * head_dim), ("k_proj", cfg.num_key_value_heads * head_dim),
-                       ("v_proj", cfg.num_key_value_heads * head_dim)):
-        _, start, size = attn.qkv_proj._rows(proj[0])
-        shapes[proj] = ProjShape(hidden, full, 0, hidden, start, size)
-    for part, proj in enumerate(("gate_proj", "up_proj")):
-        _, start, size = mlp.gate_up_proj._rows(part)
-        shapes[proj] = ProjShape(hidden, inter, 0, hidden, start, size)
-    for proj, layer, full_in in (("o_proj", attn.o_proj, cfg.num_attention_heads * head_dim),
-                                 ("down_proj", mlp.down_proj, inter)):
-        shapes[proj] = ProjShape(full_in, hidden, layer.tp_rank * layer.local_in, layer.local_in, 0, hidden)
-    return shapes
+    """Every LoRA target of the model's family, read off its parallel layers so LoRA slices exactly like the
+    base weights."""
+    return model.lora_shapes()
 
 
 @dataclass(slots=True)
@@ -80,8 +73,7 @@ class PageLayout:
     def build(cls, num_layers: int, page_rank: int, shapes: dict[str, ProjShape]) -> PageLayout:
         offsets, pos = {}, 0
         for layer in range(num_layers):
-            for proj in TARGETS:
-                s = shapes[proj]
+            for proj, s in shapes.items():
                 offsets[layer, proj] = (pos, pos + page_rank * s.in_size)
                 pos += page_rank * (s.in_size + s.out_size)
         return cls(num_layers, page_rank, shapes, offsets, pos)
@@ -101,8 +93,8 @@ class PageLayout:
         out = []
         for layer in range(self.num_layers):
             per_proj = {}
-            for proj in TARGETS:
-                s, (a, b) = self.shapes[proj], self.offsets[layer, proj]
+            for proj, s in self.shapes.items():
+                a, b = self.offsets[layer, proj]
                 per_proj[proj] = (pages[:, a:a + pr * s.in_size].view(n, pr, s.in_size),
                                   pages[:, b:b + pr * s.out_size].view(n, pr, s.out_size))
             out.append(per_proj)
@@ -129,28 +121,29 @@ def _pattern_value(patterns: dict, module_path: str, default):
     return default
 
 
-def _check_targets(name: str, target_modules, num_layers: int) -> None:
-    paths = [f"model.layers.{i}.{_PARENT[p]}.{p}" for i in range(num_layers) for p in TARGETS]
+def _check_targets(name: str, target_modules, layout: PageLayout) -> None:
+    supported = ", ".join(layout.shapes)
+    paths = [f"model.layers.{i}.{s.parent}.{p}" for i in range(layout.num_layers) for p, s in layout.shapes.items()]
     if isinstance(target_modules, str):
         if target_modules == "all-linear":
             return
         hit = [p for p in _UNSUPPORTED_PATHS if re.fullmatch(target_modules, p)]
         if hit:
             raise AdapterError(f"adapter {name}: unsupported target module {hit[0]!r} "
-                               f"(supported: {', '.join(TARGETS)})")
+                               f"(supported: {supported})")
         if not any(re.fullmatch(target_modules, p) for p in paths):
             raise AdapterError(f"adapter {name}: target_modules {target_modules!r} matches no supported target "
-                               f"({', '.join(TARGETS)})")
+                               f"({supported})")
         return
     for target in target_modules or []:
-        if target.rpartition(".")[2] not in TARGETS:
+        if target.rpartition(".")[2] not in layout.shapes:
             raise AdapterError(f"adapter {name}: unsupported target module {target!r} "
-                               f"(supported: {', '.join(TARGETS)})")
+                               f"(supported: {supported})")
     if not target_modules:
         raise AdapterError(f"adapter {name}: target_modules is empty")
 
 
-def _read_config(name: str, path: Path, num_layers: int) -> dict:
+def _read_config(name: str, path: Path, layout: PageLayout) -> dict:
     if not path.is_dir():
         raise AdapterError(f"adapter {name}: {path} is not a directory")
     config_path = path / CONFIG_FILE
@@ -173,7 +166,7 @@ def _read_config(name: str, path: Path, num_layers: int) -> dict:
     for ok, message in checks:
         if not ok:
             raise AdapterError(f"adapter {name}: {config_path.name}: {message}")
-    _check_targets(name, config.get("target_modules"), num_layers)
+    _check_targets(name, config.get("target_modules"), layout)
     return config
 
 
@@ -200,9 +193,9 @@ def _slice_all(name: str, file: Path, sources: dict, layout: PageLayout) -> dict
     tensors = {}
     for key, src in sources.items():
         m = _KEY.fullmatch(key)
-        if m is None or m[3] not in TARGETS or _PARENT[m[3]] != m[2]:
+        if m is None or m[3] not in layout.shapes or layout.shapes[m[3]].parent != m[2]:
             raise AdapterError(f"adapter {name}: {file.name}: tensor {key!r} is on an unsupported target module "
-                               f"(supported: {', '.join(TARGETS)})")
+                               f"(supported: {', '.join(layout.shapes)})")
         layer, proj, ab = int(m[1]), m[3], m[4]
         if layer >= layout.num_layers:
             raise AdapterError(f"adapter {name}: {file.name}: tensor {key!r} names layer {layer}, the base model "
@@ -211,12 +204,13 @@ def _slice_all(name: str, file: Path, sources: dict, layout: PageLayout) -> dict
         shape = list(src.get_shape() if hasattr(src, "get_shape") else src.shape)
         if len(shape) != 2 or shape[1 if ab == "A" else 0] != (s.in_features if ab == "A" else s.out_features):
             needed = ["r", s.in_features] if ab == "A" else [s.out_features, "r"]
-            raise AdapterError(f"adapter {name}: lora_{ab} of layers.{layer}.{_PARENT[proj]}.{proj} has shape "
+            raise AdapterError(f"adapter {name}: lora_{ab} of layers.{layer}.{s.parent}.{proj} has shape "
                                f"{shape}, the base model needs [{', '.join(map(str, needed))}]")
         if ab == "A":  # row-parallel targets split A's input features
             tensors[layer, proj, ab] = src[:, s.in_start:s.in_start + s.in_size]
-        else:  # column-parallel targets split B's output features
-            tensors[layer, proj, ab] = src[s.out_start:s.out_start + s.out_size, :]
+        else:  # column-parallel targets split B's output features (a fused target: each of its parts)
+            runs = [src[start:start + size, :] for start, size in s.out_rows()]
+            tensors[layer, proj, ab] = runs[0] if len(runs) == 1 else torch.cat(runs)
     return tensors
 
 
@@ -225,7 +219,7 @@ def load_adapter(name: str, path: str | Path, layout: PageLayout, dtype: torch.d
     """Reads and checks a PEFT LoRA adapter dir and lays it out as pages; raises AdapterError naming the
     file or tensor that is wrong."""
     path = Path(path)
-    config = _read_config(name, path, layout.num_layers)
+    config = _read_config(name, path, layout)
     tensors = _read_tensors(name, path, layout)
     modules = sorted({(layer, proj) for layer, proj, _ in tensors})
     if not modules:
@@ -233,7 +227,7 @@ def load_adapter(name: str, path: str | Path, layout: PageLayout, dtype: torch.d
     ranks = {}
     for layer, proj in modules:
         a, b = tensors.get((layer, proj, "A")), tensors.get((layer, proj, "B"))
-        where = f"layers.{layer}.{_PARENT[proj]}.{proj}"
+        where = f"layers.{layer}.{layout.shapes[proj].parent}.{proj}"
         if a is None or b is None:
             raise AdapterError(f"adapter {name}: {where} has lora_{'A' if a is None else 'B'} missing")
         r = _pattern_value(config.get("rank_pattern") or {}, f"model.{where}", config["r"])
@@ -246,7 +240,7 @@ def load_adapter(name: str, path: str | Path, layout: PageLayout, dtype: torch.d
     num_rows = pages.shape[0] * layout.page_rank
     views = layout.views(pages)
     for (layer, proj), r in ranks.items():
-        where = f"model.layers.{layer}.{_PARENT[proj]}.{proj}"
+        where = f"model.layers.{layer}.{layout.shapes[proj].parent}.{proj}"
         alpha = _pattern_value(config.get("alpha_pattern") or {}, where, config.get("lora_alpha", 8))
         scale = alpha / (math.sqrt(r) if config.get("use_rslora") else r)
         for view, rows in zip(views[layer][proj], (tensors[layer, proj, "A"].float(),

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from shard.lora import TARGETS, PageLayout
+from shard.lora import PageLayout
 
 # A padded batch (every segment as long as the longest) may hold at most this many times the real rows;
 # past that each segment runs on its own (a long prompt beside short ones would otherwise pad them all).
@@ -35,7 +35,7 @@ class AdapterStacks:
     def __init__(self, layout: PageLayout, views: list[dict[str, tuple[torch.Tensor, torch.Tensor]]],
                  budget_bytes: int):
         self.layout, self.views = layout, views
-        like = views[0]["q_proj"][0] if views else torch.empty(0)
+        like = next(iter(views[0].values()))[0] if views else torch.empty(0)
         self.buffer = torch.empty(budget_bytes // like.element_size(), dtype=like.dtype, device=like.device)
         self.width, self.targets, self.capacity = 0, (), 0
         self.slots: dict[str, int] = {}
@@ -56,9 +56,9 @@ class AdapterStacks:
         """Makes slots 0..n-1 hold exactly the adapters of `pages` (id -> its pool pages) for `targets`; returns
         the ids in slot order, or None when the buffer cannot hold them."""
         n, width = len(pages), max(len(p) for p in pages.values())
-        wanted = tuple(p for p in TARGETS if p in targets)
+        wanted = tuple(p for p in self.layout.shapes if p in targets)
         if width > self.width or not set(wanted) <= set(self.targets) or n > self.capacity:
-            union = tuple(p for p in TARGETS if p in targets or p in self.targets)
+            union = tuple(p for p in self.layout.shapes if p in targets or p in self.targets)
             if self._fits(max(width, self.width), union, n):
                 self._carve(max(width, self.width), union)
             elif self._fits(width, wanted, n):

@@ -1,4 +1,7 @@
-"""Loads Hugging Face safetensors checkpoints into CausalLM, each rank reading only its own slices."""
+"""Loads Hugging Face safetensors checkpoints into a family's CausalLM, each rank reading only its own slices.
+
+Checkpoint names are the model's parameter names, except the projections a family fuses on load (its
+`packed_modules`: Llama's q/k/v_proj -> qkv_proj)."""
 
 from __future__ import annotations
 
@@ -9,20 +12,12 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from shard.model import CausalLM
+from shard.models import CausalLM, model_class
 
 class CheckpointError(ValueError):
     pass
 
 
-# HF projection name -> (our fused module, which part of it).
-_FUSED = {
-    "q_proj": ("qkv_proj", "q"),
-    "k_proj": ("qkv_proj", "k"),
-    "v_proj": ("qkv_proj", "v"),
-    "gate_proj": ("gate_up_proj", 0),
-    "up_proj": ("gate_up_proj", 1),
-}
 # Tensors some checkpoints carry that the model recomputes.
 _IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
 
@@ -43,20 +38,21 @@ def checkpoint_files(model_dir: str | Path) -> list[Path]:
     return files
 
 
-def _target(name: str) -> tuple[str, str, str | int | None]:
-    """HF tensor name -> (our module path, parameter name, fused part)."""
+def _target(name: str, packed: dict[str, tuple[str, tuple[str, ...]]]
+            ) -> tuple[str, str, tuple[str, ...] | None]:
+    """HF tensor name -> (our module path, parameter name, the parts of a fused module it fills; None: all)."""
     module, _, param = name.rpartition(".")
     parent, _, leaf = module.rpartition(".")
-    if leaf in _FUSED:
-        fused, part = _FUSED[leaf]
-        return f"{parent}.{fused}", param, part
+    if leaf in packed:
+        fused, parts = packed[leaf]
+        return f"{parent}.{fused}", param, parts
     return module, param, None
 
 
 def expected_tensors(model: CausalLM) -> set[str]:
     """The HF tensor names that fill every parameter of `model`."""
     unfused: dict[str, list[str]] = {}
-    for hf_leaf, (fused, _) in _FUSED.items():
+    for hf_leaf, (fused, _) in model.packed_modules.items():
         unfused.setdefault(fused, []).append(hf_leaf)
     names = set()
     for full, _ in model.named_parameters(remove_duplicate=False):
@@ -91,9 +87,9 @@ def load_weights(model: CausalLM, model_dir: str | Path) -> None:
                 if name not in missing:
                     raise CheckpointError(f"{path.name}: tensor {name!r} is unknown to {model.config.model_type} "
                                           "or appears twice")
-                module, param, part = _target(name)
+                module, param, parts = _target(name, model.packed_modules)
                 try:
-                    model.get_submodule(module).load(param, f.get_slice(name), part)
+                    model.get_submodule(module).load(param, f.get_slice(name), parts)
                 except ValueError as e:
                     raise CheckpointError(f"{path.name}: tensor {name!r}: {e}") from e
                 missing.discard(name)
@@ -103,6 +99,6 @@ def load_weights(model: CausalLM, model_dir: str | Path) -> None:
 
 def load_model(config, model_dir: str | Path, dtype: torch.dtype, device: torch.device | str,
                tp_rank: int = 0, tp_size: int = 1) -> CausalLM:
-    model = CausalLM(config, dtype, device, tp_rank, tp_size)
+    model = model_class(config)(config, dtype, device, tp_rank, tp_size)
     load_weights(model, model_dir)
     return model.eval()
