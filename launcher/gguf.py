@@ -75,19 +75,22 @@ def read_metadata(gguf_file: Path) -> dict:
     """The header fields the converter checks: the architecture and the end-of-generation token ids."""
     from gguf import GGUFReader
 
-    from shard.model import SUPPORTED_MODEL_TYPES
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
 
+    from shard.models import MODELS
+
+    # llama.cpp's architecture names for the families Loom serves are transformers' model types (Mistral
+    # checkpoints are written as "llama"); transformers must be able to read the architecture too.
+    supported = sorted(set(MODELS) & set(GGUF_SUPPORTED_ARCHITECTURES))
     try:
         fields = GGUFReader(gguf_file).fields
         metadata = {key: fields[key].contents() for key in ("general.architecture", *EOG_KEYS) if key in fields}
     except (ValueError, KeyError, IndexError, OSError) as e:
         raise GGUFError(f"{gguf_file}: not a readable GGUF file ({e})") from None
     arch = metadata.get("general.architecture")
-    # llama.cpp's architecture names for the families Loom serves are transformers' model types
-    # (Mistral checkpoints are written as "llama").
-    if arch not in SUPPORTED_MODEL_TYPES:
+    if arch not in supported:
         raise GGUFError(f"{gguf_file}: GGUF architecture {arch!r} is not served by Loom "
-                        f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+                        f"(supported: {', '.join(supported)})")
     return metadata
 
 

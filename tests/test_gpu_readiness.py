@@ -94,7 +94,7 @@ def test_launcher_shard_counts_agree_with_the_parallel_layers(tmp_path, heads, k
     from transformers import AutoConfig
 
     from launcher.cli import tensor_parallel_sizes
-    from shard.model import CausalLM
+    from shard.models import model_class
 
     path = config_dir(tmp_path / "m", hidden_size=heads * 8, num_attention_heads=heads, num_key_value_heads=kv_heads,
                       intermediate_size=inter, num_hidden_layers=1)
@@ -102,7 +102,7 @@ def test_launcher_shard_counts_agree_with_the_parallel_layers(tmp_path, heads, k
     buildable = []
     for n in range(1, 9):
         try:
-            CausalLM(config, torch.float32, "meta", tp_rank=0, tp_size=n)
+            model_class(config)(config, torch.float32, "meta", tp_rank=0, tp_size=n)
             buildable.append(n)
         except ValueError:
             pass
