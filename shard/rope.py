@@ -45,7 +45,7 @@ def _init_kwargs(config, layer_type: str | None) -> dict:
     return {"layer_type": layer_type} if layer_type is not None and layer_type in params else {}
 
 
-def _default_inv_freq(config, params: dict, head_dim: int, device) -> torch.Tensor:
+def _default_inv_freq(params: dict, head_dim: int, device) -> torch.Tensor:
     dim = int(head_dim * params.get("partial_rotary_factor", 1.0))
     return 1.0 / (params["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim))
 
@@ -74,7 +74,7 @@ class RotaryEmbedding(nn.Module):
                                   f"{config.model_type!r}: transformers rotates the whole head there")
         kwargs = _init_kwargs(config, layer_type)
         if rope_type == "default":
-            inv_freq, self.attention_scaling = _default_inv_freq(config, params, head_dim, device), 1.0
+            inv_freq, self.attention_scaling = _default_inv_freq(params, head_dim, device), 1.0
         else:
             inv_freq, self.attention_scaling = ROPE_INIT_FUNCTIONS[rope_type](config, device, **kwargs)
         self.rotary_dim = inv_freq.numel() * 2

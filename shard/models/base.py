@@ -103,6 +103,15 @@ def add_lora(lora: LoraHook, layer_idx: int, sites: list[LoraSite], x: torch.Ten
         lora.apply(layer_idx, site.name, x, y[:, site.start:site.start + site.size])
 
 
+def row_parallel(layer: RowParallelLinear, name: str, layer_idx: int, x: torch.Tensor,
+                 lora: LoraHook | None) -> torch.Tensor:
+    """`layer(x)` plus its LoRA delta. Under tensor parallelism x holds this rank's slice: the delta joins the
+    partial sum before the all-reduce."""
+    if lora is None:
+        return layer(x)
+    return layer.reduce(lora.apply(layer_idx, name, x, layer.partial(x)))
+
+
 class Attention(nn.Module):
     """q/k/v projection, per-head q/k norms (when `qk_norm` names a norm class), rotary, paged attention, o."""
 
@@ -152,10 +161,7 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = rope
         o = self.attn(apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v, meta, self.kv_cache)
-        if lora is None:
-            return self.o_proj(o)
-        # Under tensor parallelism o holds this rank's heads: the delta joins the partial sum before the all-reduce.
-        return self.o_proj.reduce(lora.apply(self.layer_idx, "o_proj", o, self.o_proj.partial(o)))
+        return row_parallel(self.o_proj, "o_proj", self.layer_idx, o, lora)
 
 
 class MLP(nn.Module):
@@ -182,10 +188,7 @@ class MLP(nn.Module):
         if lora is not None:
             add_lora(lora, self.layer_idx, self.lora_sites, x, gate_up)
         gate, up = gate_up.chunk(2, dim=-1)
-        h = self.act(gate) * up
-        if lora is None:
-            return self.down_proj(h)
-        return self.down_proj.reduce(lora.apply(self.layer_idx, "down_proj", h, self.down_proj.partial(h)))
+        return row_parallel(self.down_proj, "down_proj", self.layer_idx, self.act(gate) * up, lora)
 
 
 class DecoderLayer(nn.Module):
