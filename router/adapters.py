@@ -20,7 +20,7 @@ import os
 import re
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -96,12 +96,7 @@ class AdapterRegistry:
         key = (name, source)
         adapter = self._loaded.get(self._aliases.get(key))
         if adapter is None:
-            task = self._loading.get(key)
-            if task is None:
-                task = asyncio.create_task(self._load(name, source, token, param))
-                self._loading[key] = task
-                task.add_done_callback(lambda _: self._loading.pop(key, None))
-            adapter = await asyncio.shield(task)
+            adapter = await self._load_once(key, lambda: self._load(name, source, token, param))
         else:
             self._aliases.move_to_end(key)
         if not adapter.allows(token):
@@ -137,7 +132,8 @@ class AdapterRegistry:
             await asyncio.to_thread(self._hub, source, None, "lora_path")
         self.named[name] = str(located.path) if not located.hub else source
         try:
-            return await self.resolve(name, param="lora_path")
+            load = lambda: self._load(name, None, None, "lora_path", located=located)  # noqa: E731
+            return await self._load_once((name, None), load)
         except APIError:
             self.named.pop(name, None)
             raise
@@ -170,6 +166,16 @@ class AdapterRegistry:
                            param="lora_name", code="adapter_in_use")
         log.info("adapter %s unloaded", name)
 
+    async def _load_once(self, key: tuple[str, str | None], load: Callable[[], Awaitable[Adapter]]) -> Adapter:
+        """`load()` run once for concurrent requests naming `key`; each waits on it (shielded: a request that
+        goes away does not cancel the others' load)."""
+        task = self._loading.get(key)
+        if task is None:
+            task = asyncio.create_task(load())
+            self._loading[key] = task
+            task.add_done_callback(lambda _: self._loading.pop(key, None))
+        return await asyncio.shield(task)
+
     def _find(self, adapter_id: str) -> Adapter | None:
         return next((a for a in self._loaded.values() if a.id == adapter_id), None)
 
@@ -180,9 +186,11 @@ class AdapterRegistry:
             self._aliases.popitem(last=False)
 
     async def _load(self, name: str, source: str | None, token: str | None, param: str,
-                    preloaded: bool = False) -> Adapter:
+                    preloaded: bool = False, located: _Located | None = None) -> Adapter:
+        """Registers the adapter `name` denotes on the shards (`located`: where it is, when already known)."""
         started = time.perf_counter()
-        located = await asyncio.to_thread(self._locate, name, source, token, param)
+        if located is None:
+            located = await asyncio.to_thread(self._locate, name, source, token, param)
         adapter = self._loaded.get(located.path)
         if adapter is not None:  # another spelling of an adapter already loaded
             if located.hub and token is not None and not _hub_offline():
