@@ -23,6 +23,12 @@ from typing import Callable
 
 from router.config import RouterConfig
 
+# The launcher forks its children while grpc (loaded by the shard probes) runs its poller thread. With fork
+# support on, grpc restarts that poller in the forked child, where subprocess has already closed the poller's
+# epoll descriptor: the child can abort (SIGABRT, "epoll_wait error: Bad file descriptor") before it execs.
+# The children exec at once and need none of it. Set before grpc is first imported in this process.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+
 log = logging.getLogger("loom")
 
 SHARD_STARTUP_TIMEOUT_S = 1800.0  # loading a large model onto the GPUs can take many minutes
