@@ -88,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"Most prompt + generated tokens per request. Default: {DEFAULT_MAX_TOTAL_TOKENS}, "
                    "capped at the model's max_position_embeddings.")
     p.add_argument("--max-batch-prefill-tokens", metavar="N", type=positive_int, default=None,
-                   help=f"Most prompt tokens prefilled in one batch step. Default: {DEFAULT_MAX_BATCH_PREFILL_TOKENS}, "
+                   help="Most prompt tokens computed in one batch step, beside the running decodes; longer prompts "
+                   f"are prefilled in chunks over several steps. Default: {DEFAULT_MAX_BATCH_PREFILL_TOKENS}, "
                    "at least --max-input-length.")
     p.add_argument("--max-batch-total-tokens", metavar="N", type=positive_int, default=None,
                    help="Most tokens (prompt + generated) of all running requests together. "
@@ -120,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "after its last response) is closed (default: %(default)s).")
     p.add_argument("--api-key", metavar="KEY", default=os.environ.get("LOOM_API_KEY"),
                    help="When set, every route but /health needs 'Authorization: Bearer KEY'. Default: $LOOM_API_KEY.")
+    p.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
+                   help="Compute every prompt whole instead of reusing the KV of a prefix computed before for the "
+                   "same adapter (on by default).")
     p.add_argument("--public-metrics", action="store_true",
                    help="Answer /metrics without the API key (for the inference extension's endpoint picker and "
                    "Prometheus, which scrape without credentials).")
@@ -154,8 +158,6 @@ def derive_limits(args: argparse.Namespace, max_positions: int | None) -> Limits
         raise FlagError(f"--max-total-tokens ({total}) must be <= the model's max_position_embeddings ({max_positions})")
     if max_input < 1 or max_input >= total:
         raise FlagError(f"--max-input-length ({max_input}) must be less than --max-total-tokens ({total})")
-    if prefill < max_input:
-        raise FlagError(f"--max-batch-prefill-tokens ({prefill}) must be >= --max-input-length ({max_input})")
     if batch_total and batch_total < total:
         raise FlagError(f"--max-batch-total-tokens ({batch_total}) must be >= --max-total-tokens ({total})")
     if batch_total and prefill > batch_total:
@@ -277,6 +279,7 @@ def main(argv: list[str] | None = None) -> int:
         max_batch_total_tokens=limits.max_batch_total_tokens,
         max_concurrent_requests=args.max_concurrent_requests,
         max_active_adapters=args.max_active_adapters,
+        prefix_caching=args.prefix_caching,
         max_queue_time_s=args.max_queue_time,
         max_request_bytes=args.max_request_bytes,
         max_connections=args.max_connections,

@@ -89,21 +89,21 @@ class ShardServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Warmup(self, request, context):
-        """Sizes the paged KV cache from the memory budget and reports the capacity to the router.
+        """Sizes the paged KV cache from the memory budget and reports its blocks to the router, which owns them.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Step(self, request, context):
-        """One batch step: free `release`, prefill `prefill`, then decode one token for every id in `decode`.
+        """One batch step: forget `release`, register `new`, then compute every chunk of `chunks`.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Clear(self, request, context):
-        """Drops every sequence and frees all KV blocks.
+        """Drops every sequence.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -15,6 +15,7 @@ Operators add names at start-up (`--adapter`, `--preloaded-adapter-ids`) and at 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import os
 import re
@@ -49,6 +50,9 @@ class Adapter:
     tokenizer: ModelTokenizer  # its own tokenizer / chat template, else the base model's
     created: int
     preloaded: bool = False  # --preloaded-adapter-ids: resident for good, never unloaded
+    # Unique to this load: KV computed under it is cached under this key, so a name that is loaded again (other
+    # weights, same name) never reuses the old KV.
+    cache_key: str = ""
     # Request tokens it may be served to; None in it: to anyone (fetched without a request's own token).
     tokens: set[str | None] = field(default_factory=lambda: {None})
 
@@ -64,6 +68,7 @@ class _Located:
 
 
 BASE = None  # what resolve() returns for the base model
+_load_serials = itertools.count(1)
 
 
 class AdapterRegistry:
@@ -216,7 +221,7 @@ class AdapterRegistry:
         if preloaded:
             self.pool_pages -= pages
         adapter = Adapter(shard_id, located.path, rank, 0 if preloaded else pages, tokenizer, int(time.time()),
-                          preloaded, tokens={token} if bound else {None})
+                          preloaded, f"{shard_id}#{next(_load_serials)}", tokens={token} if bound else {None})
         self._loaded[located.path] = adapter
         self._remember((name, source), located.path)
         seconds = time.perf_counter() - started

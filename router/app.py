@@ -26,15 +26,15 @@ from router.connections import quiet_accept_errors
 from router.errors import APIError
 from router.logs import RequestLine
 from router.metrics import Metrics
-from router.scheduler import (
+from router.generation import (
     Generation,
     GenerationStats,
     InvalidRequest,
     Overloaded,
     QueueTimeout,
-    Scheduler,
     request_generations,
 )
+from router.scheduler import Scheduler
 from router.shard_client import ShardClient
 from router.structured import GrammarChecker
 from router.sse import DONE, sse_event
@@ -327,13 +327,18 @@ async def _start_backend(app: Starlette, config: RouterConfig) -> None:
     except APIError as e:
         raise RuntimeError(f"--preloaded-adapter-ids: {e.message}") from None
     # Admission shares out the pool pages that the preloaded adapters leave.
+    prefix_caching = config.prefix_caching and app.state.shard_info.prefix_cacheable
+    if config.prefix_caching and not prefix_caching:
+        log.info("prefix caching off: this model's KV depends on more than the prefix (it is recomputed past a "
+                 "length)")
     scheduler = Scheduler(client, warm.num_blocks, warm.block_size, config.max_batch_prefill_tokens,
                           config.max_concurrent_requests, config.max_active_adapters, adapters.pool_pages,
-                          config.max_queue_time_s)
+                          config.max_queue_time_s, prefix_caching)
     app.state.backend = Backend(config, tokenizer, scheduler, capacity, app.state.shard_info.vocab_size, adapters,
                                 GrammarChecker(tokenizer))
     app.state.metrics.watch(scheduler, config.model_id)
-    log.info("KV cache: %d blocks of %d tokens (%d tokens)", warm.num_blocks, warm.block_size, capacity)
+    log.info("KV cache: %d blocks of %d tokens (%d tokens), prefix caching %s", warm.num_blocks, warm.block_size,
+             capacity, "on" if prefix_caching else "off")
 
 
 def _open_paths(config: RouterConfig) -> frozenset[str]:

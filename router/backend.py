@@ -20,7 +20,8 @@ from router.adapters import Adapter, AdapterRegistry
 from router.config import RouterConfig
 from router.errors import bad_request
 from router.limits import MAX_JSON_DEPTH, MAX_MODEL_ID_CHARS, MAX_STOP_CHARS, MAX_STOP_SEQUENCES
-from router.scheduler import GenerationRequest, Scheduler
+from router.generation import GenerationRequest
+from router.scheduler import Scheduler
 from router.structured import GrammarChecker
 from router.tokenization import ModelTokenizer
 
@@ -116,6 +117,7 @@ class Backend:
             sampling=sampling,
             adapter_id=adapter.id if adapter else "",
             adapter_pages=adapter.pages if adapter else 0,
+            cache_key=adapter.cache_key if adapter else "",
             stop_token_ids=tokenizer.eos_token_ids,
             ignore_eos=ignore_eos,
             top_n_tokens=top_n_tokens,

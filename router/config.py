@@ -22,6 +22,7 @@ class RouterConfig:
     max_batch_total_tokens: int = 0  # 0: whatever the shards' KV cache holds
     max_concurrent_requests: int = 128
     max_active_adapters: int = 128
+    prefix_caching: bool = True  # `--no-prefix-caching` turns it off
     api_key: str | None = None
     adapters: dict[str, str] = field(default_factory=dict)  # `--adapter NAME=SOURCE`
     local_adapter_roots: list[str] = field(default_factory=list)

@@ -115,14 +115,16 @@ class BlockManager:
         need = self.blocks_for(num_tokens) - len(self._seqs[seq_id].table)
         return need <= self.num_free
 
-    def commit(self, seq_id: int, token_ids: list[int]) -> None:
-        """Registers the sequence's full blocks within `token_ids` (whose KV is now computed) that have no
-        hash yet. A block whose hash another block already has stays unregistered."""
+    def commit(self, seq_id: int, token_ids: list[int], num_computed: int | None = None) -> None:
+        """Registers the sequence's full blocks within its first `num_computed` tokens (default: all of
+        `token_ids`), whose KV is now computed, that have no hash yet. A block whose hash another block already
+        has stays unregistered."""
         seq = self._seqs[seq_id]
         if not seq.cached:
             return
         key = seq.key.encode()
-        full = min(len(token_ids) // self.block_size, len(seq.table))
+        computed = len(token_ids) if num_computed is None else num_computed
+        full = min(computed // self.block_size, len(seq.table))
         for i in range(len(seq.digests), full):
             parent = seq.digests[-1] if seq.digests else b""
             digest = _block_digest(parent, key, self._block_tokens(token_ids, i))

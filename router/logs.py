@@ -16,7 +16,7 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # the shards use this module too; they need none of the router
-    from router.scheduler import GenerationStats
+    from router.generation import GenerationStats
 
 request_log = logging.getLogger("loom.requests")
 

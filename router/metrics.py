@@ -6,10 +6,11 @@ import time
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from proto import generate_pb2 as pb
-from router.scheduler import GenerationStats, Scheduler
+from router.generation import GenerationStats
+from router.scheduler import Scheduler
 
 # Latency buckets from a few ms (one decode step on a GPU) to minutes (a long generation in a queue).
 SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
@@ -53,14 +54,13 @@ class Metrics:
                                        buckets=SECONDS, registry=r)
         self.forward_duration = Histogram("loom_forward_duration_seconds", "Batch step compute time on shard 0",
                                           buckets=SECONDS, registry=r)
-        self.kv_blocks_free = Gauge("loom_kv_blocks_free", "Free KV blocks on shard 0 after the last step",
-                                    registry=r)
         # -- scheduler state, read at scrape time --
         self.running = Gauge("loom_running_requests", "Requests being generated on the shards", registry=r)
         self.waiting = Gauge("loom_waiting_requests", "Requests queued for admission", registry=r)
         self.kv_blocks_total = Gauge("loom_kv_blocks_total", "KV cache blocks on the shards", registry=r)
-        self.kv_blocks_reserved = Gauge("loom_kv_blocks_reserved", "KV blocks reserved by admitted requests",
-                                        registry=r)
+        self.kv_blocks_used = Gauge("loom_kv_blocks_used", "KV blocks held by running requests", registry=r)
+        self.kv_blocks_free = Gauge("loom_kv_blocks_free", "KV blocks free for allocation (cached prefixes that no "
+                                    "request holds included)", registry=r)
         self.active_adapters = Gauge("loom_active_adapters", "Distinct adapters in the running batch", registry=r)
         self.adapter_pages_used = Gauge("loom_adapter_pages_used", "Adapter-pool pages held by the running batch",
                                         registry=r)
@@ -80,20 +80,20 @@ class Metrics:
         self.registry.register(InferenceExtensionCollector(scheduler, model_name))
         self.running.set_function(lambda: scheduler.num_running)
         self.waiting.set_function(lambda: scheduler.num_waiting)
-        self.kv_blocks_total.set_function(lambda: scheduler.num_blocks)
-        self.kv_blocks_reserved.set_function(lambda: scheduler.reserved_blocks)
-        self.active_adapters.set_function(lambda: scheduler.active_adapters)
-        self.adapter_pages_used.set_function(lambda: scheduler.adapter_pages_used)
-        self.kv_blocks_free.set(scheduler.num_blocks)
+        blocks = scheduler.blocks
+        self.kv_blocks_total.set_function(lambda: blocks.num_blocks)
+        self.kv_blocks_used.set_function(lambda: blocks.num_blocks - blocks.num_free)
+        self.kv_blocks_free.set_function(lambda: blocks.num_free)
+        self.active_adapters.set_function(lambda: len(scheduler.adapters.active))
+        self.adapter_pages_used.set_function(lambda: scheduler.adapters.pages_used)
         scheduler.on_step = self.observe_step
         scheduler.on_finish = self.observe_generation
-        scheduler.on_adapter_active = self.adapter_activations.inc
+        scheduler.adapters.on_active = self.adapter_activations.inc
 
     def observe_step(self, batch: int, reply: pb.StepResponse, seconds: float) -> None:
         self.batch_size.observe(batch)
         self.step_duration.observe(seconds)
         self.forward_duration.observe(reply.forward_ms / 1000)
-        self.kv_blocks_free.set(reply.free_blocks)
 
     def observe_generation(self, stats: GenerationStats) -> None:
         self.generations.labels(stats.finish_reason).inc()
@@ -127,16 +127,27 @@ class InferenceExtensionCollector:
         family.add_metric(list(labels.values()), value)
         return family
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         s = self.scheduler
         yield self._gauge("vllm:num_requests_waiting", "Requests queued for admission", s.num_waiting, self.labels)
         yield self._gauge("vllm:num_requests_running", "Requests in the running batch", s.num_running, self.labels)
-        yield self._gauge("vllm:kv_cache_usage_perc", "KV cache usage, 0-1: reserved blocks over all blocks",
-                          s.kv_cache_usage(), self.labels)
+        yield self._gauge("vllm:kv_cache_usage_perc", "KV cache usage, 0-1: blocks held by running requests over "
+                          "all blocks", s.kv_cache_usage(), self.labels)
         yield self._gauge("vllm:lora_requests_info", "Adapters running and queued; the value is when the labels "
                           "were computed (Unix time)", time.time(), {
-                              "max_lora": str(s.max_running_adapters),
-                              "running_lora_adapters": ",".join(s.running_adapters),
+                              "max_lora": str(s.adapters.max_running),
+                              "running_lora_adapters": ",".join(s.adapters.active),
                               "waiting_lora_adapters": ",".join(s.waiting_adapters)})
         yield self._gauge("vllm:cache_config_info", "KV cache layout", 1, {
-            "block_size": str(s.block_size), "num_gpu_blocks": str(s.num_blocks), "engine": "0"})
+            "block_size": str(s.blocks.block_size), "num_gpu_blocks": str(s.blocks.num_blocks), "engine": "0"})
+        yield self._counter("vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
+                            s.blocks.queried_tokens)
+        yield self._counter("vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache (not recomputed)",
+                            s.blocks.hit_tokens)
+        yield self._counter("vllm:num_preemptions", "Running requests preempted for lack of KV blocks",
+                            s.num_preemptions)
+
+    def _counter(self, name: str, documentation: str, value: float) -> CounterMetricFamily:
+        family = CounterMetricFamily(name, documentation, labels=list(self.labels))
+        family.add_metric(list(self.labels.values()), value)
+        return family

@@ -22,7 +22,7 @@ from router.limits import (
     UINT32_MAX,
     UINT64_MAX,
 )
-from router.scheduler import Generation, GenerationFailed
+from router.generation import Generation, GenerationFailed
 from router.sse import sse_event, sse_response
 from router.structured import response_format_grammar
 from router.text_stream import TextChunk, generate_text

@@ -16,7 +16,7 @@ from router.adapters import Adapter
 from router.backend import Backend, parse_body
 from router.errors import APIError, bad_request
 from router.openai_schema import ChatCompletionRequest, CompletionRequest, SamplingFields
-from router.scheduler import GenerationFailed, GenerationRequest
+from router.generation import GenerationFailed, GenerationRequest
 from router.sse import DONE, sse_event, sse_response
 from router.structured import parse_tool_call
 from router.text_stream import TextChunk, generate_text

@@ -1,174 +1,45 @@
-"""Continuous batching: the request queue, KV-budget admission and the step loop.
+"""Continuous batching: the request queue, the KV cache's blocks, admission, preemption and the step loop.
 
-Every loop iteration is one `Step` on the shards: requests that ended are released, waiting requests
-that fit the KV budget are prefilled, and every running request decodes one token. Requests join and
-leave between steps. Each request reserves KV blocks for its prompt plus `max_new_tokens` when it is
-admitted, so the shards can never run out of blocks mid-generation. Text work (detokenization, stop
-strings) happens in each request's own coroutine, off this loop.
+Every loop iteration is one `Step` on the shards. The scheduler owns the KV blocks (router/kv_blocks.py): a
+request takes blocks as it grows, starting from the cached blocks of its longest prefix computed before
+under the same adapter. Each step, running requests come first, oldest first: a decoding one computes its
+last token, a prefilling one its next chunk of the prompt within the step's prefill-token budget
+(--max-batch-prefill-tokens), so a long prompt runs in chunks beside the decodes instead of stalling them.
+When a running request finds no block, the newest running requests are preempted (their blocks freed, their
+cached full blocks kept for reuse) and queued again at the front; they resume by recomputing their tokens,
+exactly. Waiting requests are admitted in strict FIFO order while their first chunk fits. Text work
+(detokenization, stop strings) happens in each request's own coroutine, off this loop.
 """
 
 from __future__ import annotations
 
 import asyncio
-import enum
 import itertools
 import logging
-import math
 import time
 from collections import deque
 from collections.abc import Callable
-from contextvars import ContextVar
-from dataclasses import dataclass, field
 
 from proto import generate_pb2 as pb
 from router.errors import redact_paths
+from router.generation import (
+    Generation,
+    GenerationFailed,
+    GenerationRequest,
+    GenerationStats,
+    InvalidRequest,
+    Overloaded,
+    QueueTimeout,
+    Sequence,
+    State,
+    TokenEvent,
+    request_generations,
+)
+from router.adapter_slots import AdapterSlots
+from router.kv_blocks import BlockManager
 from router.shard_client import ShardClient, ShardError
 
 log = logging.getLogger("loom.scheduler")
-
-
-@dataclass(slots=True)
-class GenerationRequest:
-    input_ids: list[int]
-    max_new_tokens: int
-    sampling: pb.SamplingParameters = field(default_factory=pb.SamplingParameters)
-    adapter_id: str = ""
-    adapter_pages: int = 0
-    stop_token_ids: frozenset[int] = frozenset()
-    ignore_eos: bool = False
-    top_n_tokens: int = 0
-    prefill_logprobs: bool = False
-    min_new_tokens: int = 0
-    grammar: str = ""
-
-
-@dataclass(slots=True)
-class TokenEvent:
-    token_id: int
-    logprob: float
-    top_tokens: list[tuple[int, float]]
-    finish_reason: str | None = None  # "length" | "eos_token"
-    prefill_logprobs: list[float] | None = None
-
-
-@dataclass(slots=True)
-class GenerationStats:
-    """One generation's timeline (perf_counter seconds) and outcome, for metrics and the request log."""
-
-    adapter_id: str
-    prompt_tokens: int
-    enqueued: float
-    admitted: float | None = None
-    first_token: float | None = None
-    finished: float | None = None
-    generated: int = 0
-    # length | eos_token | stop_sequence | cancelled | error | shard_error | queue_timeout
-    finish_reason: str | None = None
-
-    @property
-    def queue_s(self) -> float:
-        return (self.admitted or self.finished or self.enqueued) - self.enqueued
-
-    @property
-    def ttft_s(self) -> float | None:
-        return None if self.first_token is None else self.first_token - self.enqueued
-
-    @property
-    def tpot_s(self) -> float | None:
-        """Mean time per output token after the first."""
-        if self.generated < 2 or self.first_token is None or self.finished is None:
-            return None
-        return (self.finished - self.first_token) / (self.generated - 1)
-
-
-# The HTTP layer sets a list here per request; every generation the request starts appends itself, and the
-# HTTP layer closes them all when the exchange ends, whichever way it ends (`Generation.close`).
-request_generations: ContextVar[list["Generation"] | None] = ContextVar("request_generations", default=None)
-
-
-class GenerationFailed(RuntimeError):
-    """The request failed on the shards; `server_error` says whether it was the server's fault."""
-
-    def __init__(self, message: str, server_error: bool = True):
-        super().__init__(message)
-        self.server_error = server_error
-
-
-class Overloaded(RuntimeError):
-    pass
-
-
-class InvalidRequest(ValueError):
-    """A request the shards' protocol cannot carry (a field out of its proto type's range): refused before it
-    is queued, so it can never fail a step that other requests share."""
-
-
-class QueueTimeout(RuntimeError):
-    """The request waited for admission longer than max_queue_time_s."""
-
-
-class State(enum.Enum):
-    WAITING = 1
-    PREFILLING = 2
-    RUNNING = 3
-    DONE = 4
-
-
-@dataclass(slots=True, eq=False)
-class Sequence:
-    id: int
-    request: GenerationRequest
-    blocks: int
-    stats: GenerationStats
-    events: asyncio.Queue = field(default_factory=asyncio.Queue)
-    proto: pb.Request | None = None  # what the prefill sends, built (and so checked) when the request is queued
-    state: State = State.WAITING
-    generated: int = 0
-    timer: asyncio.TimerHandle | None = None  # the queue timeout, while WAITING
-
-
-class Generation:
-    """What `Scheduler.generate` returns: `async with` it and iterate TokenEvents.
-
-    Leaving the block early (stop string, client gone, error) releases the sequence on the shards.
-    """
-
-    def __init__(self, scheduler: "Scheduler", seq: Sequence):
-        self._scheduler = scheduler
-        self._seq = seq
-
-    @property
-    def stats(self) -> GenerationStats:
-        return self._seq.stats
-
-    def close(self, reason: str = "cancelled") -> None:
-        """Releases the sequence unless it has ended already; safe to call any number of times."""
-        self._scheduler.cancel(self._seq, reason)
-
-    async def __aenter__(self) -> "Generation":
-        return self
-
-    async def __aexit__(self, exc_type, exc, tb) -> None:
-        # Leaving early without an error means the consumer has what it wanted (a stop string); a
-        # cancellation or a closed generator means the client went away.
-        if exc_type is None:
-            reason = "stop_sequence"
-        elif issubclass(exc_type, (asyncio.CancelledError, GeneratorExit)):
-            reason = "cancelled"
-        else:
-            reason = "error"
-        self._scheduler.cancel(self._seq, reason)
-
-    def __aiter__(self):
-        return self
-
-    async def __anext__(self) -> TokenEvent:
-        if self._seq.state is State.DONE and self._seq.events.empty():
-            raise StopAsyncIteration
-        item = await self._seq.events.get()
-        if isinstance(item, BaseException):
-            raise item
-        return item
 
 
 class Scheduler:
@@ -182,30 +53,26 @@ class Scheduler:
         max_active_adapters: int = 128,
         adapter_pages: int = 0,
         max_queue_time_s: float = 600.0,
+        prefix_caching: bool = True,
     ):
         self.client = client
-        self.num_blocks = num_blocks
-        self.block_size = block_size
+        self.blocks = BlockManager(num_blocks, block_size, prefix_caching)
+        self.adapters = AdapterSlots(max_active_adapters, adapter_pages)
         self.max_batch_prefill_tokens = max_batch_prefill_tokens
         self.max_concurrent_requests = max_concurrent_requests
-        self.reserved_blocks = 0
-        self.max_active_adapters = max_active_adapters
-        self.adapter_pages = adapter_pages
-        self.adapter_pages_used = 0
-        self._adapter_refs: dict[str, int] = {}  # adapter id → running sequences using it
+        self.max_queue_time_s = max_queue_time_s
+        self.num_preemptions = 0
         self.healthy = True
         self._ids = itertools.count(1)
         self._waiting: deque[Sequence] = deque()
-        self._running: dict[int, Sequence] = {}
+        self._running: dict[int, Sequence] = {}  # in admission order: preemption takes the newest
         self._to_release: list[int] = []
         # Events of the last reply, handed to the consumers only once the next step is on its way (`_post`).
         self._outbox: list[tuple[Sequence, TokenEvent | BaseException]] = []
         self._wake = asyncio.Event()
-        self.max_queue_time_s = max_queue_time_s
         # Observers (the metrics): on_step(batch size, reply, step seconds), on_finish(stats) once per sequence.
         self.on_step: Callable[[int, pb.StepResponse, float], None] | None = None
         self.on_finish: Callable[[GenerationStats], None] | None = None
-        self.on_adapter_active: Callable[[], None] | None = None  # an adapter joined the running batch
 
     # -- what request handlers call -------------------------------------------------------------
 
@@ -238,11 +105,10 @@ class Scheduler:
         return generations
 
     def _sequence(self, request: GenerationRequest) -> Sequence:
-        blocks = math.ceil((len(request.input_ids) + request.max_new_tokens) / self.block_size)
         stats = GenerationStats(request.adapter_id, len(request.input_ids), time.perf_counter())
-        seq = Sequence(id=next(self._ids), request=request, blocks=blocks, stats=stats)
+        seq = Sequence(id=next(self._ids), request=request, stats=stats, token_ids=list(request.input_ids))
         try:
-            seq.proto = self._to_proto(seq)
+            seq.proto = _to_proto(seq)
         except (ValueError, TypeError) as e:  # protobuf's range and type checks
             raise InvalidRequest(f"a request field is out of range: {e}") from None
         return seq
@@ -253,7 +119,7 @@ class Scheduler:
         if seq.state is State.WAITING:
             self._waiting.remove(seq)
             self._end_waiting(seq, reason)
-        elif seq.state in (State.PREFILLING, State.RUNNING):
+        elif seq.state is State.RUNNING:
             self._finish(seq, reason)
 
     @property
@@ -286,10 +152,16 @@ class Scheduler:
                 await self._recover()
 
     async def _step(self) -> None:
-        admitted = self._admit()
-        decode = [sid for sid, s in self._running.items() if s.state is State.RUNNING]
+        plan = self._schedule()
+        new = []
+        for seq, _ in plan:
+            if not seq.registered:
+                new.append(seq.resume_proto())
+                seq.registered = True
+        chunks = [pb.Chunk(id=seq.id, start=seq.computed, num_tokens=n, new_blocks=blocks) for seq, n, blocks in
+                  ((seq, n, self._new_blocks(seq)) for seq, n in plan)]
         release, self._to_release = self._to_release, []
-        step = pb.StepRequest(prefill=[s.proto for s in admitted], decode=decode, release=release)
+        step = pb.StepRequest(new=new, chunks=chunks, release=release)
         started = time.perf_counter()
         try:
             call = self.client.step(step)
@@ -303,86 +175,114 @@ class Scheduler:
             await self._recover()
             return
         self.healthy = True
-        for seq in admitted:
-            if seq.state is State.PREFILLING:
-                seq.state = State.RUNNING
+        for seq, n in plan:
+            if seq.state is State.RUNNING:  # not cancelled while the step ran
+                seq.computed += n
+                self.blocks.commit(seq.id, seq.token_ids, seq.computed)
         for gen in reply.generations:
             self._deliver(gen)
         if self.on_step is not None:
-            self.on_step(len(admitted) + len(decode), reply, time.perf_counter() - started)
+            self.on_step(len(plan), reply, time.perf_counter() - started)
 
-    def _admit(self) -> list[Sequence]:
-        """Strict FIFO admission under the KV-block, prefill-token and adapter budgets.
+    def _new_blocks(self, seq: Sequence) -> list[int]:
+        """The blocks of the sequence's table the shards have not been sent yet (they append them)."""
+        table = self.blocks.table(seq.id)
+        held = seq.shard_blocks
+        seq.shard_blocks = len(table)
+        return table[held:]
+
+    def _schedule(self) -> list[tuple[Sequence, int]]:
+        """This step's chunks: (sequence, tokens to compute from its `computed`). Running sequences first,
+        oldest first, preempting the newest when blocks run out; then waiting ones, FIFO, unless this step
+        preempted (the cache is full)."""
+        budget = self.max_batch_prefill_tokens
+        plan, preempted = [], False
+        for seq in list(self._running.values()):
+            if seq.state is not State.RUNNING:  # preempted by an older sequence of this loop
+                continue
+            n = len(seq.token_ids) - seq.computed
+            if not seq.prefilled:
+                n = min(n, budget)
+                if n == 0:
+                    continue
+            if not self._make_room(seq, seq.computed + n):
+                preempted = True
+                continue
+            if not seq.prefilled:
+                budget -= n
+            plan.append((seq, n))
+        if not preempted:
+            plan += self._admit(budget)
+        return plan
+
+    def _make_room(self, seq: Sequence, num_tokens: int) -> bool:
+        """Grows the sequence's blocks to `num_tokens`, preempting the newest running sequences until they fit;
+        False when `seq` itself had to go."""
+        while self.blocks.grow(seq.id, num_tokens) is None:
+            victim = next(reversed(self._running.values()))
+            if victim is seq and len(self._running) == 1:
+                self._finish(seq, "error")
+                seq.events.put_nowait(GenerationFailed(
+                    f"the KV cache ({self.blocks.num_blocks} blocks) cannot hold this request's "
+                    f"{num_tokens} tokens"))
+                return False
+            self._preempt(victim)
+            if victim is seq:
+                return False
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Frees a running sequence's blocks (its computed full blocks stay in the prefix cache) and queues it
+        again at the front; it resumes by recomputing its tokens."""
+        del self._running[seq.id]
+        self.blocks.free(seq.id)
+        self.adapters.release(seq.request)
+        self._to_release.append(seq.id)
+        seq.state, seq.computed, seq.prefilled, seq.registered, seq.shard_blocks = State.WAITING, 0, False, False, 0
+        self._waiting.appendleft(seq)
+        self.num_preemptions += 1
+        log.debug("preempted request %d at %d tokens", seq.id, len(seq.token_ids))
+
+    def _admit(self, budget: int) -> list[tuple[Sequence, int]]:
+        """Strict FIFO admission while the first chunk fits the prefill budget, the free blocks and the adapter
+        budget.
 
         Stopping at the first request that does not fit (instead of skipping it) is what keeps a request
         for a new adapter from starving behind a stream of requests for already-active adapters.
         """
-        admitted, prefill_tokens = [], 0
-        while self._waiting:
+        admitted = []
+        while self._waiting and budget > 0:
             seq = self._waiting[0]
-            n = len(seq.request.input_ids)
-            if self.reserved_blocks + seq.blocks > self.num_blocks:
+            if not self.adapters.fits(seq.request):
                 break
-            if admitted and prefill_tokens + n > self.max_batch_prefill_tokens:
-                break
-            if not self._adapter_fits(seq.request):
+            # Prompt logprobs need every prompt position computed: such a prompt reuses no cached prefix.
+            fresh_logprobs = seq.request.prefill_logprobs and not seq.generated
+            cached = self.blocks.admit(seq.id, seq.token_ids, seq.request.cache_key, use_cache=not fresh_logprobs)
+            n = min(len(seq.token_ids) - cached, budget)
+            if self.blocks.grow(seq.id, cached + n) is None:
+                self.blocks.free(seq.id)
                 break
             self._waiting.popleft()
-            seq.timer.cancel()
-            seq.stats.admitted = time.perf_counter()
+            if seq.timer is not None:
+                seq.timer.cancel()
+                seq.timer = None
+            if seq.stats.admitted is None:
+                seq.stats.admitted = time.perf_counter()
             # Running from here on: whatever happens to this step, `_finish` or `_fail_running` gives the blocks
             # and the adapter reference back.
-            self.reserved_blocks += seq.blocks
-            self._acquire_adapter(seq.request)
+            self.adapters.acquire(seq.request)
             self._running[seq.id] = seq
-            prefill_tokens += n
-            seq.state = State.PREFILLING
-            admitted.append(seq)
+            seq.state, seq.computed = State.RUNNING, cached
+            budget -= n
+            admitted.append((seq, n))
         return admitted
 
-    def _adapter_fits(self, request: GenerationRequest) -> bool:
-        adapter = request.adapter_id
-        if not adapter or adapter in self._adapter_refs:
-            return True
-        return (len(self._adapter_refs) < self.max_active_adapters
-                and self.adapter_pages_used + request.adapter_pages <= self.adapter_pages)
-
-    def _acquire_adapter(self, request: GenerationRequest) -> None:
-        adapter = request.adapter_id
-        if adapter:
-            if adapter not in self._adapter_refs:
-                self.adapter_pages_used += request.adapter_pages
-                if self.on_adapter_active is not None:
-                    self.on_adapter_active()
-            self._adapter_refs[adapter] = self._adapter_refs.get(adapter, 0) + 1
-
-    def _release_adapter(self, request: GenerationRequest) -> None:
-        adapter = request.adapter_id
-        if adapter:
-            self._adapter_refs[adapter] -= 1
-            if not self._adapter_refs[adapter]:
-                del self._adapter_refs[adapter]
-                self.adapter_pages_used -= request.adapter_pages
-
-    @property
-    def active_adapters(self) -> int:
-        return len(self._adapter_refs)
-
-    # -- what the inference extension's endpoint picker reads (router/metrics.py) ---------------------
+    # -- what the metrics read (router/metrics.py) ---------------------------------------------------
 
     def kv_cache_usage(self) -> float:
-        """KV cache in use, 0-1: blocks reserved by admitted requests over all blocks. Admission reserves a
-        request's prompt + max_new_tokens blocks, so this is the figure that decides whether a request fits."""
-        return self.reserved_blocks / self.num_blocks if self.num_blocks else 0.0
-
-    @property
-    def max_running_adapters(self) -> int:
-        """Adapters that can run at once: --max-active-adapters, and each takes at least one pool page."""
-        return min(self.max_active_adapters, self.adapter_pages)
-
-    @property
-    def running_adapters(self) -> list[str]:
-        return list(self._adapter_refs)
+        """KV cache in use, 0-1: blocks held by running requests over all blocks (cached blocks that no request
+        holds are free: any allocation may evict them)."""
+        return self.blocks.usage()
 
     @property
     def waiting_adapters(self) -> list[str]:
@@ -392,17 +292,21 @@ class Scheduler:
     def adapter_users(self, adapter_id: str) -> int:
         """Requests queued or running with `adapter_id`."""
         queued = sum(1 for s in self._waiting if s.request.adapter_id == adapter_id)
-        return queued + self._adapter_refs.get(adapter_id, 0)
+        return queued + self.adapters.users(adapter_id)
+
+    # -- results --------------------------------------------------------------------------------
 
     def _deliver(self, gen: pb.Generation) -> None:
         seq = self._running.get(gen.request_id)
-        if seq is None or seq.state is State.DONE:
-            return  # cancelled while the step ran; already queued for release
+        if seq is None or seq.state is not State.RUNNING:
+            return  # cancelled or preempted while the step ran; already queued for release
         if gen.error:
             self._finish(seq, "error")
             self._outbox.append((seq, GenerationFailed(redact_paths(gen.error), server_error=False)))
             return
         seq.generated += 1
+        seq.prefilled = True
+        seq.token_ids.append(gen.token_id)
         seq.stats.generated = seq.generated
         if seq.stats.first_token is None:
             seq.stats.first_token = time.perf_counter()
@@ -432,14 +336,15 @@ class Scheduler:
     def _finish(self, seq: Sequence, reason: str) -> None:
         seq.state = State.DONE
         if self._running.pop(seq.id, None) is not None:
-            self.reserved_blocks -= seq.blocks
-            self._release_adapter(seq.request)
+            self.blocks.free(seq.id)
+            self.adapters.release(seq.request)
             self._to_release.append(seq.id)
             self._wake.set()
             self._record_end(seq, reason)
 
     def _end_waiting(self, seq: Sequence, reason: str) -> None:
-        seq.timer.cancel()
+        if seq.timer is not None:
+            seq.timer.cancel()
         seq.state = State.DONE
         self._record_end(seq, reason)
 
@@ -464,11 +369,14 @@ class Scheduler:
         for seq in list(self._running.values()):
             self._finish(seq, "shard_error")
             seq.events.put_nowait(GenerationFailed(f"shard failure: {message}"))
+        for seq in self._waiting:  # preempted ones resume from scratch: the shards forget everything
+            seq.computed, seq.prefilled, seq.registered, seq.shard_blocks = 0, False, False, 0
         self._to_release.clear()
 
     async def _recover(self) -> None:
-        """After a failed step the shards' sequence state is unknown: drop it all. Once the shards have
-        cleared, the server is healthy again."""
+        """After a failed step the shards' sequence state and KV content are unknown: drop it all, cached
+        prefixes included. Once the shards have cleared, the server is healthy again."""
+        self.blocks.reset()
         try:
             await self.client.clear()
             self.healthy = True
@@ -476,17 +384,17 @@ class Scheduler:
             log.error("clearing the shards failed: %s", e)
             await asyncio.sleep(1.0)
 
-    @staticmethod
-    def _to_proto(seq: Sequence) -> pb.Request:
-        r = seq.request
-        return pb.Request(
-            id=seq.id,
-            input_ids=r.input_ids,
-            sampling=r.sampling,
-            adapter_id=r.adapter_id,
-            top_n_tokens=r.top_n_tokens,
-            prefill_logprobs=r.prefill_logprobs,
-            min_new_tokens=r.min_new_tokens,
-            grammar=r.grammar,
-            stop_token_ids=sorted(r.stop_token_ids) if r.min_new_tokens else [],
-        )
+
+def _to_proto(seq: Sequence) -> pb.Request:
+    r = seq.request
+    return pb.Request(
+        id=seq.id,
+        input_ids=r.input_ids,
+        sampling=r.sampling,
+        adapter_id=r.adapter_id,
+        top_n_tokens=r.top_n_tokens,
+        prefill_logprobs=r.prefill_logprobs,
+        min_new_tokens=r.min_new_tokens,
+        grammar=r.grammar,
+        stop_token_ids=sorted(r.stop_token_ids) if r.min_new_tokens else [],
+    )

@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from router.detokenizer import IncrementalDetokenizer
-from router.scheduler import Generation, TokenEvent
+from router.generation import Generation, TokenEvent
 from router.stops import StopMatcher
 from router.tokenization import ModelTokenizer
 

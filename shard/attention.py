@@ -2,8 +2,10 @@
 
 The KV cache of a layer is one tensor [2, num_slots, num_kv_heads, head_dim] (num_slots = num_blocks *
 block_size); a token's K/V live at its slot, slot = block_table[pos // block_size] * block_size +
-pos % block_size. Decode gathers each sequence's context block by block (whole blocks are contiguous, so
-this copies a few large rows instead of one small row per token) and masks the positions past its length.
+pos % block_size. Decode, and a prefill chunk that continues a sequence whose prefix is cached, gathers the
+sequence's context block by block and masks the positions past its length (and the future ones). Block
+tables are the router's (router/kv_blocks.py); a cached block may be shared by several sequences, and only
+positions a step computes are written.
 Everything that depends only on the batch (block lists, masks) is built once per step in AttentionMetadata
 and shared by all layers.
 
@@ -23,7 +25,7 @@ from __future__ import annotations
 
 import itertools
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -38,12 +40,27 @@ VARLEN_PREFILL = os.environ.get("LOOM_VARLEN_PREFILL") == "1"
 
 
 @dataclass(slots=True)
+class PrefixContext:
+    """A prefill chunk that continues a sequence whose first `start` positions are already in the cache (a
+    prefix-cache hit, an earlier chunk, a resumed sequence): its queries attend over the gathered context."""
+
+    blocks: torch.Tensor  # [n] the sequence's blocks covering its context
+    length: int  # start + the chunk's tokens
+    causal: torch.Tensor  # [1, 1, q, length] True = attend
+    window: torch.Tensor | None  # the same, cut to the sliding window (None without one)
+
+
+@dataclass(slots=True)
 class AttentionMetadata:
     is_prefill: bool
     slot_mapping: torch.Tensor  # [T] cache slot each input token's K/V is written to
-    # Prefill: the flattened batch is split back into prompts; a mask only where a window cuts a prompt.
+    # [T] each token's sequence length (the tokens its sequence holds): length-dependent rope reads it.
+    lengths: torch.Tensor
+    # Prefill: the flattened batch is split back into chunks; a mask only where a window cuts a chunk that starts
+    # a sequence; a context where the chunk continues one.
     seq_lens: list[int]
     prefill_window_masks: list[torch.Tensor | None]
+    prefill_contexts: list[PrefixContext | None] = field(default_factory=list)
     # Decode: every sequence's blocks [B, max_blocks] (padded with any valid block); True = attend.
     # Masks are [B, 1, 1, max_blocks * block_size].
     context_blocks: torch.Tensor | None = None
@@ -54,11 +71,7 @@ class AttentionMetadata:
     cu_seq_lens: torch.Tensor | None = None  # prefill with VARLEN_PREFILL on CUDA: [0, n0, n0 + n1, ...] int32
 
     def token_lengths(self) -> torch.Tensor:
-        """[T]: each input token's sequence length as of this step (prefill: its prompt's; decode: its context)."""
-        if not self.is_prefill:
-            return self.context_lens
-        lens = torch.tensor(self.seq_lens, device=self.slot_mapping.device)
-        return torch.repeat_interleave(lens, lens)
+        return self.lengths
 
 
 def _window_mask(length: int, window: int, device: torch.device) -> torch.Tensor:
@@ -67,28 +80,51 @@ def _window_mask(length: int, window: int, device: torch.device) -> torch.Tensor
     return (delta >= 0) & (delta < window)
 
 
-def prefill_metadata(seq_lens: list[int], slot_mapping: torch.Tensor, sliding_window: int | None) -> AttentionMetadata:
+def _prefix_context(table: list[int], start: int, n: int, block_size: int, sliding_window: int | None,
+                    device: torch.device) -> PrefixContext:
+    length = start + n
+    blocks = torch.tensor(table[:-(-length // block_size)], device=device)
+    delta = torch.arange(start, length, device=device)[:, None] - torch.arange(length, device=device)[None, :]
+    causal = delta >= 0
+    window = None if sliding_window is None else (causal & (delta < sliding_window))[None, None]
+    return PrefixContext(blocks, length, causal[None, None], window)
+
+
+def prefill_metadata(seq_lens: list[int], slot_mapping: torch.Tensor, sliding_window: int | None,
+                     lengths: list[int] | None = None, starts: list[int] | None = None,
+                     tables: list[list[int]] | None = None, block_size: int = 0) -> AttentionMetadata:
+    """seq_lens: each chunk's tokens; lengths: each chunk's sequence length (default: seq_lens); starts: the
+    positions already cached before each chunk (default: none), with its block table in `tables`."""
     device = slot_mapping.device
+    starts = starts or [0] * len(seq_lens)
     masks = [
-        _window_mask(n, sliding_window, device) if sliding_window is not None and n > sliding_window else None
-        for n in seq_lens
+        _window_mask(n, sliding_window, device) if sliding_window is not None and n > sliding_window and not s
+        else None
+        for n, s in zip(seq_lens, starts)
     ]
+    contexts = [None if not s else _prefix_context(tables[i], s, n, block_size, sliding_window, device)
+                for i, (n, s) in enumerate(zip(seq_lens, starts))]
     cu = None
-    if VARLEN_PREFILL and device.type == "cuda":
+    if VARLEN_PREFILL and device.type == "cuda" and not any(starts):
         cu = torch.tensor([0, *itertools.accumulate(seq_lens)], dtype=torch.int32, device=device)
-    return AttentionMetadata(True, slot_mapping, seq_lens, masks, cu_seq_lens=cu)
+    full = torch.tensor(lengths or seq_lens, device=device)
+    token_lengths = torch.repeat_interleave(full, torch.tensor(seq_lens, device=device))
+    return AttentionMetadata(True, slot_mapping, token_lengths, seq_lens, masks, contexts, block_size=block_size,
+                             cu_seq_lens=cu)
 
 
 def decode_metadata(block_tables: torch.Tensor, context_lens: torch.Tensor, slot_mapping: torch.Tensor,
-                    block_size: int, sliding_window: int | None) -> AttentionMetadata:
-    """block_tables: [B, max_blocks] (padded with any valid block); context_lens: [B], counting the new token."""
+                    block_size: int, sliding_window: int | None,
+                    lengths: torch.Tensor | None = None) -> AttentionMetadata:
+    """block_tables: [B, max_blocks] (padded with any valid block); context_lens: [B], counting the new token;
+    lengths: each sequence's length for rope (default: context_lens)."""
     pos = torch.arange(block_tables.shape[1] * block_size, device=block_tables.device)
     valid = pos[None, :] < context_lens[:, None]
     window = None
     if sliding_window is not None:
         window = (valid & (pos[None, :] >= context_lens[:, None] - sliding_window))[:, None, None, :]
-    return AttentionMetadata(False, slot_mapping, [], [], block_tables, valid[:, None, None, :], window, block_size,
-                             context_lens)
+    return AttentionMetadata(False, slot_mapping, context_lens if lengths is None else lengths, [], [], [],
+                             block_tables, valid[:, None, None, :], window, block_size, context_lens)
 
 
 def softcapped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
@@ -144,22 +180,40 @@ class PagedAttention:
         """q: [T, heads, head_dim]; k, v: [T, kv_heads, head_dim] -> [T, heads * head_dim]."""
         kv_cache[0, meta.slot_mapping] = k
         kv_cache[1, meta.slot_mapping] = v
-        out = self._prefill(q, k, v, meta) if meta.is_prefill else self._decode(q, meta, kv_cache)
+        out = self._prefill(q, k, v, meta, kv_cache) if meta.is_prefill else self._decode(q, meta, kv_cache)
         return out.reshape(q.shape[0], self.num_heads * self.head_dim)
 
-    def _prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        # No prefix caching: a prompt's K/V are exactly this step's k/v, so attend without reading the cache.
+    def _prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata,
+                 kv_cache: torch.Tensor) -> torch.Tensor:
+        # A chunk that starts its sequence attends over this step's k/v alone; one that continues a cached
+        # prefix reads its context back from the cache (where this step's k/v were just written).
         if meta.cu_seq_lens is not None and self.softcap is None and q.dtype in (torch.float16, torch.bfloat16) \
                 and len(meta.seq_lens) > 1:
             return self._prefill_varlen(q, k, v, meta)
         outs = []
         start = 0
-        for n, window_mask in zip(meta.seq_lens, meta.prefill_window_masks):
-            qs, ks, vs = (t[start:start + n].transpose(0, 1).unsqueeze(0) for t in (q, k, v))
-            mask = window_mask if self.sliding_window is not None else None
-            outs.append(self._attend(qs, ks, vs, None if mask is None else mask[None, None])[0].transpose(0, 1))
+        for n, window_mask, context in zip(meta.seq_lens, meta.prefill_window_masks, meta.prefill_contexts):
+            qs = q[start:start + n].transpose(0, 1).unsqueeze(0)
+            if context is None:
+                ks, vs = (t[start:start + n].transpose(0, 1).unsqueeze(0) for t in (k, v))
+                mask = None if window_mask is None or self.sliding_window is None else window_mask[None, None]
+            else:
+                ks, vs = self._gather(kv_cache, context.blocks[None], meta.block_size, context.length)
+                mask = context.window if self.sliding_window is not None else context.causal
+            outs.append(self._attend(qs, ks, vs, mask)[0].transpose(0, 1))
             start += n
         return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+    def _gather(self, kv_cache: torch.Tensor, blocks: torch.Tensor, block_size: int,
+                length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V [B, kv_heads, length, D] of the sequences whose blocks are `blocks` [B, n]: whole blocks are
+        contiguous rows, so this copies a few large rows instead of one small row per token."""
+        b = blocks.shape[0]
+        num_blocks = kv_cache.shape[1] // block_size
+        flat = blocks.reshape(-1)
+        k, v = (kv_cache[i].view(num_blocks, -1).index_select(0, flat)
+                .view(b, -1, self.num_kv_heads, self.head_dim)[:, :length].transpose(1, 2) for i in (0, 1))
+        return k, v
 
     def _prefill_varlen(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         meta: AttentionMetadata) -> torch.Tensor:
@@ -177,10 +231,6 @@ class PagedAttention:
 
             return paged_decode_attention(q, kv_cache, meta.context_blocks, meta.context_lens, meta.block_size,
                                           self.scale, self.sliding_window, self.softcap)
-        b, ctx = meta.context_blocks.shape[0], meta.context_mask.shape[-1]
-        blocks = meta.context_blocks.reshape(-1)
-        num_blocks = kv_cache.shape[1] // meta.block_size
-        k, v = (kv_cache[i].view(num_blocks, -1).index_select(0, blocks)
-                .view(b, ctx, self.num_kv_heads, self.head_dim).transpose(1, 2) for i in (0, 1))
+        k, v = self._gather(kv_cache, meta.context_blocks, meta.block_size, meta.context_mask.shape[-1])
         mask = meta.window_mask if self.sliding_window is not None else meta.context_mask
         return self._attend(q.unsqueeze(2), k, v, mask).squeeze(2)

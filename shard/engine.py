@@ -1,11 +1,13 @@
-"""The in-process engine: sequence state, KV blocks, batched prefill/decode forwards and sampling.
+"""The model runner: sequence sampling state, batched prefill/decode forwards and sampling.
 
-The engine never decides when a sequence stops (EOS, max tokens, stop strings are the router's); it keeps
-every sequence's tokens until the router releases it.
+The router owns the KV blocks (router/kv_blocks.py) and decides what each step computes: which chunk of which
+sequence, in which blocks. The engine never decides when a sequence stops (EOS, max tokens, stop strings are
+the router's); it keeps every sequence's tokens until the router releases it.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 from dataclasses import dataclass, field
@@ -25,8 +27,6 @@ from shard.attention import decode_metadata, prefill_metadata
 from shard.kv_cache import (
     DEFAULT_BLOCK_SIZE,
     DEFAULT_CPU_KV_BYTES,
-    BlockManager,
-    KVCacheExhausted,
     allocate_kv_cache,
     bytes_per_block,
     kv_budget_bytes,
@@ -42,7 +42,8 @@ from shard.weights import load_model
 # Rows of prompt logits materialised at once for prompt logprobs (128 x a 128k vocabulary: 64 MB of float32).
 PROMPT_LOGPROBS_CHUNK = 128
 
-__all__ = ["AdapterError", "AdapterInfo", "Engine", "EngineInfo", "SamplingParams", "SequenceRequest", "TokenResult"]
+__all__ = ["AdapterError", "AdapterInfo", "Chunk", "Engine", "EngineInfo", "SamplingParams", "SequenceRequest",
+           "TokenResult"]
 
 
 @dataclass(slots=True)
@@ -58,6 +59,27 @@ class SequenceRequest:
     grammar: str = ""  # llguidance grammar the output must follow; "" = free
     min_new_tokens: int = 0  # stop_token_ids are masked until this many tokens were generated
     stop_token_ids: list[int] = field(default_factory=list)
+    # A sequence resumed after preemption: the tokens it had generated, replayed into its sampling state.
+    generated_ids: list[int] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class Chunk:
+    """Tokens [start, start + num_tokens) of a sequence to compute this step; positions before `start` are in
+    the KV cache already. `new_blocks` extend the sequence's block table (the router's allocation)."""
+
+    id: int
+    start: int
+    num_tokens: int
+    new_blocks: list[int] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class _Sequence:
+    row: SamplerRow  # its tokens and sampling state
+    table: list[int]  # its KV blocks, as the router allocated them
+    adapter_id: str
+    prompt_logprobs: list[float] | None  # while its prompt is prefilled, when asked (the first token gets 0.0)
 
 
 @dataclass(slots=True)
@@ -139,14 +161,12 @@ class Engine:
             rank=tp_rank,
             world_size=tp_size,
         )
-        self.blocks: BlockManager | None = None
-        # A sequence's state is exactly what sampling needs: its tokens, params and generator.
-        self.sequences: dict[int, SamplerRow] = {}
+        self._num_blocks = 0  # KV cache blocks, once warmup allocated them
+        self.sequences: dict[int, _Sequence] = {}
         layout = PageLayout.build(config.num_hidden_layers, adapter_page_rank, projection_shapes(self.model))
         self.adapters = AdapterCache(layout, dtype, self.device, adapter_host_cache_bytes)
         # Triton SGMV instead of the torch LoRA path: CUDA only, opt-in until checked on a GPU.
         self.triton_lora = self.device.type == "cuda" and os.environ.get("LOOM_TRITON_LORA") == "1"
-        self.seq_adapters: dict[int, str] = {}  # sequences with an adapter -> its id, pinned while they live
         self.grammars = Grammars(model_dir, config.vocab_size)
 
     @property
@@ -157,33 +177,28 @@ class Engine:
 
     @property
     def num_blocks(self) -> int:
-        return self.blocks.num_blocks if self.blocks else 0
-
-    @property
-    def free_blocks(self) -> int:
-        return self.blocks.num_free if self.blocks else 0
+        return self._num_blocks
 
     def _install_cache(self, num_blocks: int) -> None:
         info = self.info
         caches = allocate_kv_cache(info.num_layers, num_blocks, self.block_size, self.model.local_kv_heads,
                                    info.head_dim, self.dtype, self.device)
         self.model.set_kv_cache(caches)
-        self.blocks = BlockManager(num_blocks, self.block_size)
+        self._num_blocks = num_blocks
         self._forget_all()
 
     def _drop_cache(self) -> None:
         self.model.set_kv_cache([torch.empty(0)] * self.info.num_layers)
-        self.blocks = None
+        self._num_blocks = 0
         self._forget_all()
 
     def _forget(self, seq_id: int) -> None:
-        self.sequences.pop(seq_id, None)
-        if adapter_id := self.seq_adapters.pop(seq_id, None):
-            self.adapters.unpin(adapter_id)
+        seq = self.sequences.pop(seq_id, None)
+        if seq is not None and seq.adapter_id:
+            self.adapters.unpin(seq.adapter_id)
 
     def _forget_all(self) -> None:
         self.sequences.clear()
-        self.seq_adapters.clear()
         self.adapters.unpin_all()
 
     def _warmup_sizes(self, num_tokens: int) -> list[int]:
@@ -199,30 +214,28 @@ class Engine:
     def _dummy_batch(self, num_tokens: int) -> None:
         """The worst step the limits allow, so that its activations are measured (and on CUDA, allocator
         pools and kernels are warm): a prefill of `num_tokens` prompt tokens with prompt logprobs, then a
-        decode step of all of them."""
+        decode step of all of them (those whose next token still finds a block: a cache sized to the limits
+        exactly may have none left for a prompt that ends on a block boundary)."""
         sizes = self._warmup_sizes(num_tokens)
         requests = [SequenceRequest(-1 - i, [0] * n, prefill_logprobs=True) for i, n in enumerate(sizes)]
-        results = self._prefill(requests)
+        blocks = iter(range(self.num_blocks))
+        chunks = [Chunk(r.id, 0, n, list(itertools.islice(blocks, self.blocks_for(n))))
+                  for r, n in zip(requests, sizes)]
+        results = self.step(requests, chunks, [])
+        decodes = []
+        for chunk in chunks:
+            grow = [] if chunk.num_tokens % self.block_size else list(itertools.islice(blocks, 1))
+            if grow or chunk.num_tokens % self.block_size:
+                decodes.append(Chunk(chunk.id, chunk.num_tokens, 1, grow))
         if not any(r.error for r in results):
-            results += self._decode(self._decodable([r.request_id for r in results]))
+            results += self.step([], decodes, [])
         for r in results:
             if r.error:
                 raise RuntimeError(f"warmup step failed: {r.error}")
-        for r in requests:
-            self.blocks.release(r.id)
-            self._forget(r.id)
+        self.step([], [], [r.id for r in requests])
 
-    def _decodable(self, seq_ids: list[int]) -> list[int]:
-        """The sequences of `seq_ids` whose next token fits the free blocks (a cache sized to the limits
-        exactly may have no block left for a prompt that ends on a block boundary)."""
-        room, fits = self.blocks.num_free, []
-        for seq_id in seq_ids:
-            if self.blocks.lengths[seq_id] % self.block_size == 0:
-                if room == 0:
-                    continue
-                room -= 1
-            fits.append(seq_id)
-        return fits
+    def blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
 
     def measure_activation_peak(self, num_tokens: int) -> int:
         """Bytes the worst step (_dummy_batch) needs beyond weights, adapters and KV cache: measured on CUDA,
@@ -363,36 +376,57 @@ class Engine:
     def clear(self) -> None:
         """Drops every sequence (unpinning their adapters) and frees all KV blocks."""
         self._forget_all()
-        if self.blocks:
-            self.blocks.reset()
 
     # ---- stepping -------------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def step(self, prefill: list[SequenceRequest], decode: list[int], release: list[int]) -> list[TokenResult]:
-        """Frees `release` (unknown ids ignored), prefills `prefill` (sampling each one's first token), then
-        decodes one token for each id in `decode`. Returns prefill results, then decode results."""
-        if self.blocks is None:
+    def step(self, new: list[SequenceRequest], chunks: list[Chunk], release: list[int]) -> list[TokenResult]:
+        """Forgets `release` (unknown ids ignored), registers `new` sequences, then computes every chunk's tokens
+        into the KV cache. A chunk that reaches its sequence's last token samples the next one. Returns one
+        result per sampled chunk and one error per request or chunk that failed (alone: the others go on)."""
+        if self.num_blocks == 0:
             raise RuntimeError("Engine.step before warmup: the KV cache is not allocated")
         for seq_id in release:
-            self.blocks.release(seq_id)
             self._forget(seq_id)
-        results = self._prefill(prefill) if prefill else []
-        if decode:
-            results += self._decode(decode)
-        return results
+        errors = self._register(new)
+        failed = {e.request_id for e in errors} - self.sequences.keys()  # a duplicate id leaves the live one be
+        runnable = []
+        for chunk in chunks:
+            if chunk.id in failed:
+                continue
+            if message := self._extend(chunk):
+                errors.append(_error(chunk.id, message))
+                failed.add(chunk.id)
+                self._forget(chunk.id)
+            else:
+                runnable.append(self._recompute_whole(chunk))
+        return errors + self._run(runnable)
 
-    def _validate(self, req: SequenceRequest, taken: set[int], free_blocks: int) -> str:
+    def _register(self, requests: list[SequenceRequest]) -> list[TokenResult]:
+        errors, accepted, taken = [], [], set()
+        for req in requests:
+            if message := self._validate(req, taken):
+                errors.append(_error(req.id, message))
+            else:
+                accepted.append(req)
+                taken.add(req.id)
+        # Page in the adapters; requests whose adapter is unknown or does not fit the pool fail alone.
+        failed = self.adapters.make_resident([r.adapter_id for r in accepted if r.adapter_id])
+        for req in accepted:
+            if message := failed.get(req.adapter_id):
+                errors.append(_error(req.id, message))
+            else:
+                self._new_sequence(req)
+        return errors
+
+    def _validate(self, req: SequenceRequest, taken: set[int]) -> str:
         if not req.input_ids:
             return "empty prompt: input_ids must hold at least one token"
-        bad = [t for t in req.input_ids if not 0 <= t < self.vocab_size]
+        bad = [t for t in itertools.chain(req.input_ids, req.generated_ids) if not 0 <= t < self.vocab_size]
         if bad:
             return f"token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})"
         if req.id in self.sequences or req.id in taken:
             return f"sequence {req.id} is already active"
-        needed = self.blocks.blocks_for(len(req.input_ids))
-        if needed > free_blocks:
-            return f"KV cache out of blocks: the prompt needs {needed}, {free_blocks} free"
         if req.grammar:
             try:
                 self.grammars.matcher(req.grammar)
@@ -400,57 +434,98 @@ class Engine:
                 return str(e)
         return ""
 
-    def _prefill(self, requests: list[SequenceRequest]) -> list[TokenResult]:
-        results: list[TokenResult | None] = [None] * len(requests)
-        accepted: list[int] = []
-        taken: set[int] = set()
-        free = self.blocks.num_free
-        for i, req in enumerate(requests):
-            if message := self._validate(req, taken, free):
-                results[i] = _error(req.id, message)
-                continue
-            accepted.append(i)
-            taken.add(req.id)
-            free -= self.blocks.blocks_for(len(req.input_ids))
-        # Page in the adapters; requests whose adapter is unknown or does not fit the pool fail alone.
-        failed = self.adapters.make_resident([requests[i].adapter_id for i in accepted if requests[i].adapter_id])
-        if failed:
-            for i in accepted:
-                if message := failed.get(requests[i].adapter_id):
-                    results[i] = _error(requests[i].id, message)
-            accepted = [i for i in accepted if results[i] is None]
-        if not accepted:
-            return results
+    def _new_sequence(self, req: SequenceRequest) -> None:
+        row = SamplerRow(req.sampling, [*req.input_ids, *req.generated_ids], len(req.input_ids), req.top_n_tokens,
+                         matcher=self.grammars.matcher(req.grammar) if req.grammar else None,
+                         min_new_tokens=req.min_new_tokens, stop_token_ids=list(req.stop_token_ids))
+        if row.matcher is not None:  # a resumed sequence: its grammar state after the tokens it already has
+            for token_id in req.generated_ids:
+                row.matcher.consume_token(token_id)
+        if req.adapter_id:
+            self.adapters.pin(req.adapter_id)
+        self.sequences[req.id] = _Sequence(row, [], req.adapter_id, [0.0] if req.prefill_logprobs else None)
 
-        ids, positions, slots, seq_lens, last_rows = [], [], [], [], []
-        offset = 0
-        for i in accepted:
-            req = requests[i]
-            n = len(req.input_ids)
-            ids += req.input_ids
-            positions += range(n)
-            slots += self.blocks.allocate(req.id, n)
-            seq_lens.append(n)
-            last_rows.append(offset + n - 1)
-            offset += n
+    def _extend(self, chunk: Chunk) -> str:
+        """Appends the chunk's new blocks to its sequence's table and checks that the chunk fits it."""
+        seq = self.sequences.get(chunk.id)
+        if seq is None:
+            return f"sequence {chunk.id} is not active (never registered, released or failed)"
+        if any(not 0 <= b < self.num_blocks for b in chunk.new_blocks):
+            return f"block id outside the KV cache [0, {self.num_blocks})"
+        seq.table.extend(chunk.new_blocks)
+        end = chunk.start + chunk.num_tokens
+        if chunk.num_tokens < 1 or end > len(seq.row.token_ids):
+            return f"chunk [{chunk.start}, {end}) is outside sequence {chunk.id}'s {len(seq.row.token_ids)} tokens"
+        if end > len(seq.table) * self.block_size:
+            return f"chunk [{chunk.start}, {end}) is beyond sequence {chunk.id}'s {len(seq.table)} blocks"
+        return ""
 
-        dev = self.device
-        last_rows_t = torch.tensor(last_rows, device=dev)
-        meta = prefill_metadata(seq_lens, torch.tensor(slots, device=dev), self.model.sliding_window)
-        lora = self._lora_batch([requests[i].adapter_id for i in accepted], seq_lens)
-        hidden = self.model(torch.tensor(ids, device=dev), torch.tensor(positions, device=dev), meta, lora)
-        logits = self.model.compute_logits(hidden.index_select(0, last_rows_t))
+    def _recompute_whole(self, chunk: Chunk) -> Chunk:
+        """A sequence that reaches the model's recompute length runs whole again, rewriting all its KV, as
+        transformers' generate does for families whose earlier positions change with the length (Phi-3's
+        longrope switching to its long factors past original_max_position_embeddings)."""
+        tokens = len(self.sequences[chunk.id].row.token_ids)
+        if self.model.recompute_at is not None and tokens == self.model.recompute_at == chunk.start + 1:
+            return Chunk(chunk.id, 0, tokens)
+        return chunk
 
-        rows = [self._new_sequence(requests[i]) for i in accepted]
-        out = self._sample(logits, rows)
-        for j, i in enumerate(accepted):
-            req, row = requests[i], rows[j]
-            _accept(row, out.token_ids[j])
-            result = TokenResult(req.id, out.token_ids[j], out.logprobs[j], out.top_tokens[j])
-            if req.prefill_logprobs:
-                result.prefill_logprobs = self._prompt_logprobs(hidden, last_rows[j], req.input_ids)
-            results[i] = result
+    def _run(self, chunks: list[Chunk]) -> list[TokenResult]:
+        """One forward for the single-token chunks (decodes) and one for the longer ones (prefills), then one
+        sampling pass over every chunk that reached its sequence's end."""
+        sampled: list[tuple[Chunk, torch.Tensor]] = []
+        for group in ([c for c in chunks if c.num_tokens == 1], [c for c in chunks if c.num_tokens > 1]):
+            if group:
+                sampled += self._forward(group)
+        if not sampled:
+            return []
+        rows = [self.sequences[c.id].row for c, _ in sampled]
+        out = self._sample(self.model.compute_logits(torch.stack([h for _, h in sampled])), rows)
+        results = []
+        for j, (chunk, _) in enumerate(sampled):
+            _accept(rows[j], out.token_ids[j])
+            result = TokenResult(chunk.id, out.token_ids[j], out.logprobs[j], out.top_tokens[j])
+            seq = self.sequences[chunk.id]
+            if seq.prompt_logprobs is not None:
+                result.prefill_logprobs, seq.prompt_logprobs = seq.prompt_logprobs, None
+            results.append(result)
         return results
+
+    def _forward(self, chunks: list[Chunk]) -> list[tuple[Chunk, torch.Tensor]]:
+        """Runs `chunks` (all single-token, or all longer) as one batch; returns the last hidden state of each
+        chunk that reached its sequence's end, and accumulates prompt logprobs where they were asked."""
+        decode = chunks[0].num_tokens == 1
+        if decode:
+            chunks = self._group_by_adapter(chunks, [self.sequences[c.id].adapter_id for c in chunks])
+        seqs = [self.sequences[c.id] for c in chunks]
+        bs, dev = self.block_size, self.device
+        ids, positions, slots = [], [], []
+        for chunk, seq in zip(chunks, seqs):
+            end = chunk.start + chunk.num_tokens
+            ids += seq.row.token_ids[chunk.start:end]
+            positions += range(chunk.start, end)
+            slots += [seq.table[p // bs] * bs + p % bs for p in range(chunk.start, end)]
+        lengths = [len(seq.row.token_ids) for seq in seqs]
+        slot_t = torch.tensor(slots, device=dev)
+        if decode:
+            width = max(len(s.table) for s in seqs)
+            tables = torch.tensor([s.table + [0] * (width - len(s.table)) for s in seqs], device=dev)
+            context = torch.tensor([c.start + 1 for c in chunks], device=dev)
+            meta = decode_metadata(tables, context, slot_t, bs, self.model.sliding_window,
+                                   torch.tensor(lengths, device=dev))
+        else:
+            meta = prefill_metadata([c.num_tokens for c in chunks], slot_t, self.model.sliding_window, lengths,
+                                    [c.start for c in chunks], [s.table for s in seqs], bs)
+        lora = self._lora_batch([s.adapter_id for s in seqs], [c.num_tokens for c in chunks])
+        hidden = self.model(torch.tensor(ids, device=dev), torch.tensor(positions, device=dev), meta, lora)
+        sampled, row = [], 0
+        for chunk, seq, n in zip(chunks, seqs, lengths):
+            if seq.prompt_logprobs is not None:
+                seq.prompt_logprobs += self._prompt_logprobs(hidden[row:row + chunk.num_tokens], chunk.start,
+                                                             seq.row.token_ids[:seq.row.num_prompt])
+            row += chunk.num_tokens
+            if chunk.start + chunk.num_tokens == n:
+                sampled.append((chunk, hidden[row - 1]))
+        return sampled
 
     def _sample(self, logits: torch.Tensor, rows: list[SamplerRow]) -> SamplerOutput:
         out = sample(logits, rows)
@@ -461,103 +536,17 @@ class Engine:
             out.token_ids = tokens.tolist()
         return out
 
-    def _new_sequence(self, req: SequenceRequest) -> SamplerRow:
-        generator = None
-        if req.sampling.seed is not None:
-            generator = torch.Generator(self.device)
-            generator.manual_seed(req.sampling.seed)
-        row = SamplerRow(req.sampling, list(req.input_ids), len(req.input_ids), req.top_n_tokens, generator,
-                         matcher=self.grammars.matcher(req.grammar) if req.grammar else None,
-                         min_new_tokens=req.min_new_tokens, stop_token_ids=list(req.stop_token_ids))
-        self.sequences[req.id] = row
-        if req.adapter_id:
-            self.adapters.pin(req.adapter_id)
-            self.seq_adapters[req.id] = req.adapter_id
-        return row
-
-    def _prompt_logprobs(self, hidden: torch.Tensor, last_row: int, prompt: list[int]) -> list[float]:
-        """logprob of each prompt token given the ones before it (raw logits); the first gets 0.0. Logits are
-        computed PROMPT_LOGPROBS_CHUNK rows at a time: a whole long prompt's float32 logits over a large
-        vocabulary would be gigabytes."""
-        n = len(prompt)
-        first = last_row - n + 1
-        targets = torch.tensor(prompt[1:], device=hidden.device)
+    def _prompt_logprobs(self, hidden: torch.Tensor, start: int, prompt: list[int]) -> list[float]:
+        """logprobs (raw logits) of the prompt tokens that the chunk's rows predict: row i (position start + i)
+        predicts prompt[start + i + 1]. Logits are computed PROMPT_LOGPROBS_CHUNK rows at a time: a long
+        prompt's float32 logits over a large vocabulary would be gigabytes."""
+        count = min(hidden.shape[0], len(prompt) - 1 - start)
+        if count <= 0:
+            return []
+        targets = torch.tensor(prompt[start + 1:start + 1 + count], device=hidden.device)
         parts = []
-        for start in range(0, n - 1, PROMPT_LOGPROBS_CHUNK):
-            end = min(start + PROMPT_LOGPROBS_CHUNK, n - 1)
-            lp = self.model.compute_logits(hidden[first + start:first + end]).log_softmax(-1)
-            parts.append(lp.gather(1, targets[start:end, None])[:, 0])
-        return [0.0] + (torch.cat(parts).tolist() if parts else [])
-
-    def _decode(self, seq_ids: list[int]) -> list[TokenResult]:
-        results: list[TokenResult | None] = [None] * len(seq_ids)
-        live: list[int] = []
-        seen: set[int] = set()
-        for i, seq_id in enumerate(seq_ids):
-            if seq_id not in self.sequences or seq_id in seen:
-                results[i] = _error(seq_id, f"sequence {seq_id} is not active (never prefilled, released or repeated)")
-            else:
-                live.append(i)
-                seen.add(seq_id)
-        if not live:
-            return results
-
-        bm = self.blocks
-        needed = sum(1 for i in live if bm.lengths[seq_ids[i]] % bm.block_size == 0)
-        if needed > bm.num_free:
-            raise KVCacheExhausted(f"KV cache out of blocks: decode needs {needed} new blocks, {bm.num_free} free")
-        if self.model.recompute_at is not None:
-            whole = [i for i in live if len(self.sequences[seq_ids[i]].token_ids) == self.model.recompute_at]
-            for i, result in zip(whole, self._recompute([seq_ids[i] for i in whole]) if whole else []):
-                results[i] = result
-            live = [i for i in live if i not in whole]
-            if not live:
-                return results
-        live = self._group_by_adapter(live, [self.seq_adapters.get(seq_ids[i], "") for i in live])
-        rows = [self.sequences[seq_ids[i]] for i in live]
-        slots = [bm.append_slot(seq_ids[i]) for i in live]
-        tables = [bm.tables[seq_ids[i]] for i in live]
-        width = max(len(t) for t in tables)
-
-        dev = self.device
-        context_lens = [len(r.token_ids) for r in rows]
-        meta = decode_metadata(
-            torch.tensor([t + [0] * (width - len(t)) for t in tables], device=dev),
-            torch.tensor(context_lens, device=dev),
-            torch.tensor(slots, device=dev),
-            bm.block_size,
-            self.model.sliding_window,
-        )
-        input_ids = torch.tensor([r.token_ids[-1] for r in rows], device=dev)
-        positions = torch.tensor([n - 1 for n in context_lens], device=dev)
-        lora = self._lora_batch([self.seq_adapters.get(seq_ids[i], "") for i in live], [1] * len(live))
-        logits = self.model.compute_logits(self.model(input_ids, positions, meta, lora))
-
-        out = self._sample(logits, rows)
-        for j, i in enumerate(live):
-            _accept(rows[j], out.token_ids[j])
-            results[i] = TokenResult(seq_ids[i], out.token_ids[j], out.logprobs[j], out.top_tokens[j])
-        return results
-
-    def _recompute(self, seq_ids: list[int]) -> list[TokenResult]:
-        """Decodes `seq_ids` by running each whole, as a prefill of every token it holds that rewrites all its
-        KV slots, as transformers' generate does for families whose earlier positions change (Phi-3's longrope
-        switching to its long factors once a sequence passes original_max_position_embeddings)."""
-        bm, dev = self.blocks, self.device
-        rows = [self.sequences[s] for s in seq_ids]
-        ids, positions, slots, lengths, last_rows = [], [], [], [], []
-        for seq_id, row in zip(seq_ids, rows):
-            bm.append_slot(seq_id)
-            n = len(row.token_ids)
-            ids += row.token_ids
-            positions += range(n)
-            slots += bm.slots(seq_id, 0, n)
-            lengths.append(n)
-            last_rows.append(len(ids) - 1)
-        meta = prefill_metadata(lengths, torch.tensor(slots, device=dev), self.model.sliding_window)
-        lora = self._lora_batch([self.seq_adapters.get(s, "") for s in seq_ids], lengths)
-        hidden = self.model(torch.tensor(ids, device=dev), torch.tensor(positions, device=dev), meta, lora)
-        out = self._sample(self.model.compute_logits(hidden[torch.tensor(last_rows, device=dev)]), rows)
-        for j, row in enumerate(rows):
-            _accept(row, out.token_ids[j])
-        return [TokenResult(s, out.token_ids[j], out.logprobs[j], out.top_tokens[j]) for j, s in enumerate(seq_ids)]
+        for lo in range(0, count, PROMPT_LOGPROBS_CHUNK):
+            hi = min(lo + PROMPT_LOGPROBS_CHUNK, count)
+            lp = self.model.compute_logits(hidden[lo:hi]).log_softmax(-1)
+            parts.append(lp.gather(1, targets[lo:hi, None])[:, 0])
+        return torch.cat(parts).tolist()

@@ -3,8 +3,9 @@
 Order of logits processors: repetition penalty (HF semantics, over prompt + generated tokens), frequency and
 presence penalties (OpenAI semantics, over generated tokens), temperature; the returned logprobs are
 log_softmax at this point; then top_k, top_p, min_p, typical_p truncate, and a token is drawn by an
-exponential race (argmax p / E with E ~ Exp(1)), which equals sampling from p. A seeded row draws E from its
-own generator, so its tokens do not depend on what else is in the batch.
+exponential race (argmax p / E with E ~ Exp(1)), which equals sampling from p. A seeded row draws E from a
+generator seeded by (seed, position of the token drawn), so its tokens depend neither on what else is in the
+batch nor on the sequence's history of steps: a sequence preempted and recomputed draws exactly the same.
 """
 
 from __future__ import annotations
@@ -45,7 +46,6 @@ class SamplerRow:
     token_ids: list[int]  # prompt + generated so far
     num_prompt: int
     top_n: int = 0
-    generator: torch.Generator | None = None
     matcher: object | None = None  # llguidance matcher of a constrained sequence
     min_new_tokens: int = 0  # stop_token_ids are masked until this many tokens were generated
     stop_token_ids: list[int] = field(default_factory=list)
@@ -130,11 +130,22 @@ def _typical(logits: torch.Tensor, mass: torch.Tensor, rows_on: torch.Tensor) ->
     return logits.masked_fill(remove, float("-inf"))
 
 
+def position_seed(seed: int, position: int) -> int:
+    """The generator seed for drawing the token at `position` of a seeded sequence (a 64-bit mix, so that nearby
+    seeds and positions give unrelated streams)."""
+    x = (seed * 0x9E3779B97F4A7C15 + position * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    x ^= x >> 31
+    x = (x * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return x ^ (x >> 29)
+
+
 def _race_noise(probs: torch.Tensor, rows: list[SamplerRow]) -> torch.Tensor:
     noise = torch.empty_like(probs).exponential_()
     for i, row in enumerate(rows):
-        if row.generator is not None:
-            noise[i] = torch.empty_like(probs[i]).exponential_(generator=row.generator)
+        if row.params.seed is not None:
+            generator = torch.Generator(probs.device)
+            generator.manual_seed(position_seed(row.params.seed, len(row.token_ids)))
+            noise[i] = torch.empty_like(probs[i]).exponential_(generator=generator)
     # A zero draw would turn a removed token's 0 / 0 into nan, which argmax would pick.
     return noise.clamp_(min=torch.finfo(noise.dtype).tiny)
 

@@ -24,7 +24,7 @@ import torch
 
 from proto import generate_pb2 as pb
 from proto import generate_pb2_grpc as pb_grpc
-from shard.engine import AdapterError, Engine, SamplingParams, SequenceRequest, TokenResult
+from shard.engine import AdapterError, Chunk, Engine, SamplingParams, SequenceRequest, TokenResult
 
 log = logging.getLogger("loom.shard")
 
@@ -66,7 +66,21 @@ def request_from_proto(r: pb.Request) -> SequenceRequest:
         grammar=r.grammar,
         min_new_tokens=r.min_new_tokens,
         stop_token_ids=list(r.stop_token_ids),
+        generated_ids=list(r.generated_ids),
     )
+
+
+def chunk_from_proto(c: pb.Chunk) -> Chunk:
+    return Chunk(c.id, c.start, c.num_tokens, list(c.new_blocks))
+
+
+def run_step(engine: Engine, request: pb.StepRequest) -> pb.StepResponse:
+    """One Step on the engine, proto in and out (on the engine thread)."""
+    started = time.perf_counter()
+    results = engine.step([request_from_proto(r) for r in request.new],
+                          [chunk_from_proto(c) for c in request.chunks], list(request.release))
+    return pb.StepResponse(generations=[generation_to_proto(t) for t in results],
+                           forward_ms=(time.perf_counter() - started) * 1000)
 
 
 def generation_to_proto(t: TokenResult) -> pb.Generation:
@@ -114,6 +128,7 @@ class ShardService(pb_grpc.ShardServicer):
             vocab_size=info.vocab_size,
             max_position_embeddings=info.max_position_embeddings,
             block_size=info.block_size,
+            prefix_cacheable=self.engine.model.recompute_at is None,
         )
 
     async def Health(self, request, context):
@@ -132,18 +147,12 @@ class ShardService(pb_grpc.ShardServicer):
 
     async def Step(self, request, context):
         await self._refuse_if_failed(context)
-        prefill = [request_from_proto(r) for r in request.prefill]
-        started = time.perf_counter()
         try:
-            results = await self._run(self.engine.step, prefill, list(request.decode), list(request.release))
+            return await self._run(run_step, self.engine, request)
         except Exception as e:
             if self.world_size > 1 or is_sticky_device_error(e):
                 self._fail(e)
             raise
-        return pb.StepResponse(
-            generations=[generation_to_proto(t) for t in results], free_blocks=self.engine.free_blocks,
-            forward_ms=(time.perf_counter() - started) * 1000,
-        )
 
     async def Clear(self, request, context):
         await self._refuse_if_failed(context)
