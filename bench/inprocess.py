@@ -1,74 +1,83 @@
-"""The same workload on shard.engine.Engine driven in this process: the router's continuous-batching loop
-(FIFO admission under the prefill-token budget, new requests prefilled in the step that decodes the running
-ones) without HTTP, gRPC, tokenization or detokenization. The gap to the served run is the serving overhead."""
+"""The same workload on the router's own scheduler (admission, KV blocks, chunking, preemption) driving the
+engine in this process (bench/local_shard.py): no HTTP, gRPC, tokenization or detokenization. The gap to the
+served run is the serving overhead."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
-from collections import deque
-from dataclasses import dataclass, field
 from pathlib import Path
 
+from bench.local_shard import LocalShard
 from bench.stats import Timing
 from bench.workload import BenchRequest
-
-
-@dataclass(slots=True)
-class _Live:
-    req: BenchRequest
-    timing: Timing
-    tokens: list[float] = field(default_factory=list)
+from proto import generate_pb2 as pb
+from router.generation import GenerationRequest
+from router.scheduler import Scheduler
 
 
 def make_engine(model_dir: Path, adapters: list[Path], used: set[int], max_batch_prefill_tokens: int,
-                adapter_pool_pages: int, host_cache_bytes: int):
+                adapter_pool_pages: int, host_cache_bytes: int, **engine_args):
     from shard.engine import Engine
 
-    engine = Engine(str(model_dir), adapter_pool_pages=adapter_pool_pages, adapter_host_cache_bytes=host_cache_bytes)
+    engine = Engine(str(model_dir), adapter_pool_pages=adapter_pool_pages, adapter_host_cache_bytes=host_cache_bytes,
+                    **engine_args)
     engine.warmup(max_batch_prefill_tokens)
     for i in sorted(used):  # registered up front, as warm_adapters does for the server
         engine.load_adapter(str(adapters[i]), str(adapters[i]))
     return engine
 
 
+def make_scheduler(engine, max_batch_prefill_tokens: int, prefix_caching: bool = True,
+                   max_concurrent: int = 1 << 20) -> Scheduler:
+    return Scheduler(LocalShard(engine), engine.num_blocks, engine.block_size, max_batch_prefill_tokens,
+                     max_concurrent, max_active_adapters=engine.adapter_pages, adapter_pages=engine.adapter_pages,
+                     prefix_caching=prefix_caching)
+
+
+def _request(engine, req: BenchRequest, adapters: list[Path], max_new_tokens: int | None) -> GenerationRequest:
+    adapter = str(adapters[req.adapter]) if req.adapter >= 0 else ""
+    pages = engine.adapters.entries[adapter].num_pages if adapter else 0
+    return GenerationRequest(req.input_ids, max_new_tokens or req.output_len, pb.SamplingParameters(),
+                             adapter_id=adapter, adapter_pages=pages, ignore_eos=True, cache_key=adapter)
+
+
+async def serve(scheduler: Scheduler, engine, requests: list[BenchRequest], adapters: list[Path],
+                max_new_tokens: int | None = None, gate: asyncio.Semaphore | None = None) -> tuple[list[Timing], float]:
+    """Each request queued at its arrival and read to `output_len` tokens (`max_new_tokens` is the limit the
+    scheduler sees; default the same); `gate` bounds how many run at once. Returns timings and wall time."""
+    loop = asyncio.create_task(scheduler.run())
+    start = time.perf_counter()
+
+    async def one(req: BenchRequest) -> Timing:
+        await asyncio.sleep(max(0.0, start + req.arrival - time.perf_counter()))
+        sent = time.perf_counter()
+        stamps = []
+        async with gate or contextlib.nullcontext():
+            async with scheduler.generate(_request(engine, req, adapters, max_new_tokens)) as generation:
+                async for _ in generation:
+                    stamps.append(time.perf_counter() - sent)
+                    if len(stamps) == req.output_len:
+                        break
+        return Timing(sent - start, stamps)
+
+    try:
+        timings = await asyncio.gather(*(one(r) for r in requests))
+        wall = time.perf_counter() - start
+        while not scheduler.idle:  # the last releases reach the engine, which serves the next run clean
+            await asyncio.sleep(0.001)
+        return list(timings), wall
+    finally:
+        loop.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await loop
+
+
 def run_engine(engine, requests: list[BenchRequest], adapters: list[Path],
                max_batch_prefill_tokens: int) -> tuple[list[Timing], float]:
-    from shard.engine import SequenceRequest
-
-    waiting = deque(sorted(enumerate(requests), key=lambda p: p[1].arrival))
-    running: dict[int, _Live] = {}
-    done: dict[int, Timing] = {}
-    release: list[int] = []
-    max_steps = sum(r.output_len for r in requests) + len(requests) + 1  # every step yields a token or admits
-    start = time.perf_counter()
-    for _ in range(max_steps):
-        if not (waiting or running):
-            break
-        now = time.perf_counter() - start
-        if not running and waiting[0][1].arrival > now:
-            time.sleep(waiting[0][1].arrival - now)
-            now = time.perf_counter() - start
-        admitted, budget = [], max_batch_prefill_tokens
-        while waiting and waiting[0][1].arrival <= now and (not admitted or len(waiting[0][1].input_ids) <= budget):
-            i, req = waiting.popleft()
-            budget -= len(req.input_ids)
-            admitted.append(SequenceRequest(i, req.input_ids, adapter_id=str(adapters[req.adapter]) if req.adapter >= 0 else ""))
-            running[i] = _Live(req, Timing(req.arrival, []))
-        new = {a.id for a in admitted}
-        decode = [i for i in running if i not in new]
-        results = engine.step(admitted, decode, release)
-        stamp = time.perf_counter() - start
-        release = []
-        for r in results:
-            if r.error:
-                raise RuntimeError(f"request {r.request_id}: {r.error}")
-            live = running[r.request_id]
-            live.timing.tokens.append(stamp - live.req.arrival)
-            if len(live.timing.tokens) == live.req.output_len:
-                done[r.request_id] = running.pop(r.request_id).timing
-                release.append(r.request_id)
-    else:
-        raise RuntimeError(f"in-process loop did not finish in {max_steps} steps")
-    wall = time.perf_counter() - start
-    engine.step([], [], release)
-    return [done[i] for i in range(len(requests))], wall
+    scheduler = make_scheduler(engine, max_batch_prefill_tokens)
+    try:
+        return asyncio.run(serve(scheduler, engine, requests, adapters))
+    finally:
+        scheduler.client.close()

@@ -67,6 +67,7 @@ class Scheduler:
         self._waiting: deque[Sequence] = deque()
         self._running: dict[int, Sequence] = {}  # in admission order: preemption takes the newest
         self._to_release: list[int] = []
+        self._stepping = False  # a step is on its way to the shards
         # Events of the last reply, handed to the consumers only once the next step is on its way (`_post`).
         self._outbox: list[tuple[Sequence, TokenEvent | BaseException]] = []
         self._wake = asyncio.Event()
@@ -134,6 +135,11 @@ class Scheduler:
     def num_running(self) -> int:
         return len(self._running)
 
+    @property
+    def idle(self) -> bool:
+        """Nothing queued, running, still to be released on the shards, or in a step on its way."""
+        return not (self._waiting or self._running or self._to_release or self._stepping)
+
     # -- the step loop --------------------------------------------------------------------------
 
     async def run(self) -> None:
@@ -163,6 +169,7 @@ class Scheduler:
         release, self._to_release = self._to_release, []
         step = pb.StepRequest(new=new, chunks=chunks, release=release)
         started = time.perf_counter()
+        self._stepping = True
         try:
             call = self.client.step(step)
             # The consumers of the last reply's tokens (detokenizer, SSE writes) run while the shards compute this
@@ -174,6 +181,8 @@ class Scheduler:
             self._fail_running("the batch step failed on the shards; the request can be retried")
             await self._recover()
             return
+        finally:
+            self._stepping = False
         self.healthy = True
         for seq, n in plan:
             if seq.state is State.RUNNING:  # not cancelled while the step ran

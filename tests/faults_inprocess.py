@@ -14,7 +14,8 @@ import grpc
 
 from proto import generate_pb2_grpc as pb_grpc
 from router.backend import sampling_parameters
-from router.scheduler import GenerationRequest, Scheduler
+from router.generation import GenerationRequest
+from router.scheduler import Scheduler
 from router.shard_client import ShardClient
 from shard.engine import Engine
 from shard.server import ShardService, engine_thread
@@ -26,23 +27,23 @@ _sockets = itertools.count()
 class Capacity:
     """Everything a request holds while it lives, router side and shard side."""
 
-    reserved_blocks: int
+    held_blocks: int  # KV blocks that running requests hold (cached blocks no request holds are free)
     adapter_pages_used: int
     active_adapters: int
     queued_or_running: int
-    engine_free_blocks: int
     engine_sequences: int
     adapter_pins: int
 
 
 def capacity(scheduler: Scheduler, engine: Engine) -> Capacity:
-    return Capacity(scheduler.reserved_blocks, scheduler.adapter_pages_used, scheduler.active_adapters,
-                    scheduler.num_active, engine.free_blocks, len(engine.sequences),
+    blocks = scheduler.blocks
+    return Capacity(blocks.num_blocks - blocks.num_free, scheduler.adapters.pages_used, len(scheduler.adapters.active),
+                    scheduler.num_active, len(engine.sequences),
                     sum(e.pins for e in engine.adapters.entries.values()))
 
 
 def idle_capacity(engine: Engine) -> Capacity:
-    return Capacity(0, 0, 0, 0, engine.num_blocks, 0, 0)
+    return Capacity(0, 0, 0, 0, 0, 0)
 
 
 async def settle(scheduler: Scheduler, engine: Engine, timeout: float = 20.0) -> Capacity:

@@ -29,11 +29,11 @@ def metric(url: str, name: str, **labels: str) -> float:
 
 
 def kv_idle(url: str) -> bool:
-    """Nothing queued or running, no KV block reserved, and the shards report every block free."""
+    """Nothing queued or running, and no KV block held by a request (cached prefixes count as free)."""
     m = scrape(url)
     get = lambda name: m.get((name, ()), -1.0)  # noqa: E731
     return (get("loom_running_requests") == 0 and get("loom_waiting_requests") == 0
-            and get("loom_kv_blocks_reserved") == 0 and get("loom_kv_blocks_free") == get("loom_kv_blocks_total"))
+            and get("loom_kv_blocks_used") == 0 and get("loom_kv_blocks_free") == get("loom_kv_blocks_total"))
 
 
 def wait_until(condition: Callable[[], bool], timeout: float, interval: float = 0.05) -> bool:

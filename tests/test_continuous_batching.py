@@ -46,4 +46,4 @@ def test_concurrent_requests_are_token_exact(family, model_dirs, reference):
         srv.stop()
     for (prompt, max_new), got in zip(jobs, outputs):
         assert got == reference.greedy(model_dir, tokenizer(prompt)["input_ids"], max_new), prompt
-    assert "loom_kv_blocks_reserved 0.0" in metrics
+    assert "loom_kv_blocks_used 0.0" in metrics

@@ -9,7 +9,7 @@ import asyncio
 
 import pytest
 
-from router.scheduler import GenerationFailed, InvalidRequest, Overloaded, QueueTimeout
+from router.generation import GenerationFailed, InvalidRequest, Overloaded, QueueTimeout
 from shard.engine import Engine
 from tests.faults_inprocess import Stack, capacity, collect, idle_capacity, request, settle
 
@@ -140,8 +140,12 @@ def test_refused_and_expired_requests_leave_nothing(engine, adapter, tmp_path):
         with pytest.raises(Overloaded):  # all or none: 3 do not fit under 2
             stack.scheduler.generate_all([request(PROMPT, 4, *adapter)] * 3)
         assert stack.scheduler.num_active == 0
-        huge = request(PROMPT, engine.num_blocks * engine.block_size)  # never fits: expires in the queue
+        pool = stack.scheduler.adapters.pages
+        unfit = request(PROMPT, 4, adapter[0], pool + 1)  # more pool pages than there are: expires in the queue
         with pytest.raises(QueueTimeout):
+            await collect(stack.scheduler.generate(unfit))
+        huge = request(PROMPT, engine.num_blocks * engine.block_size)  # outgrows the whole cache: fails alone
+        with pytest.raises(GenerationFailed, match="cannot hold"):
             await collect(stack.scheduler.generate(huge))
     scenario(engine, tmp_path, body, max_concurrent=2, max_queue_time_s=0.3)
 

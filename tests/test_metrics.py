@@ -168,7 +168,7 @@ def test_endpoint_picker_reads_running_and_waiting_adapters(routed, ops_adapters
     assert view["max_lora"] == 1
     assert view["lora_labels"] == {"max_lora", "running_lora_adapters", "waiting_lora_adapters"}
     loom = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples if not s.labels}
-    assert 0 < view["kv_usage"] == pytest.approx(loom["loom_kv_blocks_reserved"] / loom["loom_kv_blocks_total"])
+    assert 0 < view["kv_usage"] == pytest.approx(loom["loom_kv_blocks_used"] / loom["loom_kv_blocks_total"])
     assert view["block_size"] == info["block_size"] and view["num_gpu_blocks"] == loom["loom_kv_blocks_total"]
     assert view["model_names"] == {info["model_id"]}
 
