@@ -1,6 +1,6 @@
 """Failure isolation: a request that fails, at any stage of its life, fails alone, and every KV block,
 adapter reference and adapter-pool page it held is handed back. The scheduler runs on a real engine in this
-process (tests/faults_inprocess.py); faults are injected into the engine's step, the scheduler's step
+process (tests.inprocess.py); faults are injected into the engine's step, the scheduler's step
 observer, the request itself and its consumer."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 
 from router.generation import GenerationFailed, InvalidRequest, Overloaded, QueueTimeout
 from shard.engine import Engine
-from tests.faults_inprocess import Stack, capacity, collect, idle_capacity, request, settle
+from tests.inprocess import Stack, capacity, collect, idle_capacity, request, settle
 
 PROMPT = [5, 17, 42, 99, 7, 3]
 TOKENS = 24

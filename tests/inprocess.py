@@ -1,6 +1,6 @@
-"""The router's scheduler and adapter registry on a real engine in this process: the shard's own gRPC service
-(shard/server.py) on a unix socket, the router's own ShardClient, no HTTP. Faults are injected at each stage
-of a request's life, and the capacity the scheduler and the engine hold is compared before and after."""
+"""The router's scheduler on a real engine in this process: the shard's own gRPC service (shard/server.py) on
+a unix socket, the router's own ShardClient, no HTTP. Tests drive requests through it (faults injected at each
+stage, caches small enough to preempt, prompts chunked) and compare the capacity held before and after."""
 
 from __future__ import annotations
 
@@ -57,11 +57,14 @@ async def settle(scheduler: Scheduler, engine: Engine, timeout: float = 20.0) ->
 class Stack:
     """Engine ← ShardService (gRPC, unix socket) ← ShardClient ← Scheduler, all on this event loop."""
 
-    def __init__(self, engine: Engine, socket_dir: Path, max_concurrent: int = 32, max_queue_time_s: float = 600.0):
+    def __init__(self, engine: Engine, socket_dir: Path, max_concurrent: int = 32, max_queue_time_s: float = 600.0,
+                 max_batch_prefill_tokens: int = 4096, prefix_caching: bool = True):
         self.engine = engine
         self.socket = socket_dir / f"shard{next(_sockets)}.sock"
         self.max_concurrent = max_concurrent
         self.max_queue_time_s = max_queue_time_s
+        self.max_batch_prefill_tokens = max_batch_prefill_tokens
+        self.prefix_caching = prefix_caching
 
     async def __aenter__(self) -> "Stack":
         self.worker = engine_thread()
@@ -71,9 +74,9 @@ class Stack:
         await self.server.start()
         self.client = ShardClient([str(self.socket)], step_timeout_s=30)
         e = self.engine
-        self.scheduler = Scheduler(self.client, e.num_blocks, e.block_size, 4096, self.max_concurrent,
-                                   max_active_adapters=4, adapter_pages=e.adapter_pages,
-                                   max_queue_time_s=self.max_queue_time_s)
+        self.scheduler = Scheduler(self.client, e.num_blocks, e.block_size, self.max_batch_prefill_tokens,
+                                   self.max_concurrent, max_active_adapters=4, adapter_pages=e.adapter_pages,
+                                   max_queue_time_s=self.max_queue_time_s, prefix_caching=self.prefix_caching)
         self.loop_task = asyncio.create_task(self.scheduler.run())
         return self
 
