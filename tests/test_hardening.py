@@ -336,7 +336,7 @@ def test_adapter_fetched_with_a_token_is_served_only_with_that_token(llama_dir, 
     from router.metrics import Metrics
     from router.tokenization import ModelTokenizer
     from shard.engine import Engine
-    from tests.faults_inprocess import Stack
+    from tests.inprocess import Stack
 
     snap = install_in_hub_cache(ops_adapters[0], tmp_path / "hf", "org/private")
 
