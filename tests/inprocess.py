@@ -90,8 +90,9 @@ class Stack:
 
 
 def request(prompt: list[int], tokens: int, adapter: str = "", pages: int = 0, **fields) -> GenerationRequest:
-    return GenerationRequest(input_ids=prompt, max_new_tokens=tokens, sampling=sampling_parameters(),
-                             adapter_id=adapter, adapter_pages=pages, ignore_eos=True, **fields)
+    fields.setdefault("sampling", sampling_parameters())
+    return GenerationRequest(input_ids=prompt, max_new_tokens=tokens, adapter_id=adapter, adapter_pages=pages,
+                             ignore_eos=True, **fields)
 
 
 async def collect(generation) -> list[int]:
