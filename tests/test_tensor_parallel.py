@@ -84,3 +84,29 @@ def test_a_killed_rank_fails_requests_and_stops_loom(model_dirs):
         assert srv.proc.returncode not in (None, 0)
     finally:
         srv.stop()
+
+
+def test_two_ranks_preempt_chunk_and_share_prefixes_exactly(model_dirs, qwen_adapters, reference):
+    """A KV cache of 24 blocks for 16 concurrent requests, prompts prefilled 16 tokens a step, a system prompt
+    shared per adapter: preemption, chunking and prefix hits all happen at 2 ranks, and every output is still
+    transformers' / peft's."""
+    from tests.operating import kv_idle, scrape, wait_until
+
+    base = model_dirs["qwen2"]
+    srv = LoomServer(base, "--num-shard", "2", "--local-adapter-root", str(qwen_adapters[0].parent),
+                     "--max-batch-total-tokens", "384", "--max-total-tokens", "384", "--max-input-length", "256",
+                     "--max-batch-prefill-tokens", "16").start()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(base)
+        adapters = [None, str(qwen_adapters[0]), str(qwen_adapters[1])]
+        system = "the harbor master wrote in the log that every ship " * 3
+        jobs = [(system + f"and ship {i} sails", adapters[i % 3], 24 + i % 5) for i in range(16)]
+        for (prompt, adapter, n), got in zip(jobs, run_batch(srv.url, jobs)):
+            want = reference.greedy(base, tokenizer(prompt)["input_ids"], n, adapter_dir=adapter)
+            assert got == want, (prompt, adapter)
+        counters = {name: value for (name, _), value in scrape(srv.url).items()}
+        assert counters["vllm:num_preemptions_total"] > 0
+        assert counters["vllm:prefix_cache_hits_total"] > 0
+        assert wait_until(lambda: kv_idle(srv.url), 10)
+    finally:
+        srv.stop()
