@@ -18,12 +18,13 @@ from router.scheduler import Scheduler
 
 
 def make_engine(model_dir: Path, adapters: list[Path], used: set[int], max_batch_prefill_tokens: int,
-                adapter_pool_pages: int, host_cache_bytes: int, **engine_args):
+                adapter_pool_pages: int, host_cache_bytes: int, max_batch_total_tokens: int = 0,
+                kv_cache_bytes: int | None = None):
     from shard.engine import Engine
 
     engine = Engine(str(model_dir), adapter_pool_pages=adapter_pool_pages, adapter_host_cache_bytes=host_cache_bytes,
-                    **engine_args)
-    engine.warmup(max_batch_prefill_tokens)
+                    kv_cache_bytes=kv_cache_bytes)
+    engine.warmup(max_batch_prefill_tokens, max_batch_total_tokens)
     for i in sorted(used):  # registered up front, as warm_adapters does for the server
         engine.load_adapter(str(adapters[i]), str(adapters[i]))
     return engine
@@ -36,17 +37,20 @@ def make_scheduler(engine, max_batch_prefill_tokens: int, prefix_caching: bool =
                      prefix_caching=prefix_caching)
 
 
-def _request(engine, req: BenchRequest, adapters: list[Path], max_new_tokens: int | None) -> GenerationRequest:
+def _request(engine, req: BenchRequest, adapters: list[Path], max_total_tokens: int | None) -> GenerationRequest:
     adapter = str(adapters[req.adapter]) if req.adapter >= 0 else ""
     pages = engine.adapters.entries[adapter].num_pages if adapter else 0
-    return GenerationRequest(req.input_ids, max_new_tokens or req.output_len, pb.SamplingParameters(),
-                             adapter_id=adapter, adapter_pages=pages, ignore_eos=True, cache_key=adapter)
+    limit = max_total_tokens - len(req.input_ids) if max_total_tokens else req.output_len
+    return GenerationRequest(req.input_ids, limit, pb.SamplingParameters(), adapter_id=adapter, adapter_pages=pages,
+                             ignore_eos=True, cache_key=adapter)
 
 
 async def serve(scheduler: Scheduler, engine, requests: list[BenchRequest], adapters: list[Path],
-                max_new_tokens: int | None = None, gate: asyncio.Semaphore | None = None) -> tuple[list[Timing], float]:
-    """Each request queued at its arrival and read to `output_len` tokens (`max_new_tokens` is the limit the
-    scheduler sees; default the same); `gate` bounds how many run at once. Returns timings and wall time."""
+                max_total_tokens: int | None = None,
+                gate: asyncio.Semaphore | None = None) -> tuple[list[Timing], float]:
+    """Each request queued at its arrival and read to `output_len` tokens. With `max_total_tokens` the
+    scheduler sees the limit of a chat that names no max_tokens (the room left under it), else `output_len`;
+    `gate` bounds how many run at once. Returns timings and wall time."""
     loop = asyncio.create_task(scheduler.run())
     start = time.perf_counter()
 
@@ -55,7 +59,7 @@ async def serve(scheduler: Scheduler, engine, requests: list[BenchRequest], adap
         sent = time.perf_counter()
         stamps = []
         async with gate or contextlib.nullcontext():
-            async with scheduler.generate(_request(engine, req, adapters, max_new_tokens)) as generation:
+            async with scheduler.generate(_request(engine, req, adapters, max_total_tokens)) as generation:
                 async for _ in generation:
                     stamps.append(time.perf_counter() - sent)
                     if len(stamps) == req.output_len:
