@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install serve test proto bench lock
+.PHONY: install serve test proto bench bench-kv lock
 
 # Idempotent: re-installs only when pyproject.toml or a lock changes. Versions come from the locks, the
 # same ones the Dockerfile installs: requirements.lock (runtime, torch==2.13.0 included: an unpinned torch
@@ -37,3 +37,7 @@ proto: install
 bench: install
 	$(BIN)/python -m pip install --quiet -e '.[bench]'
 	$(BIN)/python -m bench
+
+# The KV cache scenarios (README, "Benchmarks"): reservation vs on-demand, prefix cache, chunked prefill.
+bench-kv: install
+	$(BIN)/python -m bench.kv
