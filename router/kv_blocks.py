@@ -111,10 +111,6 @@ class BlockManager:
         seq.table.extend(new)
         return new
 
-    def can_grow(self, seq_id: int, num_tokens: int) -> bool:
-        need = self.blocks_for(num_tokens) - len(self._seqs[seq_id].table)
-        return need <= self.num_free
-
     def commit(self, seq_id: int, token_ids: list[int], num_computed: int | None = None) -> None:
         """Registers the sequence's full blocks within its first `num_computed` tokens (default: all of
         `token_ids`), whose KV is now computed, that have no hash yet. A block whose hash another block already
@@ -150,8 +146,9 @@ class BlockManager:
             else:
                 self._clean.append(block)
 
-    def table(self, seq_id: int) -> list[int]:
-        return list(self._seqs[seq_id].table)
+    def table(self, seq_id: int, start: int = 0) -> list[int]:
+        """The sequence's block ids from table index `start` on (a copy)."""
+        return self._seqs[seq_id].table[start:]
 
     def reset(self) -> None:
         """Drops every sequence and every cached hash: after a shard failure the KV content is unknown."""

@@ -195,10 +195,9 @@ class Scheduler:
 
     def _new_blocks(self, seq: Sequence) -> list[int]:
         """The blocks of the sequence's table the shards have not been sent yet (they append them)."""
-        table = self.blocks.table(seq.id)
-        held = seq.shard_blocks
-        seq.shard_blocks = len(table)
-        return table[held:]
+        new = self.blocks.table(seq.id, seq.shard_blocks)
+        seq.shard_blocks += len(new)
+        return new
 
     def _schedule(self) -> list[tuple[Sequence, int]]:
         """This step's chunks: (sequence, tokens to compute from its `computed`). Running sequences first,
