@@ -12,6 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from launcher.tiny_model import build_tiny_adapter
 from shard.engine import AdapterError, Engine, SequenceRequest
 from tests.conftest import LoomServer, install_in_hub_cache
+from tests.engine_driver import EngineDriver
 from tests.operating import SMALL_KV, completion, wait_until
 
 KEY = "adapter-admin"
@@ -147,6 +148,7 @@ def test_preloaded_adapters_are_never_evicted(llama_dir, adapter_dirs):
     """A 2-page pool with one preloaded adapter: other adapters take turns in the one page left."""
     engine = Engine(str(llama_dir), adapter_pool_pages=2)
     engine.warmup(max_batch_prefill_tokens=256, max_batch_total_tokens=1024)
+    engine = EngineDriver(engine)
     engine.load_adapter("pre", str(adapter_dirs["pre"]), preloaded=True)
     assert engine.adapters.entries["pre"].pages is not None  # resident from the start
     for i, name in enumerate(["live", "busy", "hubbed", "live"]):

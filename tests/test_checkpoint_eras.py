@@ -20,6 +20,7 @@ from router.tokenization import ModelTokenizer
 from shard.engine import Engine, SequenceRequest
 from shard.rope import RopeConfigError
 from tests.conftest import LoomServer
+from tests.engine_driver import EngineDriver
 from tests.eras import (
     copy_dir,
     set_generation_eos,
@@ -84,10 +85,10 @@ def engine_greedy(engine: Engine, requests: list[SequenceRequest], n: int = NEW_
     return [out[r.id] for r in requests]
 
 
-def start_engine(path: Path) -> Engine:
+def start_engine(path: Path) -> EngineDriver:
     engine = Engine(str(path))
     engine.warmup(max_batch_prefill_tokens=256, max_batch_total_tokens=2048)
-    return engine
+    return EngineDriver(engine)
 
 
 def engine_tokens(path: Path, prompt_list: list[list[int]]) -> list[list[int]]:

@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from launcher.tiny_model import FAMILIES, build_tiny_adapter, build_tiny_model
 from shard.engine import Engine, SequenceRequest
 from tests.conftest import LoomServer
+from tests.engine_driver import EngineDriver
 
 NEW_TOKENS = 12
 LLAMA_TARGETS = (["q_proj", "k_proj", "v_proj", "o_proj"], ["gate_proj", "up_proj", "down_proj"])
@@ -111,13 +112,14 @@ def run_jobs(engine: Engine, prompts: list[list[int]]) -> list[list[int]]:
             out.setdefault(r.request_id, []).append(r.token_id)
         step += 1
     engine.step([], [], list(out))
-    assert engine.free_blocks == engine.num_blocks
+    assert engine.free_blocks == engine.num_blocks and not engine.sequences
     return [out[i] for i in range(len(JOBS))]
 
 
-def make_engine(case_base: str, adapters: dict[str, str], tp_rank: int = 0, tp_size: int = 1) -> Engine:
+def make_engine(case_base: str, adapters: dict[str, str], tp_rank: int = 0, tp_size: int = 1) -> EngineDriver:
     engine = Engine(case_base, tp_rank=tp_rank, tp_size=tp_size)
     engine.warmup(max_batch_prefill_tokens=128, max_batch_total_tokens=1024)
+    engine = EngineDriver(engine)
     for kind, path in adapters.items():
         engine.load_adapter(kind, path)
     return engine

@@ -19,9 +19,11 @@ import json, shutil, sys
 import llguidance
 from shard.engine import Engine, SequenceRequest
 from shard.sampler import SamplingParams
+from tests.engine_driver import EngineDriver
 assert not any(shutil.which(c) for c in ("cc", "gcc", "g++", "clang", "clang++")), "a compiler is on PATH"
 engine = Engine(sys.argv[1])
 engine.warmup(64)
+engine = EngineDriver(engine)
 grammar = llguidance.LLMatcher.grammar_from_regex("(ahoy|avast) (matey|captain)!")
 free = SequenceRequest(2, [5, 6, 7, 8])
 results = engine.step([SequenceRequest(1, [5, 6, 7], SamplingParams(), grammar=grammar), free], [], [])
@@ -112,18 +114,19 @@ def test_launcher_shard_counts_agree_with_the_parallel_layers(tmp_path, heads, k
 # ---- a failing rank ---------------------------------------------------------------------------------------
 
 # Loaded by every Python process of the launch through PYTHONPATH; only the named shard rank is changed: its
-# Nth decode raises, as a device fault or a bug on one GPU would.
+# Nth decode forward (a batch of one-token chunks) raises, as a device fault or a bug on one GPU would.
 FAULT_SITECUSTOMIZE = """
 import os, sys
 if "--rank" in sys.argv and sys.argv[sys.argv.index("--rank") + 1] == os.environ["FAULT_RANK"]:
     import shard.engine
-    decode, calls = shard.engine.Engine._decode, []
-    def failing_decode(self, seq_ids):
-        calls.append(1)
-        if len(calls) == int(os.environ["FAULT_AT_DECODE"]):
-            raise RuntimeError(os.environ["FAULT_MESSAGE"])
-        return decode(self, seq_ids)
-    shard.engine.Engine._decode = failing_decode
+    forward, calls = shard.engine.Engine._forward, []
+    def failing_forward(self, chunks):
+        if chunks[0].num_tokens == 1:
+            calls.append(1)
+            if len(calls) == int(os.environ["FAULT_AT_DECODE"]):
+                raise RuntimeError(os.environ["FAULT_MESSAGE"])
+        return forward(self, chunks)
+    shard.engine.Engine._forward = failing_forward
 """
 
 
@@ -196,6 +199,7 @@ def test_masked_attention_keeps_kv_heads_unrepeated(model_dirs, reference, monke
     import torch.nn.functional as F
 
     from shard.engine import Engine, SequenceRequest
+    from tests.engine_driver import EngineDriver
 
     calls = []
     sdpa = F.scaled_dot_product_attention
@@ -207,6 +211,7 @@ def test_masked_attention_keeps_kv_heads_unrepeated(model_dirs, reference, monke
     monkeypatch.setattr(F, "scaled_dot_product_attention", recording)
     engine = Engine(str(model_dirs["mistral"]))  # window 48, 4 query heads on 2 KV heads
     engine.warmup(256)
+    engine = EngineDriver(engine)
     prompt = [(7 * i) % 300 + 3 for i in range(70)]
     tokens = [engine.step([SequenceRequest(1, prompt)], [], [])[0].token_id]
     for _ in range(5):
@@ -249,11 +254,13 @@ def test_prompt_logprobs_of_a_long_prompt_are_computed_in_chunks(llama_dir, refe
     import torch
 
     from shard.engine import PROMPT_LOGPROBS_CHUNK, Engine, SequenceRequest
+    from tests.engine_driver import EngineDriver
 
     prompt = [(11 * i) % 380 + 3 for i in range(300)]
     assert len(prompt) > 2 * PROMPT_LOGPROBS_CHUNK
     engine = Engine(str(llama_dir))
     engine.warmup(512)
+    engine = EngineDriver(engine)
     got = engine.step([SequenceRequest(1, prompt, prefill_logprobs=True)], [], [])[0].prefill_logprobs
     with torch.inference_mode():
         logits = reference.model(llama_dir)(torch.tensor([prompt])).logits[0].float()

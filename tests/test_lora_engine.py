@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 
 from launcher.tiny_model import build_tiny_adapter
 from shard.engine import AdapterError, Engine, SequenceRequest
+from tests.engine_driver import EngineDriver
 
 NEW_TOKENS = 10
 ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -102,10 +103,10 @@ def generate(engine: Engine, requests: list[SequenceRequest], n: int = NEW_TOKEN
     return out
 
 
-def make_engine(base_dir: Path, **kwargs) -> Engine:
+def make_engine(base_dir: Path, **kwargs) -> EngineDriver:
     engine = Engine(str(base_dir), **kwargs)
     engine.warmup(max_batch_prefill_tokens=512, max_batch_total_tokens=4096)
-    return engine
+    return EngineDriver(engine)
 
 
 # ---- fixtures ---------------------------------------------------------------------------------------------
@@ -175,7 +176,7 @@ def test_24_adapters_and_base_in_one_batch(llama: Family):
     engine.step([], [], list(out))
     for k, (adapter_id, path, prompt) in enumerate(jobs):
         assert out[k] == peft_greedy(llama.base, path, prompt), f"request {k} adapter {adapter_id!r}"
-    assert engine.free_blocks == engine.num_blocks
+    assert engine.free_blocks == engine.num_blocks and not engine.sequences
     assert all(e.pins == 0 for e in engine.adapters.entries.values())
 
 

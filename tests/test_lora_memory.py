@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from shard.engine import Engine, SequenceRequest
+from tests.engine_driver import EngineDriver
 from tests.test_lora_engine import ALL, generate, peft_greedy, write_adapter
 
 KV_BYTES = 32 << 20
@@ -35,6 +36,7 @@ def setup(llama_dir, tmp_path_factory):
     paths = [write_adapter(root / f"m{i}", config, rank, targets, seed=500 + i) for i, (rank, targets) in enumerate(specs)]
     engine = Engine(str(llama_dir), kv_cache_bytes=KV_BYTES, adapter_memory_fraction=FRACTION)
     engine.warmup(max_batch_prefill_tokens=512, max_batch_total_tokens=4096)
+    engine = EngineDriver(engine)
     for i, path in enumerate(paths):
         engine.load_adapter(f"m{i}", str(path))
     rng = random.Random(11)
