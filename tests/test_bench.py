@@ -30,3 +30,19 @@ def test_bench_runs_every_workload_and_reports_every_target(tmp_path: Path):
     for plot in result["plots"]:
         assert Path(plot).stat().st_size > 0
     assert "loom_vs_peft" in proc.stdout  # the printed table
+
+
+def test_kv_bench_runs_every_scenario(tmp_path: Path):
+    """`make bench-kv` at a tiny scale: every scenario runs on both sides and reports its ratio."""
+    out = tmp_path / "results"
+    cmd = [sys.executable, "-m", "bench.kv", "--chats", "6", "--turns", "6", "--stream-tokens", "6",
+           "--long-prompts", "1", "--long-gap", "0.2", "--cache-dir", str(tmp_path / "cache"), "--out-dir", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((out / "kv.json").read_text())
+    chats, prefix, chunked = result["chats"], result["prefix"], result["chunked"]
+    assert chats["reservations_held"] == 16 and chats["reservation"]["peak_running"] <= 16
+    assert chats["on_demand"]["peak_running"] == 6 and chats["batch_ratio"] > 0
+    assert prefix["prefix_cache"]["prompt_tokens_computed"] < prefix["no_prefix_cache"]["prompt_tokens_computed"]
+    assert prefix["no_prefix_cache"]["prompt_tokens_computed"] == prefix["no_prefix_cache"]["prompt_tokens"]
+    assert chunked["whole_p99_vs_steady"] > 0 and chunked["chunked_p99_vs_steady"] > 0
