@@ -66,7 +66,8 @@ async def info(request: Request):
         "max_batch_total_tokens": backend.max_supported_total_tokens,
         "max_concurrent_requests": cfg.max_concurrent_requests,
         "max_active_adapters": cfg.max_active_adapters,
-        "block_size": backend.scheduler.block_size,
+        "block_size": backend.scheduler.blocks.block_size,
+        "prefix_caching": backend.scheduler.blocks.prefix_caching,
         "version": VERSION,
     })
 
