@@ -125,14 +125,16 @@ class Chunk(_message.Message):
     def __init__(self, id: _Optional[int] = ..., start: _Optional[int] = ..., num_tokens: _Optional[int] = ..., new_blocks: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class StepRequest(_message.Message):
-    __slots__ = ("new", "chunks", "release")
+    __slots__ = ("step", "new", "chunks", "release")
+    STEP_FIELD_NUMBER: _ClassVar[int]
     NEW_FIELD_NUMBER: _ClassVar[int]
     CHUNKS_FIELD_NUMBER: _ClassVar[int]
     RELEASE_FIELD_NUMBER: _ClassVar[int]
+    step: int
     new: _containers.RepeatedCompositeFieldContainer[Request]
     chunks: _containers.RepeatedCompositeFieldContainer[Chunk]
     release: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, new: _Optional[_Iterable[_Union[Request, _Mapping]]] = ..., chunks: _Optional[_Iterable[_Union[Chunk, _Mapping]]] = ..., release: _Optional[_Iterable[int]] = ...) -> None: ...
+    def __init__(self, step: _Optional[int] = ..., new: _Optional[_Iterable[_Union[Request, _Mapping]]] = ..., chunks: _Optional[_Iterable[_Union[Chunk, _Mapping]]] = ..., release: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class TopToken(_message.Message):
     __slots__ = ("token_id", "logprob")

@@ -114,11 +114,18 @@ class Sequence:
     proto: pb.Request | None = None  # what registers it on the shards, built (and so checked) when it is queued
     state: State = State.WAITING
     generated: int = 0
-    computed: int = 0  # leading tokens whose KV is in the cache
-    prefilled: bool = False  # sampled a token since it was (re)admitted: its chunks are decodes from then on
+    computed: int = 0  # leading tokens whose KV is in the cache once the steps on their way are done
+    pending: int = 0  # tokens being sampled in steps on their way
+    epoch: int = 0  # admissions so far: a step sent before a preemption does not speak for the re-admitted one
+    prefilled: bool = False  # its last chunk since it was (re)admitted was sent: decodes from then on
     registered: bool = False  # the shards hold its sampling state
     shard_blocks: int = 0  # blocks of its table the shards were sent
     timer: asyncio.TimerHandle | None = None  # the queue timeout, while first WAITING
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens it holds on the shards once the steps on their way are done."""
+        return len(self.token_ids) + self.pending
 
     def resume_proto(self) -> pb.Request:
         """What registers the sequence again after a preemption: its tokens so far, prompt logprobs only if none

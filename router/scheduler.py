@@ -14,11 +14,13 @@ exactly. Waiting requests are admitted in strict FIFO order while their first ch
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from proto import generate_pb2 as pb
 from router.errors import redact_paths
@@ -42,6 +44,15 @@ from router.shard_client import ShardClient, ShardError
 log = logging.getLogger("loom.scheduler")
 
 
+@dataclass(slots=True)
+class _Flight:
+    """A step on its way: the call, and each chunk's (sequence, its admission epoch, end position)."""
+
+    call: asyncio.Future
+    chunks: list[tuple[Sequence, int, int]]
+    started: float
+
+
 class Scheduler:
     def __init__(
         self,
@@ -54,6 +65,7 @@ class Scheduler:
         adapter_pages: int = 0,
         max_queue_time_s: float = 600.0,
         prefix_caching: bool = True,
+        pipeline_depth: int = 2,
     ):
         self.client = client
         self.blocks = BlockManager(num_blocks, block_size, prefix_caching)
@@ -67,7 +79,11 @@ class Scheduler:
         self._waiting: deque[Sequence] = deque()
         self._running: dict[int, Sequence] = {}  # in admission order: preemption takes the newest
         self._to_release: list[int] = []
-        self._stepping = False  # a step is on its way to the shards
+        # Steps on their way to the shards, oldest first: up to pipeline_depth, so that the shards never wait
+        # for the router between steps.
+        self.pipeline_depth = pipeline_depth
+        self._flights: deque[_Flight] = deque()
+        self._step_number = 0
         # Events of the last reply, handed to the consumers only once the next step is on its way (`_post`).
         self._outbox: list[tuple[Sequence, TokenEvent | BaseException]] = []
         self._wake = asyncio.Event()
@@ -117,6 +133,9 @@ class Scheduler:
     def cancel(self, seq: Sequence, reason: str = "cancelled") -> None:
         """The consumer is done with `seq`; frees its place in the queue, or its KV blocks and adapter
         reference at once (the shards drop it at the start of the next step)."""
+        self._end(seq, reason)
+
+    def _end(self, seq: Sequence, reason: str) -> None:
         if seq.state is State.WAITING:
             self._waiting.remove(seq)
             self._end_waiting(seq, reason)
@@ -138,60 +157,79 @@ class Scheduler:
     @property
     def idle(self) -> bool:
         """Nothing queued, running, still to be released on the shards, or in a step on its way."""
-        return not (self._waiting or self._running or self._to_release or self._stepping)
+        return not (self._waiting or self._running or self._to_release or self._flights)
 
     # -- the step loop --------------------------------------------------------------------------
 
     async def run(self) -> None:
         while True:
-            if not (self._waiting or self._running or self._to_release):
-                self._post()
-                self._wake.clear()
-                await self._wake.wait()
-                continue
             try:
-                await self._step()
+                while len(self._flights) < self.pipeline_depth and (flight := self._send()) is not None:
+                    self._flights.append(flight)
+                # The consumers of the last reply's tokens (detokenizer, SSE writes) run while the shards compute:
+                # woken now, they queue behind the calls' sends instead of delaying them.
+                self._post()
+                if not self._flights:
+                    self._wake.clear()
+                    await self._wake.wait()
+                    continue
+                flight = self._flights[0]
+                reply = await flight.call
+                self._flights.popleft()
+                self._receive(flight, reply)
+            except ShardError as e:
+                log.error("step failed: %s", e)  # the details (ranks, library messages) stay in the log
+                await self._fail("the batch step failed on the shards; the request can be retried")
             except Exception:  # a bug here must not wedge every request: fail the batch, go on
                 log.exception("scheduler step crashed")
-                self._post()
-                self._fail_running("internal error in the batch step; the request can be retried")
-                await self._recover()
+                await self._fail("internal error in the batch step; the request can be retried")
 
-    async def _step(self) -> None:
+    def _send(self) -> _Flight | None:
+        """Plans the next step from what the steps on their way will leave (each sampling chunk one more token)
+        and sends it; None when there is nothing to send."""
         plan = self._schedule()
-        new = []
-        for seq, _ in plan:
+        release, self._to_release = self._to_release, []
+        if not plan and not release:
+            return None
+        new, chunks, sent = [], [], []
+        for seq, n in plan:
             if not seq.registered:
                 new.append(seq.resume_proto())
                 seq.registered = True
-        chunks = [pb.Chunk(id=seq.id, start=seq.computed, num_tokens=n, new_blocks=blocks) for seq, n, blocks in
-                  ((seq, n, self._new_blocks(seq)) for seq, n in plan)]
-        release, self._to_release = self._to_release, []
-        step = pb.StepRequest(new=new, chunks=chunks, release=release)
-        started = time.perf_counter()
-        self._stepping = True
-        try:
-            call = self.client.step(step)
-            # The consumers of the last reply's tokens (detokenizer, SSE writes) run while the shards compute this
-            # step: woken now, they queue behind the call's send instead of delaying it.
-            self._post()
-            reply = await call
-        except ShardError as e:
-            log.error("step failed: %s", e)  # the details (ranks, library messages) stay in the log
-            self._fail_running("the batch step failed on the shards; the request can be retried")
-            await self._recover()
-            return
-        finally:
-            self._stepping = False
+            chunks.append(pb.Chunk(id=seq.id, start=seq.computed, num_tokens=n, new_blocks=self._new_blocks(seq)))
+            seq.computed += n
+            if seq.computed == seq.num_tokens:  # it reaches its last token: the shards sample the next one
+                seq.pending += 1
+                seq.prefilled = True
+            sent.append((seq, seq.epoch, seq.computed))
+        self._step_number += 1
+        step = pb.StepRequest(step=self._step_number, new=new, chunks=chunks, release=release)
+        return _Flight(asyncio.ensure_future(self.client.step(step)), sent, time.perf_counter())
+
+    def _receive(self, flight: _Flight, reply: pb.StepResponse) -> None:
         self.healthy = True
-        for seq, n in plan:
-            if seq.state is State.RUNNING:  # not cancelled while the step ran
-                seq.computed += n
-                self.blocks.commit(seq.id, seq.token_ids, seq.computed)
+        by_id = {}
+        for seq, epoch, end in flight.chunks:
+            if seq.epoch == epoch:
+                by_id[seq.id] = seq
+                if seq.state is State.RUNNING:  # its KV up to `end` is computed: full blocks may be shared now
+                    self.blocks.commit(seq.id, seq.token_ids, end)
         for gen in reply.generations:
-            self._deliver(gen)
+            if (seq := by_id.get(gen.request_id)) is not None:
+                self._deliver(seq, gen)
         if self.on_step is not None:
-            self.on_step(len(plan), reply, time.perf_counter() - started)
+            self.on_step(len(flight.chunks), reply, time.perf_counter() - flight.started)
+
+    async def _fail(self, message: str) -> None:
+        """After a failed step: waits out the steps still on their way, fails the running requests and clears
+        the shards."""
+        for flight in self._flights:
+            with contextlib.suppress(Exception):
+                await flight.call
+        self._flights.clear()
+        self._post()
+        self._fail_running(message)
+        await self._recover()
 
     def _new_blocks(self, seq: Sequence) -> list[int]:
         """The blocks of the sequence's table the shards have not been sent yet (they append them)."""
@@ -208,7 +246,9 @@ class Scheduler:
         for seq in list(self._running.values()):
             if seq.state is not State.RUNNING:  # preempted by an older sequence of this loop
                 continue
-            n = len(seq.token_ids) - seq.computed
+            if seq.generated + seq.pending >= seq.request.max_new_tokens:
+                continue  # its last token is being sampled
+            n = seq.num_tokens - seq.computed
             if not seq.prefilled:
                 n = min(n, budget)
                 if n == 0:
@@ -261,7 +301,7 @@ class Scheduler:
         admitted = []
         while self._waiting and budget > 0:
             seq = self._waiting[0]
-            if not self.adapters.fits(seq.request):
+            if seq.pending or not self.adapters.fits(seq.request):  # preempted, a token still on its way
                 break
             # Prompt logprobs need every prompt position computed: such a prompt reuses no cached prefix.
             fresh_logprobs = seq.request.prefill_logprobs and not seq.generated
@@ -281,6 +321,7 @@ class Scheduler:
             self.adapters.acquire(seq.request)
             self._running[seq.id] = seq
             seq.state, seq.computed = State.RUNNING, cached
+            seq.epoch += 1
             budget -= n
             admitted.append((seq, n))
         return admitted
@@ -304,16 +345,16 @@ class Scheduler:
 
     # -- results --------------------------------------------------------------------------------
 
-    def _deliver(self, gen: pb.Generation) -> None:
-        seq = self._running.get(gen.request_id)
-        if seq is None or seq.state is not State.RUNNING:
-            return  # cancelled or preempted while the step ran; already queued for release
+    def _deliver(self, seq: Sequence, gen: pb.Generation) -> None:
+        """One sampled token (or a failure) of a running sequence, or of one preempted while it was sampled."""
+        if seq.state is State.DONE:
+            return  # cancelled while the step ran; already queued for release
+        seq.pending -= 1
         if gen.error:
-            self._finish(seq, "error")
+            self._end(seq, "error")
             self._outbox.append((seq, GenerationFailed(redact_paths(gen.error), server_error=False)))
             return
         seq.generated += 1
-        seq.prefilled = True
         seq.token_ids.append(gen.token_id)
         seq.stats.generated = seq.generated
         if seq.stats.first_token is None:
@@ -332,7 +373,7 @@ class Scheduler:
             prefill_logprobs=list(gen.prefill_logprobs) if gen.prefill_logprobs else None,
         )))
         if finish:
-            self._finish(seq, finish)
+            self._end(seq, finish)
 
     def _post(self) -> None:
         """Hands the held events to their consumers. Between `_deliver` and here nothing awaits, so a consumer
@@ -377,8 +418,8 @@ class Scheduler:
         for seq in list(self._running.values()):
             self._finish(seq, "shard_error")
             seq.events.put_nowait(GenerationFailed(f"shard failure: {message}"))
-        for seq in self._waiting:  # preempted ones resume from scratch: the shards forget everything
-            seq.computed, seq.prefilled, seq.registered, seq.shard_blocks = 0, False, False, 0
+        for seq in self._waiting:  # preempted ones resume from their tokens: the shards forget everything
+            seq.computed, seq.prefilled, seq.registered, seq.shard_blocks, seq.pending = 0, False, False, 0, 0
         self._to_release.clear()
 
     async def _recover(self) -> None:

@@ -101,6 +101,9 @@ class ShardService(pb_grpc.ShardServicer):
         self.world_size = world_size
         self._worker = engine_thread
         self.failed: str = ""  # set once this rank cannot step any more; every RPC then refuses
+        # The router keeps the next step on its way while one computes: steps start in their number's order.
+        self._last_step = 0
+        self._turn = asyncio.Condition()
 
     async def _run(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
@@ -147,8 +150,14 @@ class ShardService(pb_grpc.ShardServicer):
 
     async def Step(self, request, context):
         await self._refuse_if_failed(context)
+        async with self._turn:
+            await self._turn.wait_for(lambda: request.step <= self._last_step + 1)
+            self._last_step = max(self._last_step, request.step)
+            # Queued on the engine thread in order; the next step may queue behind it at once.
+            result = asyncio.get_running_loop().run_in_executor(self._worker, run_step, self.engine, request)
+            self._turn.notify_all()
         try:
-            return await self._run(run_step, self.engine, request)
+            return await result
         except Exception as e:
             if self.world_size > 1 or is_sticky_device_error(e):
                 self._fail(e)
