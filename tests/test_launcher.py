@@ -288,7 +288,7 @@ def test_help_works_as_a_command(env):
     (["--adapter", "=some/adapter"], "--adapter"),
     (["--adapter", "a=x/y", "--adapter", "a=x/z"], "--adapter"),
     (["--max-input-length", "2048", "--max-total-tokens", "1024"], "--max-input-length"),
-    (["--max-input-length", "2000", "--max-batch-prefill-tokens", "1000"], "--max-batch-prefill-tokens"),
+    (["--max-batch-total-tokens", "4096", "--max-batch-prefill-tokens", "8192"], "--max-batch-prefill-tokens"),
     (["--max-total-tokens", "2048", "--max-batch-total-tokens", "1000"], "--max-batch-total-tokens"),
     (["--max-total-tokens", "0"], "--max-total-tokens"),
     (["--max-concurrent-requests", "many"], "--max-concurrent-requests"),
@@ -336,6 +336,8 @@ def test_limits_follow_the_explicit_flags():
     assert (long_prompts.max_total_tokens, long_prompts.max_batch_prefill_tokens) == (8001, 8000)
     short_batch = limits(32768, max_batch_total_tokens=3000)
     assert short_batch.max_batch_prefill_tokens == 3000
+    chunked = limits(32768, max_input_length=8000, max_batch_prefill_tokens=512)  # longer prompts go in chunks
+    assert (chunked.max_input_length, chunked.max_batch_prefill_tokens) == (8000, 512)
     with pytest.raises(FlagError, match="--max-input-length"):
         limits(512, max_input_length=600)
 
