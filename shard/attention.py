@@ -178,8 +178,9 @@ class PagedAttention:
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata,
                  kv_cache: torch.Tensor) -> torch.Tensor:
         """q: [T, heads, head_dim]; k, v: [T, kv_heads, head_dim] -> [T, heads * head_dim]."""
-        kv_cache[0, meta.slot_mapping] = k
-        kv_cache[1, meta.slot_mapping] = v
+        # index_copy_ rather than an indexed assignment: on CPU the generic index_put_ path costs ~20x more.
+        kv_cache[0].index_copy_(0, meta.slot_mapping, k)
+        kv_cache[1].index_copy_(0, meta.slot_mapping, v)
         out = self._prefill(q, k, v, meta, kv_cache) if meta.is_prefill else self._decode(q, meta, kv_cache)
         return out.reshape(q.shape[0], self.num_heads * self.head_dim)
 
