@@ -103,3 +103,25 @@ def test_a_request_that_outgrows_the_cache_fails_alone(llama_dir, reference, pro
     small, huge = asyncio.run(run())
     assert [e.token_id for e in small] == reference.greedy(llama_dir, prompts[0], 8, stop_at_eos=False)
     assert isinstance(huge, GenerationFailed) and "cannot hold" in str(huge)
+
+
+def test_aborts_while_prefilling_decoding_or_preempted_leave_nothing(llama_dir, reference, prompts, tmp_path):
+    """Requests cancelled at every stage — mid-chunked-prefill, mid-decode, while queued again after a
+    preemption — hand back every block; the requests that run on are unchanged."""
+    engine = engine_with_blocks(llama_dir, SMALL_CACHE_BLOCKS)
+
+    async def run():
+        async with Stack(engine, tmp_path, max_batch_prefill_tokens=8) as stack:
+            generations = stack.scheduler.generate_all([request(p, NEW_TOKENS) for p in prompts])
+            keep = [asyncio.ensure_future(events_of(g)) for g in generations[::2]]
+            for k, generation in enumerate(generations[1::2]):
+                async with generation:
+                    for _ in range(k * 6):  # the first leaves before its first token
+                        await anext(generation)
+            outputs = await asyncio.gather(*keep)
+            assert stack.scheduler.num_preemptions > 0
+            assert await settle(stack.scheduler, engine) == idle_capacity(engine)
+            return outputs
+    outputs = asyncio.run(run())
+    for prompt, events in zip(prompts[::2], outputs):
+        assert [e.token_id for e in events] == reference.greedy(llama_dir, prompt, NEW_TOKENS, stop_at_eos=False)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import random
 
+import httpx
 import pytest
 
 from shard.engine import Engine
@@ -129,3 +130,27 @@ def test_prefix_hits_match_transformers_for_windowed_and_other_families(family, 
     assert hits[1:] == [48, 48]
     for prompt, out in zip(prompts, outputs):
         assert out == reference.greedy(model_dir, prompt, 20, stop_at_eos=False)
+
+
+def test_served_prefix_cache_is_on_by_default_and_the_flag_turns_it_off(ops_server, llama_dir):
+    """Over HTTP: a repeated prompt hits the cache (vLLM's counters say so); `--no-prefix-caching` serves the
+    same tokens with no hit."""
+    from tests.conftest import LoomServer
+    from tests.operating import completion, scrape
+
+    def hits_after_two(url: str) -> tuple[float, list]:
+        texts = [httpx.post(f"{url}/v1/completions", json=completion(4, "the lighthouse keeper " * 12),
+                            timeout=60).json()["choices"][0]["text"] for _ in range(2)]
+        counters = {name: value for (name, _), value in scrape(url).items()}
+        return counters["vllm:prefix_cache_hits_total"], texts
+
+    before = {name: value for (name, _), value in scrape(ops_server.url).items()}["vllm:prefix_cache_hits_total"]
+    hits, on = hits_after_two(ops_server.url)
+    assert hits - before >= 16 and httpx.get(f"{ops_server.url}/info").json()["prefix_caching"] is True
+    off_server = LoomServer(llama_dir, "--no-prefix-caching").start()
+    try:
+        hits, off = hits_after_two(off_server.url)
+        assert hits == 0 and httpx.get(f"{off_server.url}/info").json()["prefix_caching"] is False
+    finally:
+        off_server.stop()
+    assert on == off and on[0] == on[1]
