@@ -25,6 +25,7 @@ import httpx
 from bench import report
 from bench.client import run_http, warm_adapters
 from bench.inprocess import make_engine, run_engine
+from bench.roofline import matmul_rate, roofline_tok_s
 from bench.stats import summarize
 from bench.workload import DISTRIBUTIONS, ModelSpec, WorkloadSpec, build_adapters, build_model, make_requests
 
@@ -80,6 +81,8 @@ def parse_args(argv):
     p.add_argument("--cv", type=float, default=1.0, help="CV of inter-arrival gaps (1: Poisson, else Gamma)")
     p.add_argument("--alpha", type=float, default=1.0, help="power-law exponent of the skewed distribution")
     p.add_argument("--distributions", nargs="+", default=list(DISTRIBUTIONS), choices=DISTRIBUTIONS)
+    p.add_argument("--decode-heavy", type=int, default=64, metavar="N",
+                   help="requests of the decode-heavy run: prompts 8-16 tokens, 128 new, all sent at once (0: skip)")
     p.add_argument("--repeats", type=int, default=3, help="rounds of the Loom runs (the median is reported)")
     p.add_argument("--no-peft", action="store_true", help="skip the transformers + PEFT baseline")
     p.add_argument("--adapter-pool-pages", type=int, default=256)
@@ -95,6 +98,9 @@ def workloads(args) -> dict[str, WorkloadSpec]:
                         tuple(args.input_len), tuple(args.output_len), args.seed)
     specs = {("base" if d == "base" else f"{d}-{args.adapters}"): replace(base, distribution=d)
              for d in args.distributions}
+    if args.decode_heavy:
+        specs[f"decode-heavy-{args.adapters}"] = replace(base, num_requests=args.decode_heavy, input_len=(8, 16),
+                                                        output_len=(128, 128), rate=0.0)
     if args.many_adapters:
         specs[f"uniform-{args.adapters}"] = replace(base, distribution="uniform")
         specs[f"uniform-{args.many_adapters}"] = replace(base, distribution="uniform", num_adapters=args.many_adapters)
@@ -115,6 +121,8 @@ def main(argv=None) -> None:
     requests = {name: make_requests(s, tokenizer) for name, s in specs.items()}
     used = {name: {r.adapter for r in reqs if r.adapter >= 0} for name, reqs in requests.items()}
     served = f"distinct-{args.adapters}"
+    compared = [name for name in (served, f"decode-heavy-{args.adapters}") if name in requests]
+    rate = matmul_rate(spec)  # measured before anything else runs
     prefill_budget = 4096  # the launcher's default --max-batch-prefill-tokens; the in-process loop uses the same
 
     samples: dict[str, list[dict]] = {}
@@ -137,7 +145,7 @@ def main(argv=None) -> None:
                 engine = make_engine(model_dir, adapters, set().union(*used.values()), prefill_budget,
                                      args.adapter_pool_pages, args.host_cache_mb << 20)
                 run_engine(engine, requests[served][:16], adapters, prefill_budget)  # warm-up
-            for name in ("base", served):
+            for name in ("base", *compared):
                 if name in requests:
                     timings, wall = run_engine(engine, requests[name], adapters, prefill_budget)
                     samples.setdefault(f"engine/{name}", []).append(summarize(timings, wall))
@@ -147,14 +155,20 @@ def main(argv=None) -> None:
         proc.terminate()
         proc.wait(timeout=60)
 
-    if not args.no_peft and served in requests:
+    if not args.no_peft and compared:
         from bench.baseline import load_peft, run_peft
         print("PEFT baseline: one request at a time...", flush=True)
-        model = load_peft(model_dir, adapters, used[served])
-        timings, wall = run_peft(model, requests[served])
-        samples[f"peft/{served}"] = [summarize(timings, wall)]
+        model = load_peft(model_dir, adapters, set().union(*(used[name] for name in compared)))
+        for name in compared:
+            timings, wall = run_peft(model, requests[name])
+            samples[f"peft/{name}"] = [summarize(timings, wall)]
 
     runs = {name: report.merge_repeats(s) for name, s in samples.items()}
+    for name, run in runs.items():
+        workload = requests[name.split("/", 1)[1]]
+        prompt_tokens = sum(len(r.input_ids) for r in workload)
+        lora = any(r.adapter >= 0 for r in workload)
+        run["roofline_tok_s"] = round(roofline_tok_s(prompt_tokens, run["output_tokens"], spec, lora, rate), 1)
     checks = report.ratios(runs, args.adapters, args.many_adapters)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     result = {
@@ -162,6 +176,7 @@ def main(argv=None) -> None:
         "load_average": {"before": [round(x, 2) for x in load_before], "after": [round(x, 2) for x in os.getloadavg()]},
         "command": "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:]),
         "model": asdict(spec) | {"adapters": args.adapters, "many_adapters": args.many_adapters},
+        "matmul_gflops": round(rate / 1e9, 1),
         "workloads": {name: asdict(s) for name, s in specs.items()},
         "runs": runs,
         "targets": checks,
@@ -169,7 +184,7 @@ def main(argv=None) -> None:
     result["plots"] = [str(p) for p in report.plot(runs, args.out_dir)]
     (args.out_dir / "latest.json").write_text(json.dumps(result, indent=2) + "\n")
     print(report.table(runs, checks))
-    print(f"machine: {result['machine']}; load average before {result['load_average']['before']}, "
+    print(f"matmul rate {result['matmul_gflops']} GFLOP/s (the roofline's); machine: {result['machine']}; load average before {result['load_average']['before']}, "
           f"after {result['load_average']['after']}")
     print(f"wrote {args.out_dir / 'latest.json'} and {', '.join(result['plots'])}")
 

@@ -7,11 +7,13 @@ from pathlib import Path
 # (name, numerator run, denominator run, target): each target of the issue as a throughput ratio.
 def targets(adapters: int, many_adapters: int) -> list[tuple[str, str, str, float]]:
     """(name, numerator run, denominator run, target ratio) of the issue's targets for these adapter counts."""
-    served = f"http/distinct-{adapters}"
+    served, heavy = f"http/distinct-{adapters}", f"decode-heavy-{adapters}"
     return [
         ("loom_vs_peft", served, f"peft/distinct-{adapters}", 20.0),
+        ("decode_heavy_vs_peft", f"http/{heavy}", f"peft/{heavy}", 20.0),
         ("lora_vs_base", served, "http/base", 0.9),
-        ("http_vs_inprocess", served, f"engine/distinct-{adapters}", 0.9),
+        ("http_vs_inprocess", served, f"engine/distinct-{adapters}", 0.95),
+        ("http_vs_inprocess_decode_heavy", f"http/{heavy}", f"engine/{heavy}", 0.95),
         (f"adapters_{many_adapters}_vs_{adapters}", f"http/uniform-{many_adapters}", f"http/uniform-{adapters}", 0.9),
     ]
 
@@ -40,16 +42,20 @@ def ratios(runs: dict[str, dict], adapters: int, many_adapters: int) -> dict[str
 
 
 def table(runs: dict[str, dict], checks: dict[str, dict]) -> str:
-    head = f"{'run':<22}{'tok/s':>9}{'req/s':>8}{'TTFT p50':>10}{'p99':>8}{'TPOT p50':>10}{'p99':>8}  repeats"
+    head = (f"{'run':<26}{'tok/s':>9}{'roofline':>10}{'of it':>7}{'req/s':>8}{'TTFT p50':>10}{'p99':>8}"
+            f"{'TPOT p50':>10}{'p99':>8}  repeats")
     lines = [head, "-" * len(head)]
     for name, r in runs.items():
         reps = " ".join(f"{x:g}" for x in r["throughput_repeats"])
-        lines.append(f"{name:<22}{r['throughput_tok_s']:>9.1f}{r['throughput_req_s']:>8.2f}{r['ttft_p50_ms']:>10.0f}"
-                     f"{r['ttft_p99_ms']:>8.0f}{r['tpot_p50_ms']:>10.1f}{r['tpot_p99_ms']:>8.1f}  {reps}")
+        roof = r.get("roofline_tok_s", 0.0)
+        share = f"{r['throughput_tok_s'] / roof:.0%}" if roof else "-"
+        lines.append(f"{name:<26}{r['throughput_tok_s']:>9.1f}{roof:>10.1f}{share:>7}{r['throughput_req_s']:>8.2f}"
+                     f"{r['ttft_p50_ms']:>10.0f}{r['ttft_p99_ms']:>8.0f}{r['tpot_p50_ms']:>10.1f}{r['tpot_p99_ms']:>8.1f}"
+                     f"  {reps}")
     lines.append("")
     for name, c in checks.items():
         spread = f" (per repeat {', '.join(map(str, c['per_repeat']))})" if len(c["per_repeat"]) > 1 else ""
-        lines.append(f"{name:<22}{c['ratio']:>8.3f}  target >= {c['target']:g}  "
+        lines.append(f"{name:<32}{c['ratio']:>8.3f}  target >= {c['target']:g}  "
                      f"{'MET' if c['met'] else 'MISSED'}  {c['of']}{spread}")
     return "\n".join(lines)
 

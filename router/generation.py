@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import time
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -126,6 +127,42 @@ class Sequence:
     def num_tokens(self) -> int:
         """Tokens it holds on the shards once the steps on their way are done."""
         return len(self.token_ids) + self.pending
+
+    def to_proto(self) -> pb.Request:
+        """What registers it on the shards (protobuf checks every field's range here)."""
+        r = self.request
+        return pb.Request(
+            id=self.id,
+            input_ids=r.input_ids,
+            sampling=r.sampling,
+            adapter_id=r.adapter_id,
+            top_n_tokens=r.top_n_tokens,
+            prefill_logprobs=r.prefill_logprobs,
+            min_new_tokens=r.min_new_tokens,
+            grammar=r.grammar,
+            stop_token_ids=sorted(r.stop_token_ids) if r.min_new_tokens else [],
+        )
+
+    def accept(self, gen: pb.Generation) -> TokenEvent:
+        """Takes a sampled token; the event says whether it ends the generation (the stop decision's one
+        home: EOS ids unless ignored, then max_new_tokens; stop strings are the text layer's)."""
+        self.generated += 1
+        self.token_ids.append(gen.token_id)
+        self.stats.generated = self.generated
+        if self.stats.first_token is None:
+            self.stats.first_token = time.perf_counter()
+        finish = None
+        if gen.token_id in self.request.stop_token_ids and not self.request.ignore_eos:
+            finish = "eos_token"
+        elif self.generated >= self.request.max_new_tokens:
+            finish = "length"
+        return TokenEvent(
+            token_id=gen.token_id,
+            logprob=gen.logprob,
+            top_tokens=[(t.token_id, t.logprob) for t in gen.top_tokens],
+            finish_reason=finish,
+            prefill_logprobs=list(gen.prefill_logprobs) if gen.prefill_logprobs else None,
+        )
 
     def resume_proto(self) -> pb.Request:
         """What registers the sequence again after a preemption: its tokens so far, prompt logprobs only if none

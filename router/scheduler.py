@@ -125,7 +125,7 @@ class Scheduler:
         stats = GenerationStats(request.adapter_id, len(request.input_ids), time.perf_counter())
         seq = Sequence(id=next(self._ids), request=request, stats=stats, token_ids=list(request.input_ids))
         try:
-            seq.proto = _to_proto(seq)
+            seq.proto = seq.to_proto()
         except (ValueError, TypeError) as e:  # protobuf's range and type checks
             raise InvalidRequest(f"a request field is out of range: {e}") from None
         return seq
@@ -354,26 +354,10 @@ class Scheduler:
             self._end(seq, "error")
             self._outbox.append((seq, GenerationFailed(redact_paths(gen.error), server_error=False)))
             return
-        seq.generated += 1
-        seq.token_ids.append(gen.token_id)
-        seq.stats.generated = seq.generated
-        if seq.stats.first_token is None:
-            seq.stats.first_token = time.perf_counter()
-        request = seq.request
-        finish = None
-        if gen.token_id in request.stop_token_ids and not request.ignore_eos:
-            finish = "eos_token"
-        elif seq.generated >= request.max_new_tokens:
-            finish = "length"
-        self._outbox.append((seq, TokenEvent(
-            token_id=gen.token_id,
-            logprob=gen.logprob,
-            top_tokens=[(t.token_id, t.logprob) for t in gen.top_tokens],
-            finish_reason=finish,
-            prefill_logprobs=list(gen.prefill_logprobs) if gen.prefill_logprobs else None,
-        )))
-        if finish:
-            self._end(seq, finish)
+        event = seq.accept(gen)
+        self._outbox.append((seq, event))
+        if event.finish_reason:
+            self._end(seq, event.finish_reason)
 
     def _post(self) -> None:
         """Hands the held events to their consumers. Between `_deliver` and here nothing awaits, so a consumer
@@ -432,18 +416,3 @@ class Scheduler:
         except ShardError as e:
             log.error("clearing the shards failed: %s", e)
             await asyncio.sleep(1.0)
-
-
-def _to_proto(seq: Sequence) -> pb.Request:
-    r = seq.request
-    return pb.Request(
-        id=seq.id,
-        input_ids=r.input_ids,
-        sampling=r.sampling,
-        adapter_id=r.adapter_id,
-        top_n_tokens=r.top_n_tokens,
-        prefill_logprobs=r.prefill_logprobs,
-        min_new_tokens=r.min_new_tokens,
-        grammar=r.grammar,
-        stop_token_ids=sorted(r.stop_token_ids) if r.min_new_tokens else [],
-    )

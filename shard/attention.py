@@ -51,6 +51,18 @@ class PrefixContext:
 
 
 @dataclass(slots=True)
+class DecodeGroup:
+    """Decode rows whose tables are within 2x of each other's width: gathering a batch padded to its longest
+    context would copy and attend over that length for every sequence (one 2,000-token context beside short
+    ones made a decode step 15x slower)."""
+
+    rows: torch.Tensor | None  # the rows of the batch it holds; None: all of them, in order
+    blocks: torch.Tensor  # [b, max_blocks] its sequences' blocks, padded with any valid block
+    mask: torch.Tensor  # [b, 1, 1, max_blocks * block_size] True = attend
+    window: torch.Tensor | None  # the same, cut to the sliding window
+
+
+@dataclass(slots=True)
 class AttentionMetadata:
     is_prefill: bool
     slot_mapping: torch.Tensor  # [T] cache slot each input token's K/V is written to
@@ -61,11 +73,10 @@ class AttentionMetadata:
     seq_lens: list[int]
     prefill_window_masks: list[torch.Tensor | None]
     prefill_contexts: list[PrefixContext | None] = field(default_factory=list)
-    # Decode: every sequence's blocks [B, max_blocks] (padded with any valid block); True = attend.
-    # Masks are [B, 1, 1, max_blocks * block_size].
+    # Decode: every sequence's blocks [B, max_blocks] (padded with any valid block; the Triton kernel's input),
+    # and the same rows grouped by width for the torch path.
     context_blocks: torch.Tensor | None = None
-    context_mask: torch.Tensor | None = None
-    window_mask: torch.Tensor | None = None
+    decode_groups: list[DecodeGroup] = field(default_factory=list)
     block_size: int = 0
     context_lens: torch.Tensor | None = None  # [B], counting the new token
     cu_seq_lens: torch.Tensor | None = None  # prefill with VARLEN_PREFILL on CUDA: [0, n0, n0 + n1, ...] int32
@@ -113,18 +124,45 @@ def prefill_metadata(seq_lens: list[int], slot_mapping: torch.Tensor, sliding_wi
                              cu_seq_lens=cu)
 
 
-def decode_metadata(block_tables: torch.Tensor, context_lens: torch.Tensor, slot_mapping: torch.Tensor,
-                    block_size: int, sliding_window: int | None,
-                    lengths: torch.Tensor | None = None) -> AttentionMetadata:
-    """block_tables: [B, max_blocks] (padded with any valid block); context_lens: [B], counting the new token;
-    lengths: each sequence's length for rope (default: context_lens)."""
-    pos = torch.arange(block_tables.shape[1] * block_size, device=block_tables.device)
-    valid = pos[None, :] < context_lens[:, None]
-    window = None
-    if sliding_window is not None:
-        window = (valid & (pos[None, :] >= context_lens[:, None] - sliding_window))[:, None, None, :]
-    return AttentionMetadata(False, slot_mapping, context_lens if lengths is None else lengths, [], [], [],
-                             block_tables, valid[:, None, None, :], window, block_size, context_lens)
+def _width_groups(widths: list[int]) -> list[list[int]]:
+    """Row indices grouped so that no row's width is more than twice the narrowest of its group."""
+    order = sorted(range(len(widths)), key=widths.__getitem__)
+    groups: list[list[int]] = []
+    for i in order:
+        if not groups or widths[i] > 2 * max(1, widths[groups[-1][0]]):
+            groups.append([])
+        groups[-1].append(i)
+    return groups
+
+
+def _decode_group(tables: list[list[int]], context_lens: list[int], rows: list[int] | None, block_size: int,
+                  sliding_window: int | None, device: torch.device) -> DecodeGroup:
+    picked = range(len(tables)) if rows is None else rows
+    width = max(len(tables[i]) for i in picked)
+    blocks = torch.tensor([tables[i] + [0] * (width - len(tables[i])) for i in picked], device=device)
+    lens = torch.tensor([context_lens[i] for i in picked], device=device)[:, None]
+    pos = torch.arange(width * block_size, device=device)[None, :]
+    valid = pos < lens
+    window = None if sliding_window is None else (valid & (pos >= lens - sliding_window))[:, None, None, :]
+    return DecodeGroup(None if rows is None else torch.tensor(rows, device=device), blocks, valid[:, None, None, :],
+                       window)
+
+
+def decode_metadata(tables: list[list[int]], context_lens: list[int], slot_mapping: torch.Tensor, block_size: int,
+                    sliding_window: int | None, lengths: list[int] | None = None) -> AttentionMetadata:
+    """tables: each sequence's blocks; context_lens: counting the new token; lengths: each sequence's length for
+    rope (default: context_lens)."""
+    device = slot_mapping.device
+    groups = _width_groups([len(t) for t in tables])
+    if len(groups) == 1:
+        decode_groups = [_decode_group(tables, context_lens, None, block_size, sliding_window, device)]
+    else:
+        decode_groups = [_decode_group(tables, context_lens, g, block_size, sliding_window, device) for g in groups]
+    width = max(len(t) for t in tables)
+    padded = torch.tensor([t + [0] * (width - len(t)) for t in tables], device=device)
+    context = torch.tensor(context_lens, device=device)
+    rope = context if lengths is None else torch.tensor(lengths, device=device)
+    return AttentionMetadata(False, slot_mapping, rope, [], [], [], padded, decode_groups, block_size, context)
 
 
 def softcapped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
@@ -232,6 +270,16 @@ class PagedAttention:
 
             return paged_decode_attention(q, kv_cache, meta.context_blocks, meta.context_lens, meta.block_size,
                                           self.scale, self.sliding_window, self.softcap)
-        k, v = self._gather(kv_cache, meta.context_blocks, meta.block_size, meta.context_mask.shape[-1])
-        mask = meta.window_mask if self.sliding_window is not None else meta.context_mask
+        if len(meta.decode_groups) == 1:
+            return self._decode_group(q, meta.decode_groups[0], meta.block_size, kv_cache)
+        out = torch.empty_like(q)
+        for group in meta.decode_groups:
+            out.index_copy_(0, group.rows, self._decode_group(q.index_select(0, group.rows), group, meta.block_size,
+                                                             kv_cache))
+        return out
+
+    def _decode_group(self, q: torch.Tensor, group: DecodeGroup, block_size: int,
+                      kv_cache: torch.Tensor) -> torch.Tensor:
+        k, v = self._gather(kv_cache, group.blocks, block_size, group.mask.shape[-1])
+        mask = group.window if self.sliding_window is not None else group.mask
         return self._attend(q.unsqueeze(2), k, v, mask).squeeze(2)

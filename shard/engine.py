@@ -507,11 +507,8 @@ class Engine:
         lengths = [len(seq.row.token_ids) for seq in seqs]
         slot_t = torch.tensor(slots, device=dev)
         if decode:
-            width = max(len(s.table) for s in seqs)
-            tables = torch.tensor([s.table + [0] * (width - len(s.table)) for s in seqs], device=dev)
-            context = torch.tensor([c.start + 1 for c in chunks], device=dev)
-            meta = decode_metadata(tables, context, slot_t, bs, self.model.sliding_window,
-                                   torch.tensor(lengths, device=dev))
+            meta = decode_metadata([s.table for s in seqs], [c.start + 1 for c in chunks], slot_t, bs,
+                                   self.model.sliding_window, lengths)
         else:
             meta = prefill_metadata([c.num_tokens for c in chunks], slot_t, self.model.sliding_window, lengths,
                                     [c.start for c in chunks], [s.table for s in seqs], bs)

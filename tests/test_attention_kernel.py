@@ -32,7 +32,7 @@ def check_decode(seed: int, num_heads: int, num_kv_heads: int, head_dim: int, wi
     context_lens = torch.tensor(lens)
     q = torch.randn(batch, num_heads, head_dim)
 
-    meta = decode_metadata(block_tables, context_lens, torch.zeros(batch, dtype=torch.long), BLOCK_SIZE, window)
+    meta = decode_metadata(tables, lens, torch.zeros(batch, dtype=torch.long), BLOCK_SIZE, window)
     want = PagedAttention(num_heads, num_kv_heads, head_dim, window, softcap=softcap)._decode(q, meta, cache)
     got = paged_decode_attention(q, cache, block_tables, context_lens, BLOCK_SIZE, head_dim ** -0.5, window, softcap)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
