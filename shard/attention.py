@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import itertools
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -64,7 +64,9 @@ class DecodeGroup:
 
 @dataclass(slots=True)
 class AttentionMetadata:
-    is_prefill: bool
+    """One step's batch: `num_decode` single-token decodes first, then the prefill chunks of `seq_lens`."""
+
+    num_decode: int
     slot_mapping: torch.Tensor  # [T] cache slot each input token's K/V is written to
     # [T] each token's sequence length (the tokens its sequence holds): length-dependent rope reads it.
     lengths: torch.Tensor
@@ -120,7 +122,7 @@ def prefill_metadata(seq_lens: list[int], slot_mapping: torch.Tensor, sliding_wi
         cu = torch.tensor([0, *itertools.accumulate(seq_lens)], dtype=torch.int32, device=device)
     full = torch.tensor(lengths or seq_lens, device=device)
     token_lengths = torch.repeat_interleave(full, torch.tensor(seq_lens, device=device))
-    return AttentionMetadata(True, slot_mapping, token_lengths, seq_lens, masks, contexts, block_size=block_size,
+    return AttentionMetadata(0, slot_mapping, token_lengths, seq_lens, masks, contexts, block_size=block_size,
                              cu_seq_lens=cu)
 
 
@@ -162,7 +164,18 @@ def decode_metadata(tables: list[list[int]], context_lens: list[int], slot_mappi
     padded = torch.tensor([t + [0] * (width - len(t)) for t in tables], device=device)
     context = torch.tensor(context_lens, device=device)
     rope = context if lengths is None else torch.tensor(lengths, device=device)
-    return AttentionMetadata(False, slot_mapping, rope, [], [], [], padded, decode_groups, block_size, context)
+    return AttentionMetadata(len(tables), slot_mapping, rope, [], [], [], padded, decode_groups, block_size,
+                             context)
+
+
+def batch_metadata(decode: AttentionMetadata | None, prefill: AttentionMetadata | None) -> AttentionMetadata:
+    """Decodes and prefill chunks as one batch, decodes first (either may be None)."""
+    if decode is None or prefill is None:
+        return decode or prefill
+    return replace(prefill, num_decode=decode.num_decode,
+                   slot_mapping=torch.cat([decode.slot_mapping, prefill.slot_mapping]),
+                   lengths=torch.cat([decode.lengths, prefill.lengths]), context_blocks=decode.context_blocks,
+                   decode_groups=decode.decode_groups, context_lens=decode.context_lens)
 
 
 def softcapped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
@@ -219,7 +232,13 @@ class PagedAttention:
         # index_copy_ rather than an indexed assignment: on CPU the generic index_put_ path costs ~20x more.
         kv_cache[0].index_copy_(0, meta.slot_mapping, k)
         kv_cache[1].index_copy_(0, meta.slot_mapping, v)
-        out = self._prefill(q, k, v, meta, kv_cache) if meta.is_prefill else self._decode(q, meta, kv_cache)
+        nd = meta.num_decode
+        parts = []
+        if nd:
+            parts.append(self._decode(q[:nd], meta, kv_cache))
+        if meta.seq_lens:
+            parts.append(self._prefill(q[nd:], k[nd:], v[nd:], meta, kv_cache))
+        out = parts[0] if len(parts) == 1 else torch.cat(parts)
         return out.reshape(q.shape[0], self.num_heads * self.head_dim)
 
     def _prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata,

@@ -23,7 +23,7 @@ from shard.adapter_cache import (
     DEFAULT_STACKS_SHARE,
     AdapterCache,
 )
-from shard.attention import decode_metadata, prefill_metadata
+from shard.attention import batch_metadata, decode_metadata, prefill_metadata
 from shard.kv_cache import (
     DEFAULT_BLOCK_SIZE,
     DEFAULT_CPU_KV_BYTES,
@@ -470,12 +470,11 @@ class Engine:
         return chunk
 
     def _run(self, chunks: list[Chunk]) -> list[TokenResult]:
-        """One forward for the single-token chunks (decodes) and one for the longer ones (prefills), then one
-        sampling pass over every chunk that reached its sequence's end."""
-        sampled: list[tuple[Chunk, torch.Tensor]] = []
-        for group in ([c for c in chunks if c.num_tokens == 1], [c for c in chunks if c.num_tokens > 1]):
-            if group:
-                sampled += self._forward(group)
+        """One forward over every chunk (the single-token ones, decodes, first), then one sampling pass over
+        every chunk that reached its sequence's end."""
+        decodes = [c for c in chunks if c.num_tokens == 1]
+        decodes = self._group_by_adapter(decodes, [self.sequences[c.id].adapter_id for c in decodes])
+        sampled = self._forward(decodes, [c for c in chunks if c.num_tokens > 1]) if chunks else []
         if not sampled:
             return []
         rows = [self.sequences[c.id].row for c, _ in sampled]
@@ -490,12 +489,11 @@ class Engine:
             results.append(result)
         return results
 
-    def _forward(self, chunks: list[Chunk]) -> list[tuple[Chunk, torch.Tensor]]:
-        """Runs `chunks` (all single-token, or all longer) as one batch; returns the last hidden state of each
-        chunk that reached its sequence's end, and accumulates prompt logprobs where they were asked."""
-        decode = chunks[0].num_tokens == 1
-        if decode:
-            chunks = self._group_by_adapter(chunks, [self.sequences[c.id].adapter_id for c in chunks])
+    def _forward(self, decodes: list[Chunk], prefills: list[Chunk]) -> list[tuple[Chunk, torch.Tensor]]:
+        """Runs the single-token chunks and the longer ones as one batch (one pass through the weights);
+        returns the last hidden state of each chunk that reached its sequence's end, and accumulates prompt
+        logprobs where they were asked."""
+        chunks = decodes + prefills
         seqs = [self.sequences[c.id] for c in chunks]
         bs, dev = self.block_size, self.device
         ids, positions, slots = [], [], []
@@ -505,13 +503,16 @@ class Engine:
             positions += range(chunk.start, end)
             slots += [seq.table[p // bs] * bs + p % bs for p in range(chunk.start, end)]
         lengths = [len(seq.row.token_ids) for seq in seqs]
+        nd = len(decodes)
         slot_t = torch.tensor(slots, device=dev)
-        if decode:
-            meta = decode_metadata([s.table for s in seqs], [c.start + 1 for c in chunks], slot_t, bs,
-                                   self.model.sliding_window, lengths)
-        else:
-            meta = prefill_metadata([c.num_tokens for c in chunks], slot_t, self.model.sliding_window, lengths,
-                                    [c.start for c in chunks], [s.table for s in seqs], bs)
+        decode = prefill = None
+        if decodes:
+            decode = decode_metadata([s.table for s in seqs[:nd]], [c.start + 1 for c in decodes], slot_t[:nd], bs,
+                                     self.model.sliding_window, lengths[:nd])
+        if prefills:
+            prefill = prefill_metadata([c.num_tokens for c in prefills], slot_t[nd:], self.model.sliding_window,
+                                       lengths[nd:], [c.start for c in prefills], [s.table for s in seqs[nd:]], bs)
+        meta = batch_metadata(decode, prefill)
         lora = self._lora_batch([s.adapter_id for s in seqs], [c.num_tokens for c in chunks])
         hidden = self.model(torch.tensor(ids, device=dev), torch.tensor(positions, device=dev), meta, lora)
         sampled, row = [], 0
