@@ -127,7 +127,7 @@ def parse_args(argv):
     p.add_argument("--stream-tokens", type=int, default=192)
     p.add_argument("--long-prompts", type=int, default=3)
     p.add_argument("--long-gap", type=float, default=2.0, help="seconds between the long prompts")
-    p.add_argument("--chunk", type=int, default=128, help="--max-batch-prefill-tokens of the chunked run")
+    p.add_argument("--chunk", type=int, default=64, help="--max-batch-prefill-tokens of the chunked run")
     p.add_argument("--scenarios", nargs="+", default=["chats", "prefix", "chunked"])
     p.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "loom-bench")
     p.add_argument("--out-dir", type=Path, default=HERE / "results")
