@@ -120,12 +120,12 @@ import os, sys
 if "--rank" in sys.argv and sys.argv[sys.argv.index("--rank") + 1] == os.environ["FAULT_RANK"]:
     import shard.engine
     forward, calls = shard.engine.Engine._forward, []
-    def failing_forward(self, chunks):
-        if chunks[0].num_tokens == 1:
+    def failing_forward(self, decodes, prefills):
+        if decodes and not prefills:
             calls.append(1)
             if len(calls) == int(os.environ["FAULT_AT_DECODE"]):
                 raise RuntimeError(os.environ["FAULT_MESSAGE"])
-        return forward(self, chunks)
+        return forward(self, decodes, prefills)
     shard.engine.Engine._forward = failing_forward
 """
 
