@@ -30,11 +30,12 @@ def flops_per_token(spec: ModelSpec, lora: bool) -> float:
     return spec.num_hidden_layers * (base + adapter)
 
 
-def matmul_rate(spec: ModelSpec, repeats: int = 20) -> float:
-    """FLOP/s of the model's projections at ROWS rows (float32, this process's threads), best of `repeats`."""
+def matmul_rate(spec: ModelSpec, repeats: int = 10) -> float:
+    """FLOP/s of a pass through every layer's projections at ROWS rows (float32, this process's threads), best
+    of `repeats`: all layers' weights, so that they stream from memory as in a real step, not from cache."""
     import torch
 
-    weights = [torch.randn(o, i) for i, o in projection_shapes(spec)]
+    weights = [torch.randn(o, i) for _ in range(spec.num_hidden_layers) for i, o in projection_shapes(spec)]
     x = {i: torch.randn(ROWS, i) for i, _ in projection_shapes(spec)}
     flops = sum(2 * ROWS * w.shape[0] * w.shape[1] for w in weights)
     best = float("inf")
