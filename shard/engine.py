@@ -264,7 +264,8 @@ class Engine:
         reserved = 0
         if self.device.type == "cuda" and not self.kv_cache_bytes:
             reserved = self.measure_activation_peak(max_batch_prefill_tokens)
-        budget = kv_budget_bytes(self.device, self.kv_cache_bytes, reserved_bytes=reserved)
+        budget = kv_budget_bytes(self.device, self.kv_cache_bytes, reserved_bytes=reserved,
+                                 num_layers=self.info.num_layers)
         block_bytes = bytes_per_block(self.info.num_layers, self.model.local_kv_heads, self.info.head_dim,
                                       self.block_size, self.dtype)
         num_blocks = num_blocks_for_budget(budget, block_bytes, max_batch_total_tokens, self.block_size)

@@ -16,14 +16,21 @@ def bytes_per_block(num_layers: int, num_kv_heads: int, head_dim: int, block_siz
 
 
 def kv_budget_bytes(device: torch.device, requested: int | None,
-                    gpu_fraction: float = DEFAULT_GPU_MEMORY_FRACTION, reserved_bytes: int = 0) -> int:
+                    gpu_fraction: float = DEFAULT_GPU_MEMORY_FRACTION, reserved_bytes: int = 0,
+                    num_layers: int = 0) -> int:
     """Bytes available for the KV cache: `requested` when given; on CUDA the free memory times `gpu_fraction`
-    minus `reserved_bytes` (the activation peak measured at warmup); on CPU DEFAULT_CPU_KV_BYTES."""
+    minus `reserved_bytes` (the activation peak measured at warmup), less room for the decode gather; on CPU
+    DEFAULT_CPU_KV_BYTES.
+
+    A decode step copies each layer's context K/V of the running batch, each width group padded to at most twice
+    its length (shard/attention.py DecodeGroup): up to twice one layer's share of the cache, beside it. With
+    `num_layers`, the cache takes num_layers / (num_layers + 2) of what is left and the gather the rest."""
     if requested:
         return requested
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        return max(0, int(free * gpu_fraction) - reserved_bytes)
+        left = max(0, int(free * gpu_fraction) - reserved_bytes)
+        return left * num_layers // (num_layers + 2) if num_layers else left
     return DEFAULT_CPU_KV_BYTES
 
 

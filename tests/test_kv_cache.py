@@ -31,3 +31,15 @@ def test_cache_tensors():
     assert len(caches) == 3
     assert caches[0].shape == (2, 64, 2, 8)
     assert not caches[0].any()  # zeros: masked slots must never hold nan
+
+
+def test_cuda_budget_leaves_room_for_the_decode_gather(monkeypatch):
+    """On CUDA the cache is sized so that a decode step's gathered context copy (at most twice one layer's share
+    of the cache) fits beside it: cache + 2 * cache / layers <= what the activation peak leaves."""
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (10_000_000_000, 80_000_000_000))
+    cuda = torch.device("cuda")
+    left = int(10_000_000_000 * 0.9) - 1_000_000_000
+    assert kv_budget_bytes(cuda, None, reserved_bytes=1_000_000_000) == left
+    cache = kv_budget_bytes(cuda, None, reserved_bytes=1_000_000_000, num_layers=32)
+    assert cache + 2 * cache / 32 <= left and cache == left * 32 // 34
+    assert kv_budget_bytes(cuda, 12345, num_layers=32) == 12345  # an explicit --kv-cache-mb is taken as it is
