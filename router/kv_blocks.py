@@ -65,8 +65,13 @@ class BlockManager:
     def num_free(self) -> int:
         return len(self._clean) + len(self._evictable)
 
+    @property
+    def num_held(self) -> int:
+        """Blocks live sequences hold."""
+        return self.num_blocks - self.num_free
+
     def usage(self) -> float:
-        return (self.num_blocks - self.num_free) / self.num_blocks
+        return self.num_held / self.num_blocks
 
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)

@@ -82,7 +82,7 @@ class Metrics:
         self.waiting.set_function(lambda: scheduler.num_waiting)
         blocks = scheduler.blocks
         self.kv_blocks_total.set_function(lambda: blocks.num_blocks)
-        self.kv_blocks_used.set_function(lambda: blocks.num_blocks - blocks.num_free)
+        self.kv_blocks_used.set_function(lambda: blocks.num_held)
         self.kv_blocks_free.set_function(lambda: blocks.num_free)
         self.active_adapters.set_function(lambda: len(scheduler.adapters.active))
         self.adapter_pages_used.set_function(lambda: scheduler.adapters.pages_used)

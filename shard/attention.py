@@ -156,12 +156,13 @@ def decode_metadata(tables: list[list[int]], context_lens: list[int], slot_mappi
     rope (default: context_lens)."""
     device = slot_mapping.device
     groups = _width_groups([len(t) for t in tables])
-    if len(groups) == 1:
+    if len(groups) == 1:  # the whole batch in order: its blocks are the padded table
         decode_groups = [_decode_group(tables, context_lens, None, block_size, sliding_window, device)]
+        padded = decode_groups[0].blocks
     else:
         decode_groups = [_decode_group(tables, context_lens, g, block_size, sliding_window, device) for g in groups]
-    width = max(len(t) for t in tables)
-    padded = torch.tensor([t + [0] * (width - len(t)) for t in tables], device=device)
+        width = max(len(t) for t in tables)
+        padded = torch.tensor([t + [0] * (width - len(t)) for t in tables], device=device)
     context = torch.tensor(context_lens, device=device)
     rope = context if lengths is None else torch.tensor(lengths, device=device)
     return AttentionMetadata(len(tables), slot_mapping, rope, [], [], [], padded, decode_groups, block_size,

@@ -8,7 +8,6 @@ the router's); it keeps every sequence's tokens until the router releases it.
 from __future__ import annotations
 
 import itertools
-import math
 import os
 from dataclasses import dataclass, field
 
@@ -209,7 +208,7 @@ class Engine:
     def warmup_blocks(self, num_tokens: int, decode: bool = True) -> int:
         """KV blocks the warmup batch of `num_tokens` takes: each prompt's own blocks (a prompt that is not a
         multiple of the block size rounds up on its own), plus with `decode` one per prompt for its decode."""
-        return sum(math.ceil(n / self.block_size) + decode for n in self._warmup_sizes(num_tokens))
+        return sum(self.blocks_for(n) + decode for n in self._warmup_sizes(num_tokens))
 
     def _dummy_batch(self, num_tokens: int) -> None:
         """The worst step the limits allow, so that its activations are measured (and on CUDA, allocator
@@ -224,8 +223,9 @@ class Engine:
         results = self.step(requests, chunks, [])
         decodes = []
         for chunk in chunks:
-            grow = [] if chunk.num_tokens % self.block_size else list(itertools.islice(blocks, 1))
-            if grow or chunk.num_tokens % self.block_size:
+            boundary = chunk.num_tokens % self.block_size == 0  # its next token needs a block of its own
+            grow = list(itertools.islice(blocks, 1)) if boundary else []
+            if grow or not boundary:
                 decodes.append(Chunk(chunk.id, chunk.num_tokens, 1, grow))
         if not any(r.error for r in results):
             results += self.step([], decodes, [])

@@ -37,7 +37,7 @@ class Capacity:
 
 def capacity(scheduler: Scheduler, engine: Engine) -> Capacity:
     blocks = scheduler.blocks
-    return Capacity(blocks.num_blocks - blocks.num_free, scheduler.adapters.pages_used, len(scheduler.adapters.active),
+    return Capacity(blocks.num_held, scheduler.adapters.pages_used, len(scheduler.adapters.active),
                     scheduler.num_active, len(engine.sequences),
                     sum(e.pins for e in engine.adapters.entries.values()))
 

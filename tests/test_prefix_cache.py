@@ -95,7 +95,7 @@ def test_running_requests_share_blocks(engine, llama_dir, reference, system, tmp
             first = stack.scheduler.generate(request(turn(system, 0), 40))
             async with first:
                 seen = [(await anext(first)).token_id for _ in range(3)]
-                held = stack.scheduler.blocks.num_blocks - stack.scheduler.blocks.num_free
+                held = stack.scheduler.blocks.num_held
                 second = await tokens(stack.scheduler.generate(request(turn(system, 1), NEW_TOKENS)))
                 seen += [event.token_id async for event in first]
             assert stack.scheduler.blocks.hit_tokens == 64
