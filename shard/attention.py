@@ -7,7 +7,9 @@ sequence's context block by block and masks the positions past its length (and t
 tables are the router's (router/kv_blocks.py); a cached block may be shared by several sequences, and only
 positions a step computes are written.
 Everything that depends only on the batch (block lists, masks) is built once per step in AttentionMetadata
-and shared by all layers.
+and shared by all layers. Decode reads the cache in place through a paged kernel where one runs (decode_kernel:
+the C kernel on CPU float32, the opt-in Triton kernel on CUDA); the gather + SDPA path is the reference both
+are tested against, and the fallback.
 
 Sliding window (transformers' Mistral semantics): query at position q sees keys at positions k with
 q - window < k <= q, i.e. itself and the window - 1 tokens before it.
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import itertools
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -34,9 +37,28 @@ import torch.nn.functional as F
 # The Triton paged-attention decode kernel (shard/kernels/paged_attention.py) instead of gather + SDPA:
 # CUDA only, opt-in until checked on a GPU.
 TRITON_DECODE = os.environ.get("LOOM_TRITON_ATTENTION") == "1"
+# Its CPU twin (shard/kernels/paged_attention_cpu.py): on by default where a C compiler can build it.
+CPU_DECODE = os.environ.get("LOOM_CPU_ATTENTION", "1") != "0"
 # One variable-length flash call per layer for the whole prefill batch (torch.nn.attention.varlen) instead of
 # one SDPA call per prompt: CUDA with half precision only, opt-in until checked on a GPU.
 VARLEN_PREFILL = os.environ.get("LOOM_VARLEN_PREFILL") == "1"
+
+
+# (q, kv_cache, block_tables, context_lens, block_size, scale, sliding_window, softcap) -> attention output.
+DecodeKernel = Callable[..., torch.Tensor]
+
+
+def decode_kernel(device: torch.device, dtype: torch.dtype) -> DecodeKernel | None:
+    """The paged decode kernel this device and dtype run, or None for the torch path."""
+    if device.type == "cuda" and TRITON_DECODE:
+        from shard.kernels.paged_attention import paged_decode_attention
+
+        return paged_decode_attention
+    if device.type == "cpu" and dtype == torch.float32 and CPU_DECODE:
+        from shard.kernels import paged_attention_cpu
+
+        return paged_attention_cpu.paged_decode_attention_cpu if paged_attention_cpu.load() else None
+    return None
 
 
 @dataclass(slots=True)
@@ -81,6 +103,8 @@ class AttentionMetadata:
     decode_groups: list[DecodeGroup] = field(default_factory=list)
     block_size: int = 0
     context_lens: torch.Tensor | None = None  # [B], counting the new token
+    # A paged decode kernel reading the cache in place (decode_kernel); None: gather + SDPA per width group.
+    decode_kernel: DecodeKernel | None = None
     cu_seq_lens: torch.Tensor | None = None  # prefill with VARLEN_PREFILL on CUDA: [0, n0, n0 + n1, ...] int32
 
     def token_lengths(self) -> torch.Tensor:
@@ -151,11 +175,12 @@ def _decode_group(tables: list[list[int]], context_lens: list[int], rows: list[i
 
 
 def decode_metadata(tables: list[list[int]], context_lens: list[int], slot_mapping: torch.Tensor, block_size: int,
-                    sliding_window: int | None, lengths: list[int] | None = None) -> AttentionMetadata:
+                    sliding_window: int | None, lengths: list[int] | None = None,
+                    kernel: DecodeKernel | None = None) -> AttentionMetadata:
     """tables: each sequence's blocks; context_lens: counting the new token; lengths: each sequence's length for
-    rope (default: context_lens)."""
+    rope (default: context_lens); kernel: the paged decode kernel, which needs no width groups."""
     device = slot_mapping.device
-    groups = _width_groups([len(t) for t in tables])
+    groups = [] if kernel is not None else _width_groups([len(t) for t in tables])
     if len(groups) == 1:  # the whole batch in order: its blocks are the padded table
         decode_groups = [_decode_group(tables, context_lens, None, block_size, sliding_window, device)]
         padded = decode_groups[0].blocks
@@ -166,7 +191,7 @@ def decode_metadata(tables: list[list[int]], context_lens: list[int], slot_mappi
     context = torch.tensor(context_lens, device=device)
     rope = context if lengths is None else torch.tensor(lengths, device=device)
     return AttentionMetadata(len(tables), slot_mapping, rope, [], [], [], padded, decode_groups, block_size,
-                             context)
+                             context, decode_kernel=kernel)
 
 
 def batch_metadata(decode: AttentionMetadata | None, prefill: AttentionMetadata | None) -> AttentionMetadata:
@@ -176,7 +201,8 @@ def batch_metadata(decode: AttentionMetadata | None, prefill: AttentionMetadata 
     return replace(prefill, num_decode=decode.num_decode,
                    slot_mapping=torch.cat([decode.slot_mapping, prefill.slot_mapping]),
                    lengths=torch.cat([decode.lengths, prefill.lengths]), context_blocks=decode.context_blocks,
-                   decode_groups=decode.decode_groups, context_lens=decode.context_lens)
+                   decode_groups=decode.decode_groups, context_lens=decode.context_lens,
+                   decode_kernel=decode.decode_kernel)
 
 
 def softcapped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
@@ -285,11 +311,9 @@ class PagedAttention:
         return varlen_attn(q, k, v, cu, cu, longest, longest, scale=self.scale, window_size=window, enable_gqa=True)
 
     def _decode(self, q: torch.Tensor, meta: AttentionMetadata, kv_cache: torch.Tensor) -> torch.Tensor:
-        if TRITON_DECODE and q.is_cuda:
-            from shard.kernels.paged_attention import paged_decode_attention
-
-            return paged_decode_attention(q, kv_cache, meta.context_blocks, meta.context_lens, meta.block_size,
-                                          self.scale, self.sliding_window, self.softcap)
+        if meta.decode_kernel is not None:
+            return meta.decode_kernel(q, kv_cache, meta.context_blocks, meta.context_lens, meta.block_size,
+                                      self.scale, self.sliding_window, self.softcap)
         if len(meta.decode_groups) == 1:
             return self._decode_group(q, meta.decode_groups[0], meta.block_size, kv_cache)
         out = torch.empty_like(q)

@@ -22,7 +22,7 @@ from shard.adapter_cache import (
     DEFAULT_STACKS_SHARE,
     AdapterCache,
 )
-from shard.attention import batch_metadata, decode_metadata, prefill_metadata
+from shard.attention import batch_metadata, decode_kernel, decode_metadata, prefill_metadata
 from shard.kv_cache import (
     DEFAULT_BLOCK_SIZE,
     DEFAULT_CPU_KV_BYTES,
@@ -166,6 +166,7 @@ class Engine:
         self.adapters = AdapterCache(layout, dtype, self.device, adapter_host_cache_bytes)
         # Triton SGMV instead of the torch LoRA path: CUDA only, opt-in until checked on a GPU.
         self.triton_lora = self.device.type == "cuda" and os.environ.get("LOOM_TRITON_LORA") == "1"
+        self.decode_kernel = decode_kernel(self.device, dtype)  # built now, never while serving
         self.grammars = Grammars(model_dir, config.vocab_size)
 
     @property
@@ -509,7 +510,7 @@ class Engine:
         decode = prefill = None
         if decodes:
             decode = decode_metadata([s.table for s in seqs[:nd]], [c.start + 1 for c in decodes], slot_t[:nd], bs,
-                                     self.model.sliding_window, lengths[:nd])
+                                     self.model.sliding_window, lengths[:nd], self.decode_kernel)
         if prefills:
             prefill = prefill_metadata([c.num_tokens for c in prefills], slot_t[nd:], self.model.sliding_window,
                                        lengths[nd:], [c.start for c in prefills], [s.table for s in seqs[nd:]], bs)
