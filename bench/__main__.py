@@ -39,9 +39,11 @@ def free_port() -> int:
 
 
 def start_server(model_dir: Path, adapter_root: Path, args) -> tuple[subprocess.Popen, str]:
-    """Launches loom on the bench model; its logs go to <out-dir>/server.log."""
+    """Launches loom on the bench model; its logs go to <out-dir>/server.log. Without the prefix cache: every
+    repeat serves the same prompts, which would otherwise hit the blocks the previous repeat cached (bench.kv
+    measures the cache)."""
     port = free_port()
-    cmd = [sys.executable, "-m", "launcher", "--model-id", str(model_dir), "--port", str(port),
+    cmd = [sys.executable, "-m", "launcher", "--model-id", str(model_dir), "--port", str(port), "--no-prefix-caching",
            "--local-adapter-root", str(adapter_root), "--adapter-pool-pages", str(args.adapter_pool_pages),
            "--adapter-host-cache-mb", str(args.host_cache_mb), "--max-active-adapters", str(args.adapter_pool_pages)]
     args.out_dir.mkdir(parents=True, exist_ok=True)
@@ -83,6 +85,8 @@ def parse_args(argv):
     p.add_argument("--distributions", nargs="+", default=list(DISTRIBUTIONS), choices=DISTRIBUTIONS)
     p.add_argument("--decode-heavy", type=int, default=64, metavar="N",
                    help="requests of the decode-heavy run: prompts 8-16 tokens, 128 new, all sent at once (0: skip)")
+    p.add_argument("--mixed", type=int, default=64, metavar="N",
+                   help="requests of the mixed run: prompts 96-116 tokens, 32 new, all sent at once (0: skip)")
     p.add_argument("--repeats", type=int, default=3, help="rounds of the Loom runs (the median is reported)")
     p.add_argument("--no-peft", action="store_true", help="skip the transformers + PEFT baseline")
     p.add_argument("--adapter-pool-pages", type=int, default=256)
@@ -101,6 +105,9 @@ def workloads(args) -> dict[str, WorkloadSpec]:
     if args.decode_heavy:
         specs[f"decode-heavy-{args.adapters}"] = replace(base, num_requests=args.decode_heavy, input_len=(8, 16),
                                                         output_len=(128, 128), rate=0.0)
+    if args.mixed:
+        specs[f"mixed-{args.adapters}"] = replace(base, num_requests=args.mixed, input_len=(96, 116),
+                                                 output_len=(32, 32), rate=0.0)
     if args.many_adapters:
         specs[f"uniform-{args.adapters}"] = replace(base, distribution="uniform")
         specs[f"uniform-{args.many_adapters}"] = replace(base, distribution="uniform", num_adapters=args.many_adapters)
@@ -121,7 +128,7 @@ def main(argv=None) -> None:
     requests = {name: make_requests(s, tokenizer) for name, s in specs.items()}
     used = {name: {r.adapter for r in reqs if r.adapter >= 0} for name, reqs in requests.items()}
     served = f"distinct-{args.adapters}"
-    compared = [name for name in (served, f"decode-heavy-{args.adapters}") if name in requests]
+    compared = [name for name in (served, f"decode-heavy-{args.adapters}", f"mixed-{args.adapters}") if name in requests]
     rate = matmul_rate(spec)  # measured before anything else runs
     prefill_budget = 4096  # the launcher's default --max-batch-prefill-tokens; the in-process loop uses the same
 

@@ -80,7 +80,7 @@ async def serve(scheduler: Scheduler, engine, requests: list[BenchRequest], adap
 
 def run_engine(engine, requests: list[BenchRequest], adapters: list[Path],
                max_batch_prefill_tokens: int) -> tuple[list[Timing], float]:
-    scheduler = make_scheduler(engine, max_batch_prefill_tokens)
+    scheduler = make_scheduler(engine, max_batch_prefill_tokens, prefix_caching=False)  # as the served runs
     try:
         return asyncio.run(serve(scheduler, engine, requests, adapters))
     finally:

@@ -7,13 +7,15 @@ from pathlib import Path
 # (name, numerator run, denominator run, target): each target of the issue as a throughput ratio.
 def targets(adapters: int, many_adapters: int) -> list[tuple[str, str, str, float]]:
     """(name, numerator run, denominator run, target ratio) of the issue's targets for these adapter counts."""
-    served, heavy = f"http/distinct-{adapters}", f"decode-heavy-{adapters}"
+    served, heavy, mixed = f"http/distinct-{adapters}", f"decode-heavy-{adapters}", f"mixed-{adapters}"
     return [
         ("loom_vs_peft", served, f"peft/distinct-{adapters}", 20.0),
         ("decode_heavy_vs_peft", f"http/{heavy}", f"peft/{heavy}", 20.0),
+        ("mixed_vs_peft", f"http/{mixed}", f"peft/{mixed}", 7.0),
         ("lora_vs_base", served, "http/base", 0.9),
         ("http_vs_inprocess", served, f"engine/distinct-{adapters}", 0.95),
         ("http_vs_inprocess_decode_heavy", f"http/{heavy}", f"engine/{heavy}", 0.95),
+        ("http_vs_inprocess_mixed", f"http/{mixed}", f"engine/{mixed}", 0.95),
         (f"adapters_{many_adapters}_vs_{adapters}", f"http/uniform-{many_adapters}", f"http/uniform-{adapters}", 0.9),
     ]
 

@@ -16,22 +16,25 @@ def test_bench_runs_every_workload_and_reports_every_target(tmp_path: Path):
     out = tmp_path / "results"
     cmd = [sys.executable, "-m", "bench", "--requests", "6", "--output-len", "4", "4", "--adapters", "3",
            "--many-adapters", "8", "--repeats", "1", "--rate", "0", "--distributions", "base", "distinct",
-           "--decode-heavy", "3",
+           "--decode-heavy", "3", "--mixed", "2",
            "--cache-dir", str(tmp_path / "cache"), "--out-dir", str(out)]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
     result = json.loads((out / "latest.json").read_text())
     assert set(result["runs"]) == {"http/base", "http/distinct-3", "http/uniform-3", "http/uniform-8",
-                                   "http/decode-heavy-3", "engine/base", "engine/distinct-3", "engine/decode-heavy-3",
-                                   "peft/distinct-3", "peft/decode-heavy-3"}
+                                   "http/decode-heavy-3", "http/mixed-3", "engine/base", "engine/distinct-3",
+                                   "engine/decode-heavy-3", "engine/mixed-3", "peft/distinct-3", "peft/decode-heavy-3",
+                                   "peft/mixed-3"}
     for name, run in result["runs"].items():
         assert run["throughput_tok_s"] > 0, name
         assert run["ttft_p50_ms"] <= run["ttft_p99_ms"], name
         assert run["throughput_tok_s"] < run["roofline_tok_s"], name  # nothing beats its own matmuls
     assert result["runs"]["http/decode-heavy-3"]["output_tokens"] == 3 * 128
-    assert set(result["targets"]) == {"loom_vs_peft", "decode_heavy_vs_peft", "lora_vs_base", "http_vs_inprocess",
-                                      "http_vs_inprocess_decode_heavy", "adapters_8_vs_3"}
+    assert result["runs"]["http/mixed-3"]["output_tokens"] == 2 * 32
+    assert set(result["targets"]) == {"loom_vs_peft", "decode_heavy_vs_peft", "mixed_vs_peft", "lora_vs_base",
+                                      "http_vs_inprocess", "http_vs_inprocess_decode_heavy", "http_vs_inprocess_mixed",
+                                      "adapters_8_vs_3"}
     for plot in result["plots"]:
         assert Path(plot).stat().st_size > 0
     assert "loom_vs_peft" in proc.stdout  # the printed table
