@@ -13,7 +13,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from launcher.model_source import ModelSourceError, max_position_embeddings, resolve_model
-from router.limits import DEFAULT_HEADER_TIMEOUT_S, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_REQUEST_BYTES
+from router.limits import (
+    DEFAULT_HEADER_TIMEOUT_S,
+    DEFAULT_MAX_ACTIVE_ADAPTERS,
+    DEFAULT_MAX_CONCURRENT_REQUESTS,
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_REQUEST_BYTES,
+)
 
 log = logging.getLogger("loom")
 
@@ -94,9 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch-total-tokens", metavar="N", type=positive_int, default=None,
                    help="Most tokens (prompt + generated) of all running requests together. "
                    "Default: whatever fits in the shards' KV cache.")
-    p.add_argument("--max-concurrent-requests", metavar="N", type=positive_int, default=128,
+    p.add_argument("--max-concurrent-requests", metavar="N", type=positive_int, default=DEFAULT_MAX_CONCURRENT_REQUESTS,
                    help="Requests accepted at once (queued + running); more are answered with 429 (default: %(default)s).")
-    p.add_argument("--max-active-adapters", metavar="N", type=positive_int, default=128,
+    p.add_argument("--max-active-adapters", metavar="N", type=positive_int, default=DEFAULT_MAX_ACTIVE_ADAPTERS,
                    help="Adapters that may be scheduled in the running batch at once (default: %(default)s).")
     p.add_argument("--adapter-memory-fraction", metavar="F", type=float, default=0.1,
                    help="Share of the shard's memory (free GPU memory on cuda, the KV cache budget on cpu) held "

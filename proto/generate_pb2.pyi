@@ -41,16 +41,20 @@ class HealthResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class WarmupRequest(_message.Message):
-    __slots__ = ("max_input_length", "max_batch_prefill_tokens", "max_total_tokens", "max_batch_total_tokens")
+    __slots__ = ("max_input_length", "max_batch_prefill_tokens", "max_total_tokens", "max_batch_total_tokens", "max_concurrent_requests", "max_active_adapters")
     MAX_INPUT_LENGTH_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_PREFILL_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_TOTAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_TOTAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MAX_CONCURRENT_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    MAX_ACTIVE_ADAPTERS_FIELD_NUMBER: _ClassVar[int]
     max_input_length: int
     max_batch_prefill_tokens: int
     max_total_tokens: int
     max_batch_total_tokens: int
-    def __init__(self, max_input_length: _Optional[int] = ..., max_batch_prefill_tokens: _Optional[int] = ..., max_total_tokens: _Optional[int] = ..., max_batch_total_tokens: _Optional[int] = ...) -> None: ...
+    max_concurrent_requests: int
+    max_active_adapters: int
+    def __init__(self, max_input_length: _Optional[int] = ..., max_batch_prefill_tokens: _Optional[int] = ..., max_total_tokens: _Optional[int] = ..., max_batch_total_tokens: _Optional[int] = ..., max_concurrent_requests: _Optional[int] = ..., max_active_adapters: _Optional[int] = ...) -> None: ...
 
 class WarmupResponse(_message.Message):
     __slots__ = ("num_blocks", "block_size", "max_supported_total_tokens", "adapter_pages", "adapter_page_rank")

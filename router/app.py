@@ -315,6 +315,8 @@ async def _start_backend(app: Starlette, config: RouterConfig) -> None:
         max_batch_prefill_tokens=config.max_batch_prefill_tokens,
         max_total_tokens=config.max_total_tokens,
         max_batch_total_tokens=config.max_batch_total_tokens,
+        max_concurrent_requests=config.max_concurrent_requests,
+        max_active_adapters=config.max_active_adapters,
     ))
     capacity = warm.max_supported_total_tokens
     if capacity < config.max_total_tokens:

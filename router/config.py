@@ -6,7 +6,13 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from router.limits import DEFAULT_HEADER_TIMEOUT_S, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_REQUEST_BYTES
+from router.limits import (
+    DEFAULT_HEADER_TIMEOUT_S,
+    DEFAULT_MAX_ACTIVE_ADAPTERS,
+    DEFAULT_MAX_CONCURRENT_REQUESTS,
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_REQUEST_BYTES,
+)
 
 
 @dataclass(slots=True)
@@ -20,8 +26,8 @@ class RouterConfig:
     max_total_tokens: int = 2048
     max_batch_prefill_tokens: int = 4096
     max_batch_total_tokens: int = 0  # 0: whatever the shards' KV cache holds
-    max_concurrent_requests: int = 128
-    max_active_adapters: int = 128
+    max_concurrent_requests: int = DEFAULT_MAX_CONCURRENT_REQUESTS
+    max_active_adapters: int = DEFAULT_MAX_ACTIVE_ADAPTERS
     prefix_caching: bool = True  # `--no-prefix-caching` turns it off
     api_key: str | None = None
     adapters: dict[str, str] = field(default_factory=dict)  # `--adapter NAME=SOURCE`

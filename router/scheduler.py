@@ -39,6 +39,7 @@ from router.generation import (
 )
 from router.adapter_slots import AdapterSlots
 from router.kv_blocks import BlockManager
+from router.limits import DEFAULT_MAX_ACTIVE_ADAPTERS
 from router.shard_client import ShardClient, ShardError
 
 log = logging.getLogger("loom.scheduler")
@@ -61,7 +62,7 @@ class Scheduler:
         block_size: int,
         max_batch_prefill_tokens: int,
         max_concurrent_requests: int,
-        max_active_adapters: int = 128,
+        max_active_adapters: int = DEFAULT_MAX_ACTIVE_ADAPTERS,
         adapter_pages: int = 0,
         max_queue_time_s: float = 600.0,
         prefix_caching: bool = True,

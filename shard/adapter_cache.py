@@ -8,7 +8,10 @@ host copy while the host cache has room; past that they are re-read from disk.
 
 from __future__ import annotations
 
+import itertools
 from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -187,6 +190,34 @@ class AdapterCache:
                 break
             self._evict(victim)
         return ""
+
+    @contextmanager
+    def zero_adapters(self, count: int, num_pages: int) -> Iterator[list[str]]:
+        """`count` adapters of `num_pages` pool pages each on every projection of the layout, resident for the
+        block and yielded by id: steps run LoRA with them exactly as with real adapters, and since their pages
+        are zero they add nothing (the warmup measures LoRA's memory with them). Afterwards they are gone:
+        their pages free again in the order they were taken, the stacks' layout forgotten (the next step lays
+        it out for its own adapters); the host cache never held them. The free pages must hold them."""
+        unused = (f"warmup-{i}" for i in itertools.count() if f"warmup-{i}" not in self.entries)
+        ids = list(itertools.islice(unused, count))
+        for adapter_id in ids:
+            self._place_zero(adapter_id, num_pages)
+        try:
+            yield ids
+        finally:
+            for adapter_id in reversed(ids):  # pages go back in the reverse order they were taken
+                self._evict(adapter_id)
+                del self.entries[adapter_id]
+            self.stacks.reset()
+
+    def _place_zero(self, adapter_id: str, num_pages: int) -> None:
+        # No path to page it back in from: it must never be evicted while it is there.
+        entry = AdapterEntry("", num_pages * self.layout.page_rank, num_pages, frozenset(self.layout.shapes),
+                             preloaded=True)
+        entry.pages = [self.free_pages.pop() for _ in range(num_pages)]
+        self.pool.index_fill_(0, torch.tensor(entry.pages, device=self.device), 0)  # free pages may hold stale rows
+        self.entries[adapter_id] = entry
+        self.resident[adapter_id] = None
 
     def touch(self, adapter_ids: list[str]) -> None:
         """Marks resident adapters as just used (LRU order)."""

@@ -15,22 +15,15 @@ import torch
 import torch.distributed as dist
 from transformers import AutoConfig
 
+from router.limits import DEFAULT_MAX_ACTIVE_ADAPTERS, DEFAULT_MAX_CONCURRENT_REQUESTS
 from shard.adapter_cache import (
     DEFAULT_ADAPTER_HOST_CACHE_BYTES,
     DEFAULT_ADAPTER_MEMORY_FRACTION,
     DEFAULT_ADAPTER_PAGE_RANK,
-    DEFAULT_STACKS_SHARE,
     AdapterCache,
 )
 from shard.attention import batch_metadata, decode_kernel, decode_metadata, prefill_metadata
-from shard.kv_cache import (
-    DEFAULT_BLOCK_SIZE,
-    DEFAULT_CPU_KV_BYTES,
-    allocate_kv_cache,
-    bytes_per_block,
-    kv_budget_bytes,
-    num_blocks_for_budget,
-)
+from shard.kv_cache import DEFAULT_BLOCK_SIZE, allocate_kv_cache
 from shard.lora import AdapterError, PageLayout, projection_shapes
 from shard.lora_batch import LoraBatch, PageGather, TritonLoraBatch
 from shard.models import head_dim_of
@@ -179,7 +172,8 @@ class Engine:
     def num_blocks(self) -> int:
         return self._num_blocks
 
-    def _install_cache(self, num_blocks: int) -> None:
+    def install_kv_cache(self, num_blocks: int) -> None:
+        """A zeroed KV cache of `num_blocks` blocks in place of the current one; drops every sequence."""
         info = self.info
         caches = allocate_kv_cache(info.num_layers, num_blocks, self.block_size, self.model.local_kv_heads,
                                    info.head_dim, self.dtype, self.device)
@@ -187,7 +181,8 @@ class Engine:
         self._num_blocks = num_blocks
         self._forget_all()
 
-    def _drop_cache(self) -> None:
+    def drop_kv_cache(self) -> None:
+        """Frees the KV cache (until the next install) and drops every sequence."""
         self.model.set_kv_cache([torch.empty(0)] * self.info.num_layers)
         self._num_blocks = 0
         self._forget_all()
@@ -201,112 +196,30 @@ class Engine:
         self.sequences.clear()
         self.adapters.unpin_all()
 
-    def _warmup_sizes(self, num_tokens: int) -> list[int]:
-        """Prompts no longer than the model's positions, together `num_tokens` long."""
-        chunk = self.info.max_position_embeddings
-        return [chunk] * (num_tokens // chunk) + ([num_tokens % chunk] if num_tokens % chunk else [])
-
-    def warmup_blocks(self, num_tokens: int, decode: bool = True) -> int:
-        """KV blocks the warmup batch of `num_tokens` takes: each prompt's own blocks (a prompt that is not a
-        multiple of the block size rounds up on its own), plus with `decode` one per prompt for its decode."""
-        return sum(self.blocks_for(n) + decode for n in self._warmup_sizes(num_tokens))
-
-    def _dummy_batch(self, num_tokens: int) -> None:
-        """The worst step the limits allow, so that its activations are measured (and on CUDA, allocator
-        pools and kernels are warm): a prefill of `num_tokens` prompt tokens with prompt logprobs, then a
-        decode step of all of them (those whose next token still finds a block: a cache sized to the limits
-        exactly may have none left for a prompt that ends on a block boundary)."""
-        sizes = self._warmup_sizes(num_tokens)
-        requests = [SequenceRequest(-1 - i, [0] * n, prefill_logprobs=True) for i, n in enumerate(sizes)]
-        blocks = iter(range(self.num_blocks))
-        chunks = [Chunk(r.id, 0, n, list(itertools.islice(blocks, self.blocks_for(n))))
-                  for r, n in zip(requests, sizes)]
-        results = self.step(requests, chunks, [])
-        decodes = []
-        for chunk in chunks:
-            boundary = chunk.num_tokens % self.block_size == 0  # its next token needs a block of its own
-            grow = list(itertools.islice(blocks, 1)) if boundary else []
-            if grow or not boundary:
-                decodes.append(Chunk(chunk.id, chunk.num_tokens, 1, grow))
-        if not any(r.error for r in results):
-            results += self.step([], decodes, [])
-        for r in results:
-            if r.error:
-                raise RuntimeError(f"warmup step failed: {r.error}")
-        self.step([], [], [r.id for r in requests])
-
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
-    def measure_activation_peak(self, num_tokens: int) -> int:
-        """Bytes the worst step (_dummy_batch) needs beyond weights, adapters and KV cache: measured on CUDA,
-        0 elsewhere. Runs on a KV cache of exactly warmup_blocks(num_tokens) blocks."""
-        cuda = self.device.type == "cuda"
-        if cuda:
-            torch.cuda.reset_peak_memory_stats(self.device)
-        self._install_cache(self.warmup_blocks(num_tokens))
-        self._dummy_batch(num_tokens)
-        peak = torch.cuda.max_memory_allocated(self.device) - torch.cuda.memory_allocated(self.device) if cuda else 0
-        self._drop_cache()
-        if cuda:
-            torch.cuda.empty_cache()
-        return peak
-
     @torch.inference_mode()
-    def warmup(self, max_batch_prefill_tokens: int, max_batch_total_tokens: int = 0) -> int:
-        """Sizes and allocates the KV cache, runs a dummy prefill of `max_batch_prefill_tokens` tokens and
-        returns the number of blocks. Budget: kv_cache_bytes when given; else on CUDA 90% of free memory
-        less the measured prefill activation peak, on CPU 1 GiB. max_batch_total_tokens > 0 caps the cache
-        at ceil(max_batch_total_tokens / block_size) blocks. Allocates the adapter pool first (see
-        _allocate_adapter_pool), so that on CUDA the KV cache is sized from what the pool leaves. Drops every
-        sequence."""
-        self._drop_cache()
-        self._allocate_adapter_pool()
-        reserved = 0
-        if self.device.type == "cuda" and not self.kv_cache_bytes:
-            reserved = self.measure_activation_peak(max_batch_prefill_tokens)
-        budget = kv_budget_bytes(self.device, self.kv_cache_bytes, reserved_bytes=reserved,
-                                 num_layers=self.info.num_layers)
-        block_bytes = bytes_per_block(self.info.num_layers, self.model.local_kv_heads, self.info.head_dim,
-                                      self.block_size, self.dtype)
-        num_blocks = num_blocks_for_budget(budget, block_bytes, max_batch_total_tokens, self.block_size)
-        if self._distributed:
-            # Ranks run identical block tables, so they share the smallest rank's capacity.
-            blocks = torch.tensor([num_blocks], device=self.device)
-            dist.all_reduce(blocks, op=dist.ReduceOp.MIN)
-            num_blocks = int(blocks.item())
-        needed = self.warmup_blocks(max_batch_prefill_tokens, decode=False)
-        if num_blocks < max(1, needed):
-            raise RuntimeError(
-                f"KV cache of {num_blocks} blocks ({budget} bytes budget, {block_bytes} bytes per block, "
-                f"max_batch_total_tokens={max_batch_total_tokens}) cannot hold a prefill of "
-                f"{max_batch_prefill_tokens} tokens ({needed} blocks)"
-            )
-        self._install_cache(num_blocks)
-        self._dummy_batch(max_batch_prefill_tokens)
-        return num_blocks
+    def warmup(self, max_batch_prefill_tokens: int, max_batch_total_tokens: int = 0,
+               max_concurrent_requests: int = DEFAULT_MAX_CONCURRENT_REQUESTS,
+               max_active_adapters: int = DEFAULT_MAX_ACTIVE_ADAPTERS) -> int:
+        """Allocates the adapter pool and the KV cache and runs the worst steps the router's limits allow
+        (shard/warmup.py); returns the KV cache's blocks. Budget: kv_cache_bytes when given; else on CUDA 90%
+        of free memory less the measured activation peak, on CPU 1 GiB; max_batch_total_tokens > 0 caps the
+        cache at ceil(max_batch_total_tokens / block_size) blocks. Drops every sequence."""
+        from shard.warmup import WarmupLimits, warm_up  # it imports this module, so not at the top
 
-    def _allocate_adapter_pool(self) -> None:
-        """The adapter memory: adapter_memory_fraction of free CUDA memory (taken before the KV cache is sized)
-        or, on CPU, of the KV cache budget; or adapter_pool_pages pages plus the stacks' share on top. The torch
-        LoRA path keeps DEFAULT_STACKS_SHARE of it for the running adapters' dense rows (AdapterStacks)."""
-        share = 0.0 if self.triton_lora else DEFAULT_STACKS_SHARE
-        page_bytes = self.adapters.page_bytes
-        if self.adapter_pool_pages is not None:
-            pages = self.adapter_pool_pages
-            budget = int((pages + 1) * page_bytes / (1 - share))
-        else:
-            if self.device.type == "cuda":
-                free = torch.cuda.mem_get_info(self.device)[0]
-            else:
-                free = self.kv_cache_bytes or DEFAULT_CPU_KV_BYTES
-            budget = int(free * self.adapter_memory_fraction)
-            pages = max(0, int(budget * (1 - share)) // page_bytes - 1)  # the pool's zero page is in the budget
-        if self._distributed:
-            count = torch.tensor([pages], device=self.device)
-            dist.all_reduce(count, op=dist.ReduceOp.MIN)
-            pages = int(count.item())
-        self.adapters.allocate(pages, max(0, budget - (pages + 1) * page_bytes) if share else 0)
+        return warm_up(self, WarmupLimits(max_batch_prefill_tokens, max_batch_total_tokens, max_concurrent_requests,
+                                          max_active_adapters))
+
+    def min_over_ranks(self, value: int) -> int:
+        """The smallest `value` of the tensor-parallel ranks: ranks run identical block and page tables, so they
+        share the smallest rank's capacity."""
+        if not self._distributed:
+            return value
+        smallest = torch.tensor([value], device=self.device)
+        dist.all_reduce(smallest, op=dist.ReduceOp.MIN)
+        return int(smallest.item())
 
     # ---- adapters -------------------------------------------------------------------------------------
 

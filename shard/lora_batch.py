@@ -23,7 +23,7 @@ class AdapterStacks:
     pool's zero page past their own). A step's adapters hold slots 0..n-1, so bmm reads them as one batch.
 
     Memory: one buffer of `budget_bytes`, allocated once (at warmup, inside the adapter memory budget) and
-    carved into views; steps never allocate. The layout (width, projections) only grows: a step needing a
+    carved into views; steps never allocate. The layout (width, projections) only grows (until reset): a step needing a
     wider rank or another projection re-carves the buffer for the union, so prefill and decode steps with
     different widths share one layout. When even the step's own needs do not fit, arrange returns None and
     the caller gathers from the pool instead. Slots outlive the step: an adapter joining or leaving costs
@@ -37,10 +37,7 @@ class AdapterStacks:
         self.layout, self.views = layout, views
         like = next(iter(views[0].values()))[0] if views else torch.empty(0)
         self.buffer = torch.empty(budget_bytes // like.element_size(), dtype=like.dtype, device=like.device)
-        self.width, self.targets, self.capacity = 0, (), 0
-        self.slots: dict[str, int] = {}
-        self.a: dict[tuple[int, str], torch.Tensor] = {}
-        self.b: dict[tuple[int, str], torch.Tensor] = {}
+        self.reset()
 
     @property
     def nbytes(self) -> int:
@@ -48,6 +45,14 @@ class AdapterStacks:
 
     def drop(self, adapter_id: str) -> None:
         self.slots.pop(adapter_id, None)
+
+    def reset(self) -> None:
+        """Back to no layout and no slots, as allocated (the buffer stays): the next step lays it out for its
+        own adapters only."""
+        self.width, self.targets, self.capacity = 0, (), 0
+        self.slots: dict[str, int] = {}
+        self.a: dict[tuple[int, str], torch.Tensor] = {}
+        self.b: dict[tuple[int, str], torch.Tensor] = {}
 
     def _fits(self, width: int, targets: tuple[str, ...], n: int) -> bool:
         return n * self.layout.rows_numel(width, targets) <= self.buffer.numel()

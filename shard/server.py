@@ -140,7 +140,8 @@ class ShardService(pb_grpc.ShardServicer):
 
     async def Warmup(self, request, context):
         num_blocks = await self._run(
-            self.engine.warmup, request.max_batch_prefill_tokens, request.max_batch_total_tokens
+            self.engine.warmup, request.max_batch_prefill_tokens, request.max_batch_total_tokens,
+            request.max_concurrent_requests, request.max_active_adapters,
         )
         block_size = self.engine.info.block_size
         return pb.WarmupResponse(

@@ -222,31 +222,7 @@ def test_masked_attention_keeps_kv_heads_unrepeated(model_dirs, reference, monke
     assert tokens == reference.greedy(model_dirs["mistral"], prompt, 6, stop_at_eos=False)
 
 
-# ---- warmup and prompt logprobs ----------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def short_context_dir(tmp_path_factory) -> Path:
-    from launcher.tiny_model import build_tiny_model
-
-    return build_tiny_model(tmp_path_factory.mktemp("ctx100"), "llama", seed=5, max_position_embeddings=100)
-
-
-def test_warmup_measures_on_a_cache_that_holds_its_batch(short_context_dir):
-    """Context 100 with 16-token blocks: a 200-token warmup batch is two 100-token prompts of 7 blocks each,
-    one more than ceil(200 / 16). The measuring pass (on CUDA: the activation peak, here run on CPU) prefills
-    them with prompt logprobs and decodes them on a cache of exactly that many blocks."""
-    from shard.engine import Engine
-    from shard.kv_cache import bytes_per_block
-
-    engine = Engine(str(short_context_dir))
-    assert engine.warmup_blocks(200, decode=False) == 14 and engine.warmup_blocks(200) == 16
-    assert engine.measure_activation_peak(200) == 0  # no CUDA allocator here; the step itself ran
-    info = engine.info
-    block = bytes_per_block(info.num_layers, engine.model.local_kv_heads, info.head_dim, info.block_size,
-                            engine.dtype)
-    engine.kv_cache_bytes = 14 * block
-    assert engine.warmup(200) == 14
+# ---- prompt logprobs ----------------------------------------------------------------------------
 
 
 def test_prompt_logprobs_of_a_long_prompt_are_computed_in_chunks(llama_dir, reference):
