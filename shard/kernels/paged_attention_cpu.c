@@ -3,40 +3,64 @@
  * kernel (paged_attention.py): cache rows [num_slots, kv_heads, head_dim], slot = table[p / block] * block +
  * p % block, query head h reads KV head h / (heads / kv_heads), a sliding window keeps the last `window`
  * keys, a soft-cap maps each score to cap * tanh(score / cap). window <= 0 or softcap <= 0: none.
- * One (sequence, KV head) per task: its K/V rows are read once for every query head of its group. */
+ * One sequence per task: its K and V rows (every KV head of a position, contiguous) are each read once, in
+ * position order, which streams from memory instead of striding through it one head at a time. */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
+#define MIN_EXP -87.f /* expf below this is not a normal float */
+
 static inline const float *row(const float *cache, const int64_t *table, int64_t pos, int64_t block,
-                               int64_t kv_heads, int64_t kv_head, int64_t dim) {
-    return cache + ((table[pos / block] * block + pos % block) * kv_heads + kv_head) * dim;
+                               int64_t row_size) {
+    return cache + (table[pos / block] * block + pos % block) * row_size;
 }
 
-/* scores[g][i] = scale * q_g . k(first + i), soft-capped. */
-static void score(const float *q, const float *k_cache, const int64_t *table, int64_t first, int64_t n,
-                  int64_t group, int64_t block, int64_t kv_heads, int64_t kv_head, int64_t dim, float scale,
-                  float softcap, float *scores) {
+/* scores[h][i] = scale * q_h . k_kv(h)(first + i), soft-capped. */
+static void score(const float *restrict q, const float *restrict k_cache, const int64_t *table, int64_t first,
+                  int64_t n, int64_t heads, int64_t group, int64_t block, int64_t kv_heads, int64_t dim, float scale,
+                  float softcap, float *restrict scores) {
     for (int64_t i = 0; i < n; i++) {
-        const float *k = row(k_cache, table, first + i, block, kv_heads, kv_head, dim);
-        for (int64_t g = 0; g < group; g++) {
-            const float *qg = q + g * dim;
+        const float *restrict k = row(k_cache, table, first + i, block, kv_heads * dim);
+        for (int64_t h = 0; h < heads; h++) {
+            const float *restrict qh = q + h * dim, *restrict kh = k + (h / group) * dim;
             float s = 0.f;
             #pragma omp simd reduction(+:s)
-            for (int64_t d = 0; d < dim; d++) s += qg[d] * k[d];
+            for (int64_t d = 0; d < dim; d++) s += qh[d] * kh[d];
             s *= scale;
-            scores[g * n + i] = softcap > 0.f ? tanhf(s / softcap) * softcap : s;
+            scores[h * n + i] = softcap > 0.f ? tanhf(s / softcap) * softcap : s;
         }
     }
 }
 
-/* scores[i] -> exp(scores[i] - max) / sum: softmax in place. */
-static void softmax(float *scores, int64_t n) {
+/* scores[i] -> exp(scores[i] - max) / sum: softmax in place. A weight below float's normal range is 0 (it
+ * changes no sum it is part of, and computing it takes the slow denormal path). */
+static void softmax(float *restrict scores, int64_t n) {
     float top = -INFINITY, sum = 0.f;
     for (int64_t i = 0; i < n; i++) top = scores[i] > top ? scores[i] : top;
-    for (int64_t i = 0; i < n; i++) sum += (scores[i] = expf(scores[i] - top));
+    for (int64_t i = 0; i < n; i++) {
+        const float x = scores[i] - top;
+        sum += (scores[i] = x < MIN_EXP ? 0.f : expf(x));
+    }
     for (int64_t i = 0; i < n; i++) scores[i] /= sum;
+}
+
+/* out[h] = sum_i p[h][i] * v_kv(h)(first + i); `out` starts at 0. */
+static void weigh(const float *restrict p, const float *restrict v_cache, const int64_t *table, int64_t first,
+                  int64_t n, int64_t heads, int64_t group, int64_t block, int64_t kv_heads, int64_t dim,
+                  float *restrict out) {
+    for (int64_t i = 0; i < n; i++) {
+        const float *restrict v = row(v_cache, table, first + i, block, kv_heads * dim);
+        for (int64_t h = 0; h < heads; h++) {
+            const float w = p[h * n + i];
+            if (w == 0.f) continue;
+            const float *restrict vh = v + (h / group) * dim;
+            float *restrict oh = out + h * dim;
+            #pragma omp simd
+            for (int64_t d = 0; d < dim; d++) oh[d] += w * vh[d];
+        }
+    }
 }
 
 int paged_decode(const float *q, const float *k_cache, const float *v_cache, const int64_t *tables,
@@ -45,34 +69,23 @@ int paged_decode(const float *q, const float *k_cache, const float *v_cache, con
                  float *out) {
     const int64_t group = heads / kv_heads;
     int failed = 0;
-    #pragma omp parallel for collapse(2) schedule(dynamic, 1) num_threads(num_threads)
+    #pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads)
     for (int64_t b = 0; b < batch; b++) {
-        for (int64_t kv_head = 0; kv_head < kv_heads; kv_head++) {
-            const int64_t len = context_lens[b];
-            const int64_t first = window > 0 && len > window ? len - window : 0, n = len - first;
-            const int64_t *table = tables + b * width;
-            const int64_t head = b * heads + kv_head * group;  /* the group's first query head, batch-flat */
-            float *scores = malloc(sizeof(float) * group * n);
-            if (scores == NULL) {
-                #pragma omp atomic write
-                failed = 1;
-                continue;
-            }
-            score(q + head * dim, k_cache, table, first, n, group, block, kv_heads, kv_head, dim, scale, softcap,
-                  scores);
-            for (int64_t g = 0; g < group; g++) {
-                float *p = scores + g * n, *o = out + (head + g) * dim;
-                softmax(p, n);
-                memset(o, 0, sizeof(float) * dim);
-                for (int64_t i = 0; i < n; i++) {
-                    const float *v = row(v_cache, table, first + i, block, kv_heads, kv_head, dim);
-                    const float w = p[i];
-                    #pragma omp simd
-                    for (int64_t d = 0; d < dim; d++) o[d] += w * v[d];
-                }
-            }
-            free(scores);
+        const int64_t len = context_lens[b];
+        const int64_t first = window > 0 && len > window ? len - window : 0, n = len - first;
+        const int64_t *table = tables + b * width;
+        float *scores = malloc(sizeof(float) * heads * n);
+        if (scores == NULL) {
+            #pragma omp atomic write
+            failed = 1;
+            continue;
         }
+        score(q + b * heads * dim, k_cache, table, first, n, heads, group, block, kv_heads, dim, scale, softcap,
+              scores);
+        for (int64_t h = 0; h < heads; h++) softmax(scores + h * n, n);
+        memset(out + b * heads * dim, 0, sizeof(float) * heads * dim);
+        weigh(scores, v_cache, table, first, n, heads, group, block, kv_heads, dim, out + b * heads * dim);
+        free(scores);
     }
     return failed;
 }
