@@ -285,7 +285,7 @@ class Engine:
         if order is None:
             order = list(segments)
             source = PageGather(self.adapters.views, self.adapters.layout.page_rank,
-                                [entries[a].pages for a in order], self.device)
+                                [entries[a].pages for a in order], self.device, self.adapters.num_pages)
         return LoraBatch(source, [segments[a] for a in order], targets, offset, self.device)
 
     def clear(self) -> None:

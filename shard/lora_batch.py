@@ -133,17 +133,28 @@ def _flat_pages(page_tables: list[list[int]], width: int, device: torch.device) 
 class PageGather:
     """AdapterStacks' weights() read straight from the pool, one projection at a time: no memory held across
     steps (a transient of one projection's stack), more copying per step. For steps whose adapters do not fit
-    the stacks' buffer."""
+    the stacks' buffer. Padding every adapter to the widest would copy more pages than the pool holds when
+    ranks differ widely (one rank-64 adapter beside a hundred rank-8 ones), past what the warmup measured (a
+    pool-full step): such a step is `ragged`, each adapter read at its own width and run as its own segment,
+    so that a projection never copies more than `max_pages` pages."""
 
     def __init__(self, views: list[dict[str, tuple[torch.Tensor, torch.Tensor]]], page_rank: int,
-                 page_tables: list[list[int]], device: torch.device):
+                 page_tables: list[list[int]], device: torch.device, max_pages: int):
         self.views, self.n = views, len(page_tables)
         width = max(len(t) for t in page_tables)
+        self.ragged = self.n * width > max_pages
         self.rows = width * page_rank
-        self.flat = _flat_pages(page_tables, width, device)
+        if self.ragged:
+            self.flats = [torch.tensor(t, device=device) for t in page_tables]
+        else:
+            self.flat = _flat_pages(page_tables, width, device)
 
-    def weights(self, layer_idx: int, proj: str, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def weights(self, layer_idx: int, proj: str, n: int):
+        """[n, rows, in] and [n, rows, out]; ragged: lists of each adapter's [its rows, in] and [its rows, out]."""
         a_pages, b_pages = self.views[layer_idx][proj]
+        if self.ragged:
+            return tuple([p.index_select(0, f).view(-1, p.shape[-1]) for f in self.flats[:n]]
+                         for p in (a_pages, b_pages))
         return tuple(p.index_select(0, self.flat).view(self.n, self.rows, -1)[:n] for p in (a_pages, b_pages))
 
 
@@ -161,7 +172,8 @@ class LoraBatch:
         self.source, self.targets = source, targets
         self.num_segments, self.length = n, longest
         order = [t for s in segments for t in s]
-        self.per_segment = n * longest > MAX_PADDING_FACTOR * len(order)
+        ragged = isinstance(source, PageGather) and source.ragged
+        self.per_segment = ragged or n * longest > MAX_PADDING_FACTOR * len(order)
         if self.per_segment:
             self.segment_rows = [torch.tensor(s, device=device) for s in segments]
             return

@@ -114,3 +114,30 @@ def test_prefill_segments_are_not_padded_to_the_longest_prompt():
         b = b_pages[tables[adapter_id]].reshape(-1, 6)
         want[rows] += x[rows] @ a.t() @ b
     torch.testing.assert_close(got, want)
+
+
+def test_adapters_of_very_different_ranks_are_gathered_at_their_own_width():
+    """One 4-page adapter beside four 1-page ones, gathered from an 8-page pool: padded to the widest they would
+    copy 20 pages per projection, more than the pool (what the warmup measures); each is read at its own width
+    instead, and the deltas equal x A^T B per token."""
+    from shard.lora import PageLayout, ProjShape
+    from shard.lora_batch import LoraBatch, PageGather
+
+    layout = PageLayout.build(1, 4, {p: ProjShape(8, 6, 0, 8, 0, 6) for p in ALL})
+    pool = torch.randn(9, layout.page_numel)
+    pool[0] = 0
+    tables = {"wide": [1, 2, 3, 4], "b": [5], "c": [6], "d": [7], "e": [8]}
+    gather = PageGather(layout.views(pool), layout.page_rank, list(tables.values()), torch.device("cpu"), max_pages=8)
+    assert gather.ragged
+    a, b = gather.weights(0, "q_proj", len(tables))
+    assert sum(t.shape[0] for t in a) == 8 * layout.page_rank  # the real pages, no padding
+    segments = [[i] for i in range(len(tables))]  # decode rows, in adapter order
+    hook = LoraBatch(gather, segments, {"q_proj"}, len(tables), torch.device("cpu"))
+    x, y = torch.randn(len(tables), 8), torch.randn(len(tables), 6)
+    got = hook.apply(0, "q_proj", x, y.clone())
+    want = y.clone()
+    a_pages, b_pages = layout.views(pool)[0]["q_proj"]
+    for i, pages in enumerate(tables.values()):
+        want[i] += x[i] @ a_pages[pages].reshape(-1, 8).t() @ b_pages[pages].reshape(-1, 6)
+    torch.testing.assert_close(got, want)
+    assert not PageGather(layout.views(pool), layout.page_rank, [[1, 2], [3, 4]], torch.device("cpu"), 8).ragged
