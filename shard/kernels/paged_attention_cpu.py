@@ -48,7 +48,7 @@ def load() -> ctypes.CDLL | None:
         library = Path(tmp) / "paged_attention_cpu.so"
         try:
             built = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(library), "-lm"], capture_output=True,
-                                   text=True, timeout=300)
+                                   text=True, timeout=60)
         except (OSError, subprocess.SubprocessError) as e:
             built = subprocess.CompletedProcess([], 1, "", str(e))
         if built.returncode != 0:
