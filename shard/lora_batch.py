@@ -31,6 +31,7 @@ class AdapterStacks:
     adapter whose pool pages it frees."""
 
     __slots__ = ("layout", "views", "buffer", "width", "targets", "capacity", "slots", "a", "b")
+    ragged = False  # weights() is always [n, R, ...]: every adapter padded to the layout's width
 
     def __init__(self, layout: PageLayout, views: list[dict[str, tuple[torch.Tensor, torch.Tensor]]],
                  budget_bytes: int):
@@ -172,8 +173,7 @@ class LoraBatch:
         self.source, self.targets = source, targets
         self.num_segments, self.length = n, longest
         order = [t for s in segments for t in s]
-        ragged = isinstance(source, PageGather) and source.ragged
-        self.per_segment = ragged or n * longest > MAX_PADDING_FACTOR * len(order)
+        self.per_segment = source.ragged or n * longest > MAX_PADDING_FACTOR * len(order)
         if self.per_segment:
             self.segment_rows = [torch.tensor(s, device=device) for s in segments]
             return
