@@ -37,8 +37,6 @@ import torch.nn.functional as F
 # The Triton paged-attention decode kernel (shard/kernels/paged_attention.py) instead of gather + SDPA:
 # CUDA only, opt-in until checked on a GPU.
 TRITON_DECODE = os.environ.get("LOOM_TRITON_ATTENTION") == "1"
-# Its CPU twin (shard/kernels/paged_attention_cpu.py): on by default where a C compiler can build it.
-CPU_DECODE = os.environ.get("LOOM_CPU_ATTENTION", "1") != "0"
 # One variable-length flash call per layer for the whole prefill batch (torch.nn.attention.varlen) instead of
 # one SDPA call per prompt: CUDA with half precision only, opt-in until checked on a GPU.
 VARLEN_PREFILL = os.environ.get("LOOM_VARLEN_PREFILL") == "1"
@@ -54,10 +52,10 @@ def decode_kernel(device: torch.device, dtype: torch.dtype) -> DecodeKernel | No
         from shard.kernels.paged_attention import paged_decode_attention
 
         return paged_decode_attention
-    if device.type == "cpu" and dtype == torch.float32 and CPU_DECODE:
-        from shard.kernels import paged_attention_cpu
+    if device.type == "cpu" and dtype == torch.float32:
+        from shard.kernels import cpu  # its CPU twin: on where a C compiler can build it (LOOM_CPU_KERNELS)
 
-        return paged_attention_cpu.paged_decode_attention_cpu if paged_attention_cpu.load() else None
+        return cpu.paged_decode_attention_cpu if cpu.load() else None
     return None
 
 

@@ -19,6 +19,8 @@ import torch
 from torch import nn
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
+from shard.kernels import cpu
+
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "longrope", "llama3")
 
 
@@ -104,6 +106,9 @@ class RotaryEmbedding(nn.Module):
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotates the first cos.shape[-1] features of x [T, heads, head_dim] (transformers' rotate_half form)."""
+    heads_contiguous = x.stride(2) == 1 and x.stride(1) == x.shape[2]
+    if cpu.runs_on(x) and heads_contiguous and cos.is_contiguous() and sin.is_contiguous():
+        return cpu.rotary(x, cos, sin)
     rotary_dim = cos.shape[-1]
     if rotary_dim < x.shape[-1]:
         return torch.cat((apply_rotary(x[..., :rotary_dim], cos, sin), x[..., rotary_dim:]), dim=-1)

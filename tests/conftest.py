@@ -193,6 +193,17 @@ def ops_server(llama_dir, ops_adapters, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def cpu_kernel():
+    """The C kernels (shard/kernels/cpu.py), built; skips where this machine has no C compiler."""
+    from shard.kernels import cpu
+
+    if cpu._compiler() is None:
+        pytest.skip("no C compiler on PATH")
+    assert cpu.load() is not None, "a compiler is on PATH but the kernels did not build"
+    return cpu
+
+
+@pytest.fixture(scope="module")
 def interpreted():
     """A spawned process with Triton's interpreter on (TRITON_INTERPRET=1), which runs the test module's
     functions: Triton kernels on CPU. The interpreter must be on before triton is first imported, and other

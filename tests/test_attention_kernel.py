@@ -1,8 +1,7 @@
 """The paged-attention decode kernels equal the torch decode path (gather + SDPA per width group): the CPU
 kernel (C, built at engine start) directly, the Triton one (the CUDA decode path, opt-in) on CPU through
 Triton's interpreter. Random block tables and context lengths, GQA, sliding windows, a head_dim that is not a
-power of two, Gemma 2's attention logit soft-cap. Where no compiler can build the CPU kernel, the engine
-falls back to the torch path."""
+power of two, Gemma 2's attention logit soft-cap. (Without a compiler: tests/test_cpu_kernels.py.)"""
 
 from __future__ import annotations
 
@@ -49,58 +48,15 @@ def check_decode(kernel_module: str, seed: int, num_heads: int, num_kv_heads: in
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.fixture(scope="module")
-def cpu_kernel():
-    from shard.kernels import paged_attention_cpu
-
-    if paged_attention_cpu._compiler() is None:
-        pytest.skip("no C compiler on PATH")
-    assert paged_attention_cpu.load() is not None, "a compiler is on PATH but the kernel did not build"
-
-
 @pytest.mark.parametrize("seed,heads,kv_heads,head_dim,window,softcap", CASES)
 def test_cpu_decode_kernel_matches_torch(cpu_kernel, seed, heads, kv_heads, head_dim, window, softcap):
-    check_decode("shard.kernels.paged_attention_cpu.paged_decode_attention_cpu", seed, heads, kv_heads, head_dim,
+    check_decode("shard.kernels.cpu.paged_decode_attention_cpu", seed, heads, kv_heads, head_dim,
                  window, softcap)
 
 
 def test_cpu_decode_kernel_is_the_cpu_float32_default(cpu_kernel):
     from shard.attention import decode_kernel
-    from shard.kernels.paged_attention_cpu import paged_decode_attention_cpu
+    from shard.kernels.cpu import paged_decode_attention_cpu
 
     assert decode_kernel(torch.device("cpu"), torch.float32) is paged_decode_attention_cpu
     assert decode_kernel(torch.device("cpu"), torch.bfloat16) is None  # the kernel is float32 only
-
-
-def test_no_compiler_falls_back_to_the_torch_path(monkeypatch, llama_dir, reference):
-    """No compiler on PATH (a slim image): the engine decodes through gather + SDPA, token-exact, a batch of
-    contexts in different width groups."""
-    from shard.engine import Engine, SequenceRequest
-    from shard.kernels import paged_attention_cpu
-    from tests.engine_driver import EngineDriver
-
-    monkeypatch.setenv("PATH", "/nonexistent")
-    monkeypatch.delenv("CC", raising=False)
-    paged_attention_cpu.load.cache_clear()
-    try:
-        engine = Engine(str(llama_dir))
-    finally:
-        paged_attention_cpu.load.cache_clear()
-    assert engine.decode_kernel is None
-    engine.warmup(max_batch_prefill_tokens=256, max_batch_total_tokens=2048)
-    driver = EngineDriver(engine)
-    rng = random.Random(7)
-    prompts = [[rng.randrange(engine.vocab_size) for _ in range(n)] for n in (1, 17, 70)]
-    out = {r.request_id: [r.token_id] for r in driver.step([SequenceRequest(i, p) for i, p in enumerate(prompts)],
-                                                           [], [])}
-    for _ in range(29):
-        for r in driver.step([], list(out), []):
-            out[r.request_id].append(r.token_id)
-    for i, prompt in enumerate(prompts):
-        assert out[i] == reference.greedy(llama_dir, prompt, 30, stop_at_eos=False)
-
-
-@pytest.mark.parametrize("seed,heads,kv_heads,head_dim,window,softcap", CASES)
-def test_triton_decode_kernel_matches_torch(interpreted, seed, heads, kv_heads, head_dim, window, softcap):
-    interpreted(check_decode, "shard.kernels.paged_attention.paged_decode_attention", seed, heads, kv_heads,
-                head_dim, window, softcap)
