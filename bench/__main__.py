@@ -27,6 +27,7 @@ from bench.client import run_http, warm_adapters
 from bench.inprocess import make_engine, run_engine
 from bench.roofline import matmul_rate, roofline_tok_s
 from bench.stats import summarize
+from bench.step import measure as measure_step
 from bench.workload import DISTRIBUTIONS, ModelSpec, WorkloadSpec, build_adapters, build_model, make_requests
 
 HERE = Path(__file__).resolve().parent
@@ -87,6 +88,9 @@ def parse_args(argv):
                    help="requests of the decode-heavy run: prompts 8-16 tokens, 128 new, all sent at once (0: skip)")
     p.add_argument("--mixed", type=int, default=64, metavar="N",
                    help="requests of the mixed run: prompts 96-116 tokens, 32 new, all sent at once (0: skip)")
+    p.add_argument("--step-batch", type=int, default=64, metavar="N",
+                   help="rows of the isolated decode step, each with its adapter, timed beside its matmuls (0: skip)")
+    p.add_argument("--step-context", type=int, default=76, help="tokens each row of that step holds in the KV cache")
     p.add_argument("--repeats", type=int, default=3, help="rounds of the Loom runs (the median is reported)")
     p.add_argument("--no-peft", action="store_true", help="skip the transformers + PEFT baseline")
     p.add_argument("--adapter-pool-pages", type=int, default=256)
@@ -157,6 +161,11 @@ def main(argv=None) -> None:
                     timings, wall = run_engine(engine, requests[name], adapters, prefill_budget)
                     samples.setdefault(f"engine/{name}", []).append(summarize(timings, wall))
                     print(f"[{rep}] engine/{name}: {samples[f'engine/{name}'][-1]['throughput_tok_s']} tok/s", flush=True)
+        step = None
+        if args.step_batch:  # while the server idles, as the in-process runs
+            step = measure_step(engine, [str(adapters[i]) for i in sorted(used.get(served, ()))], args.step_batch,
+                                args.step_context)
+            print(f"decode step: {step['step_ms']} ms, its matmuls alone {step['matmul_ms']} ms", flush=True)
         del engine
     finally:
         proc.terminate()
@@ -177,6 +186,8 @@ def main(argv=None) -> None:
         lora = any(r.adapter >= 0 for r in workload)
         run["roofline_tok_s"] = round(roofline_tok_s(prompt_tokens, run["output_tokens"], spec, lora, rate), 1)
     checks = report.ratios(runs, args.adapters, args.many_adapters)
+    if step is not None:
+        checks["decode_step_vs_matmuls"] = report.step_check(step)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     result = {
         "machine": machine(),
@@ -186,6 +197,7 @@ def main(argv=None) -> None:
         "matmul_gflops": round(rate / 1e9, 1),
         "workloads": {name: asdict(s) for name, s in specs.items()},
         "runs": runs,
+        "decode_step": step,
         "targets": checks,
     }
     result["plots"] = [str(p) for p in report.plot(runs, args.out_dir)]

@@ -16,7 +16,7 @@ def test_bench_runs_every_workload_and_reports_every_target(tmp_path: Path):
     out = tmp_path / "results"
     cmd = [sys.executable, "-m", "bench", "--requests", "6", "--output-len", "4", "4", "--adapters", "3",
            "--many-adapters", "8", "--repeats", "1", "--rate", "0", "--distributions", "base", "distinct",
-           "--decode-heavy", "3", "--mixed", "2",
+           "--decode-heavy", "3", "--mixed", "2", "--step-batch", "4",
            "--cache-dir", str(tmp_path / "cache"), "--out-dir", str(out)]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -34,7 +34,10 @@ def test_bench_runs_every_workload_and_reports_every_target(tmp_path: Path):
     assert result["runs"]["http/mixed-3"]["output_tokens"] == 2 * 32
     assert set(result["targets"]) == {"loom_vs_peft", "decode_heavy_vs_peft", "mixed_vs_peft", "lora_vs_base",
                                       "http_vs_inprocess", "http_vs_inprocess_decode_heavy", "http_vs_inprocess_mixed",
-                                      "adapters_8_vs_3"}
+                                      "adapters_8_vs_3", "decode_step_vs_matmuls"}
+    step = result["decode_step"]
+    assert step["batch"] == 4 and step["adapters"] == 3 and step["matmul_calls"] > 0
+    assert step["step_ms"] > step["matmul_ms"] > 0  # a step is its matmuls and more
     for plot in result["plots"]:
         assert Path(plot).stat().st_size > 0
     assert "loom_vs_peft" in proc.stdout  # the printed table

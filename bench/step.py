@@ -1,0 +1,122 @@
+"""One saturated decode step, measured in isolation: `batch` sequences with LoRA adapters (round-robin) and
+`context` tokens each in the KV cache, decoding one token each. Reports the step's wall time (median of
+`steps`) beside the time its own matmuls (base and LoRA, with the shapes the profiler recorded) take run
+alone, and the ops that take the rest (profiled self times, one step). `python -m bench.step` prints it;
+`make bench` records it."""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+WARM = 3  # decode steps before the timed ones
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::baddbmm_")
+
+
+def _fill(engine, adapters: list[str], batch: int, context: int, steps: int) -> list:
+    """Prefills `batch` sequences of `context` tokens, each with blocks for `steps` more; returns their first
+    decode chunks."""
+    from shard.engine import Chunk, SequenceRequest
+
+    blocks = -(-(context + steps) // engine.block_size)
+    if batch * blocks > engine.num_blocks:
+        raise ValueError(f"{batch} rows of {context + steps} tokens need {batch * blocks} KV blocks; the engine "
+                         f"has {engine.num_blocks}")
+    for i in range(batch):
+        ids = [(7 * i + j) % 200 + 3 for j in range(context)]
+        request = SequenceRequest(i, ids, adapter_id=adapters[i % len(adapters)] if adapters else "")
+        engine.step([request], [Chunk(i, 0, context, list(range(i * blocks, (i + 1) * blocks)))], [])
+    return [Chunk(i, context, 1) for i in range(batch)]
+
+
+def _decode(engine, chunks: list) -> None:
+    from shard.engine import Chunk
+
+    engine.step([], chunks, [])
+    chunks[:] = [Chunk(c.id, c.start + 1, 1) for c in chunks]
+
+
+def _operands(op: str, shapes: list[list[int]]) -> list:
+    """Fresh operands of a recorded matmul call (its inputs: [a, b, (out)], or [bias/self, a, b] for the adding
+    ones); base weights as F.linear passes them, a transposed view."""
+    import torch
+
+    a, b = shapes[1:3] if op in ("aten::addmm", "aten::baddbmm", "aten::baddbmm_") else shapes[:2]
+    if len(a) == 2:
+        return [torch.randn(*a), torch.randn(b[1], b[0]).t()]
+    return [torch.randn(*a), torch.randn(*b)]  # bmm: LoRA's batched A and B
+
+
+def matmuls_alone(calls: list[tuple[str, list[list[int]], int]], repeats: int = 10) -> float:
+    """Seconds the recorded matmuls take on their own (best of `repeats`): each call gets its own operands,
+    so weights stream from memory as they do in a step, not from cache."""
+    import torch
+
+    work = [_operands(op, shapes) for op, shapes, count in calls for _ in range(count)]
+    best = float("inf")
+    with torch.inference_mode():
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for a, b in work:
+                torch.matmul(a, b)
+            best = min(best, time.perf_counter() - start)
+    return best
+
+
+def measure(engine, adapters: list[str], batch: int = 64, context: int = 76, steps: int = 20) -> dict:
+    """The step's median wall time beside the time its own matmuls (recorded by the profiler, with their
+    shapes) take when run alone, and the profiled self time of everything else."""
+    from torch.profiler import ProfilerActivity, profile
+
+    engine.clear()
+    chunks = _fill(engine, adapters, batch, context, WARM + steps + 1)
+    for _ in range(WARM):
+        _decode(engine, chunks)
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        _decode(engine, chunks)
+        times.append(time.perf_counter() - start)
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        _decode(engine, chunks)
+    engine.clear()
+    events = prof.key_averages(group_by_input_shape=True)
+    calls = [(e.key, e.input_shapes, e.count) for e in events if e.key in MATMUL_OPS]
+    self_ms: dict[str, float] = {}
+    for e in events:
+        if e.key not in MATMUL_OPS:
+            self_ms[e.key] = self_ms.get(e.key, 0.0) + e.self_cpu_time_total / 1e3
+    step_ms, matmul_ms = statistics.median(times) * 1e3, matmuls_alone(calls) * 1e3
+    others = sorted(self_ms.items(), key=lambda kv: -kv[1])[:12]
+    return {"batch": batch, "context": context, "adapters": len(adapters), "step_ms": round(step_ms, 2),
+            "matmul_ms": round(matmul_ms, 2), "ratio": round(step_ms / matmul_ms, 3),
+            "matmul_calls": sum(count for _, _, count in calls),
+            "top_other_ops_ms": {k: round(v, 3) for k, v in others}}
+
+
+def main(argv=None) -> None:
+    from bench.inprocess import make_engine
+    from bench.workload import ModelSpec, build_adapters, build_model
+
+    p = argparse.ArgumentParser(prog="python -m bench.step", description=__doc__)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--context", type=int, default=76)
+    p.add_argument("--adapters", type=int, default=16, help="0: base model only")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "loom-bench")
+    args = p.parse_args(argv)
+    spec = ModelSpec()
+    model_dir = build_model(args.cache_dir, spec)
+    paths = build_adapters(model_dir, spec, max(args.adapters, 1))[:args.adapters]
+    engine = make_engine(model_dir, paths, set(range(len(paths))), 4096, 256, 1 << 30)
+    result = measure(engine, [str(p) for p in paths], args.batch, args.context, args.steps)
+    print(f"decode step: batch {result['batch']}, context {result['context']}, {result['adapters']} adapters: "
+          f"{result['step_ms']} ms, matmuls {result['matmul_ms']} ms -> {result['ratio']}x its matmuls")
+    for op, ms in result["top_other_ops_ms"].items():
+        print(f"  {op:<40}{ms:>8.3f} ms")
+
+
+if __name__ == "__main__":
+    main()
