@@ -145,7 +145,10 @@ def main(argv=None) -> None:
         print(f"loom up at {url}; registering {len(set().union(*used.values()))} adapters", flush=True)
         asyncio.run(warm_adapters(url, adapters, set().union(*used.values())))
         asyncio.run(run_http(url, requests[next(iter(requests))][:16], adapters))  # warm-up, not measured
-        engine = None
+        engine, peft = None, None
+        if not args.no_peft and compared:
+            from bench.baseline import load_peft, run_peft
+            peft = load_peft(model_dir, adapters, set().union(*(used[name] for name in compared)))
         for rep in range(args.repeats):
             for name, reqs in requests.items():
                 timings, wall = asyncio.run(run_http(url, reqs, adapters))
@@ -161,23 +164,21 @@ def main(argv=None) -> None:
                     timings, wall = run_engine(engine, requests[name], adapters, prefill_budget)
                     samples.setdefault(f"engine/{name}", []).append(summarize(timings, wall))
                     print(f"[{rep}] engine/{name}: {samples[f'engine/{name}'][-1]['throughput_tok_s']} tok/s", flush=True)
+            # PEFT every repeat too: its batch-1 steps swing with this shared machine's load as Loom's do, so each
+            # repeat's ratio compares runs minutes apart, not a whole bench run apart.
+            for name in compared if peft is not None else ():
+                timings, wall = run_peft(peft, requests[name])
+                samples.setdefault(f"peft/{name}", []).append(summarize(timings, wall))
+                print(f"[{rep}] peft/{name}: {samples[f'peft/{name}'][-1]['throughput_tok_s']} tok/s", flush=True)
         step = None
         if args.step_batch:  # while the server idles, as the in-process runs
             step = measure_step(engine, [str(adapters[i]) for i in sorted(used.get(served, ()))], args.step_batch,
                                 args.step_context)
             print(f"decode step: {step['step_ms']} ms, its matmuls alone {step['matmul_ms']} ms", flush=True)
-        del engine
+        del engine, peft
     finally:
         proc.terminate()
         proc.wait(timeout=60)
-
-    if not args.no_peft and compared:
-        from bench.baseline import load_peft, run_peft
-        print("PEFT baseline: one request at a time...", flush=True)
-        model = load_peft(model_dir, adapters, set().union(*(used[name] for name in compared)))
-        for name in compared:
-            timings, wall = run_peft(model, requests[name])
-            samples[f"peft/{name}"] = [summarize(timings, wall)]
 
     runs = {name: report.merge_repeats(s) for name, s in samples.items()}
     for name, run in runs.items():
