@@ -1,7 +1,7 @@
 """One saturated decode step, measured in isolation: `batch` sequences with LoRA adapters (round-robin) and
-`context` tokens each in the KV cache, decoding one token each. Reports the step's wall time (median of
-`steps`) beside the time its own matmuls (base and LoRA, with the shapes the profiler recorded) take run
-alone, and the ops that take the rest (profiled self times, one step). `python -m bench.step` prints it;
+`context` tokens each in the KV cache, decoding one token each. Reports the step's wall time beside the time
+its own matmuls (base and LoRA, with the shapes the profiler recorded) take run alone, and the ops that take
+the rest (profiled self times, one step). `python -m bench.step` prints it;
 `make bench` records it."""
 
 from __future__ import annotations
@@ -65,34 +65,40 @@ def matmuls_alone(calls: list[tuple[str, list[list[int]], int]], repeats: int = 
     return best
 
 
-def measure(engine, adapters: list[str], batch: int = 64, context: int = 76, steps: int = 20) -> dict:
-    """The step's median wall time beside the time its own matmuls (recorded by the profiler, with their
-    shapes) take when run alone, and the profiled self time of everything else."""
+def measure(engine, adapters: list[str], batch: int = 64, context: int = 76, rounds: int = 7,
+            steps: int = 4) -> dict:
+    """The step's wall time beside the time its own matmuls (recorded by the profiler, with their shapes) take
+    alone, and the profiled self time of everything else. This machine's speed drifts within seconds, so each
+    of `rounds` times `steps` steps (their median) right beside the matmuls (best of 3), and the figures are the
+    median round's."""
     from torch.profiler import ProfilerActivity, profile
 
     engine.clear()
-    chunks = _fill(engine, adapters, batch, context, WARM + steps + 1)
+    chunks = _fill(engine, adapters, batch, context, WARM + 1 + rounds * steps)
     for _ in range(WARM):
         _decode(engine, chunks)
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        _decode(engine, chunks)
-        times.append(time.perf_counter() - start)
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         _decode(engine, chunks)
-    engine.clear()
     events = prof.key_averages(group_by_input_shape=True)
     calls = [(e.key, e.input_shapes, e.count) for e in events if e.key in MATMUL_OPS]
+    pairs = []
+    for _ in range(rounds):
+        times = []
+        for _ in range(steps):
+            start = time.perf_counter()
+            _decode(engine, chunks)
+            times.append(time.perf_counter() - start)
+        pairs.append((statistics.median(times) * 1e3, matmuls_alone(calls, repeats=3) * 1e3))
+    engine.clear()
+    step_ms, matmul_ms = sorted(pairs, key=lambda p: p[0] / p[1])[rounds // 2]
     self_ms: dict[str, float] = {}
     for e in events:
         if e.key not in MATMUL_OPS:
             self_ms[e.key] = self_ms.get(e.key, 0.0) + e.self_cpu_time_total / 1e3
-    step_ms, matmul_ms = statistics.median(times) * 1e3, matmuls_alone(calls) * 1e3
     others = sorted(self_ms.items(), key=lambda kv: -kv[1])[:12]
     return {"batch": batch, "context": context, "adapters": len(adapters), "step_ms": round(step_ms, 2),
             "matmul_ms": round(matmul_ms, 2), "ratio": round(step_ms / matmul_ms, 3),
-            "matmul_calls": sum(count for _, _, count in calls),
+            "ratio_rounds": [round(s / m, 3) for s, m in pairs], "matmul_calls": sum(c for _, _, c in calls),
             "top_other_ops_ms": {k: round(v, 3) for k, v in others}}
 
 
@@ -104,14 +110,14 @@ def main(argv=None) -> None:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--context", type=int, default=76)
     p.add_argument("--adapters", type=int, default=16, help="0: base model only")
-    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "loom-bench")
     args = p.parse_args(argv)
     spec = ModelSpec()
     model_dir = build_model(args.cache_dir, spec)
     paths = build_adapters(model_dir, spec, max(args.adapters, 1))[:args.adapters]
     engine = make_engine(model_dir, paths, set(range(len(paths))), 4096, 256, 1 << 30)
-    result = measure(engine, [str(p) for p in paths], args.batch, args.context, args.steps)
+    result = measure(engine, [str(p) for p in paths], args.batch, args.context, args.rounds)
     print(f"decode step: batch {result['batch']}, context {result['context']}, {result['adapters']} adapters: "
           f"{result['step_ms']} ms, matmuls {result['matmul_ms']} ms -> {result['ratio']}x its matmuls")
     for op, ms in result["top_other_ops_ms"].items():
