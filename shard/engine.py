@@ -254,15 +254,16 @@ class Engine:
         targets = set().union(*(e.targets for e in entries.values()))
         return self.adapters.stacks.arrange({a: e.pages for a, e in entries.items()}, targets)
 
-    def _group_by_adapter(self, rows: list[int], adapter_ids: list[str]) -> list[int]:
-        """`rows` reordered so each adapter's are together, adapters in their AdapterStacks slot order (else in
-        order of appearance) and base-model rows last: LoRA then reads and writes the decode batch in place."""
-        if self.triton_lora or not any(adapter_ids):
-            return rows
-        slots = self._arrange(adapter_ids) or list(dict.fromkeys(a for a in adapter_ids if a))
-        slot = {a: i for i, a in enumerate(slots)}
-        by_row = sorted(range(len(rows)), key=lambda j: slot.get(adapter_ids[j], len(slot)))
-        return [rows[j] for j in by_row]
+    def _by_adapter(self, chunks: list[Chunk]) -> list[Chunk]:
+        """`chunks` with the single-token ones (decodes) first, each part grouped by adapter, adapters in their
+        AdapterStacks slot order (else in order of appearance) and base-model rows last: LoRA then reads and
+        writes the decode rows in place, and each adapter's prompt tokens as one run of rows."""
+        adapter_of = {c.id: self.sequences[c.id].adapter_id for c in chunks}
+        slot: dict[str, int] = {}
+        if not self.triton_lora and any(adapter_of.values()):
+            ids = list(adapter_of.values())
+            slot = {a: i for i, a in enumerate(self._arrange(ids) or dict.fromkeys(a for a in ids if a))}
+        return sorted(chunks, key=lambda c: (c.num_tokens > 1, slot.get(adapter_of[c.id], len(slot))))
 
     def _lora_batch(self, adapter_ids: list[str], lengths: list[int]) -> LoraBatch | None:
         """The step's LoRA hook: one segment per adapter over its sequences' tokens; None when all are base."""
@@ -387,9 +388,9 @@ class Engine:
     def _run(self, chunks: list[Chunk]) -> list[TokenResult]:
         """One forward over every chunk (the single-token ones, decodes, first), then one sampling pass over
         every chunk that reached its sequence's end."""
-        decodes = [c for c in chunks if c.num_tokens == 1]
-        decodes = self._group_by_adapter(decodes, [self.sequences[c.id].adapter_id for c in decodes])
-        sampled = self._forward(decodes, [c for c in chunks if c.num_tokens > 1]) if chunks else []
+        ordered = self._by_adapter(chunks)
+        decodes = [c for c in ordered if c.num_tokens == 1]
+        sampled = self._forward(decodes, ordered[len(decodes):]) if chunks else []
         if not sampled:
             return []
         rows = [self.sequences[c.id].row for c, _ in sampled]

@@ -15,6 +15,9 @@ from shard.lora import PageLayout
 # A padded batch (every segment as long as the longest) may hold at most this many times the real rows;
 # past that each segment runs on its own (a long prompt beside short ones would otherwise pad them all).
 MAX_PADDING_FACTOR = 2
+# A segment whose tokens come in runs at least this long on average (an adapter's prompts, which the engine puts
+# side by side) is computed on row slices of x and y: no gathering into segments and back.
+RUN_ROWS = 16
 
 
 class AdapterStacks:
@@ -126,6 +129,16 @@ class AdapterStacks:
         return self.a[layer_idx, proj][:n], self.b[layer_idx, proj][:n]
 
 
+def _runs(tokens: list[int]) -> list[slice]:
+    """`tokens` (ascending) as slices of consecutive rows."""
+    runs, start = [], 0
+    for j in range(1, len(tokens) + 1):
+        if j == len(tokens) or tokens[j] != tokens[j - 1] + 1:
+            runs.append(slice(tokens[start], tokens[j - 1] + 1))
+            start = j
+    return runs
+
+
 def _flat_pages(page_tables: list[list[int]], width: int, device: torch.device) -> torch.Tensor:
     """Page ids, each table padded to `width` with the pool's zero page 0."""
     return torch.tensor([p for t in page_tables for p in t + [0] * (width - len(t))], device=device)
@@ -162,10 +175,11 @@ class PageGather:
 class LoraBatch:
     """One step's LoRA: implements model.LoraHook for a batch where every sequence has its own adapter or
     none. Tokens are grouped into one segment per adapter (segment i uses weights slot i). When the segments
-    are about equally long (decode) each projection does a fixed handful of ops whatever the number of
+    are short runs of rows (decode) each projection does a fixed handful of ops whatever the number of
     adapters: shrink and expand with two bmm over segments padded to the longest, then gather the deltas back
-    into token order (base-model rows read a zero row) to add them. When padding would more than double the
-    rows (prefill: one long prompt beside short ones) each segment runs on its own, unpadded."""
+    into token order (base-model rows read a zero row) to add them. When the segments are long runs of rows
+    (prompts), or padding would more than double the rows, each segment runs on its own, unpadded: on slices
+    of rows where its runs are long, else on its gathered rows."""
 
     def __init__(self, source: AdapterStacks | PageGather, segments: list[list[int]], targets: set[str],
                  num_tokens: int, device: torch.device):
@@ -173,9 +187,12 @@ class LoraBatch:
         self.source, self.targets = source, targets
         self.num_segments, self.length = n, longest
         order = [t for s in segments for t in s]
-        self.per_segment = source.ragged or n * longest > MAX_PADDING_FACTOR * len(order)
+        runs = [_runs(s) for s in segments]
+        long_runs = len(order) >= RUN_ROWS * sum(map(len, runs))
+        self.per_segment = source.ragged or long_runs or n * longest > MAX_PADDING_FACTOR * len(order)
         if self.per_segment:
-            self.segment_rows = [torch.tensor(s, device=device) for s in segments]
+            self.segment_rows = [r if len(s) >= RUN_ROWS * len(r) else torch.tensor(s, device=device)
+                                 for s, r in zip(segments, runs)]
             return
         self.src = torch.tensor(order, device=device)
         self.dense = all(len(s) == longest for s in segments)
@@ -202,9 +219,7 @@ class LoraBatch:
     @property
     def packed_rows(self) -> int:
         """Rows of the largest activation buffer one projection packs (the LoRA transient, in rows)."""
-        if self.per_segment:
-            return max(len(s) for s in self.segment_rows)
-        return self.num_segments * self.length
+        return self.length if self.per_segment else self.num_segments * self.length
 
     def _segments(self, x: torch.Tensor) -> torch.Tensor:
         # q/k/v (and gate/up) share one input: pack it into segments once. Only padding rows are zeroed (`back`
@@ -224,7 +239,11 @@ class LoraBatch:
         a, b = self.source.weights(layer_idx, proj, n)
         if self.per_segment:
             for i, rows in enumerate(self.segment_rows):
-                y.index_add_(0, rows, (x.index_select(0, rows) @ a[i].t()) @ b[i])
+                if isinstance(rows, list):  # runs of rows: slices of x and y
+                    for run in rows:
+                        y[run].addmm_(x[run] @ a[i].t(), b[i])
+                else:
+                    y.index_add_(0, rows, (x.index_select(0, rows) @ a[i].t()) @ b[i])
             return y
         rows = n * self.length
         shrunk = torch.bmm(self._segments(x), a.transpose(1, 2))

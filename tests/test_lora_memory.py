@@ -116,6 +116,33 @@ def test_prefill_segments_are_not_padded_to_the_longest_prompt():
     torch.testing.assert_close(got, want)
 
 
+def test_prompts_side_by_side_run_on_slices_of_rows():
+    """A step as the engine lays it out: each adapter's decode row first, then its prompts side by side. Each
+    segment is two runs of rows, so LoRA computes on slices of x and of y (here a column slice of a fused output,
+    as q is of qkv), gathering nothing, and the deltas equal x A^T B per token."""
+    from shard.lora import PageLayout, ProjShape
+    from shard.lora_batch import AdapterStacks, LoraBatch
+
+    layout = PageLayout.build(1, 4, {p: ProjShape(8, 6, 0, 8, 0, 6) for p in ALL})
+    pool = torch.randn(4, layout.page_numel)
+    pool[0] = 0
+    stacks = AdapterStacks(layout, layout.views(pool), 1 << 20)
+    tables = {"a": [1, 2], "b": [3]}
+    order = stacks.arrange(tables, {"q_proj"})
+    segments = {"a": [0, *range(3, 53)], "b": [1, *range(53, 120)]}  # row 2: a base-model decode
+    hook = LoraBatch(stacks, [segments[a] for a in order], {"q_proj"}, 120, torch.device("cpu"))
+    assert all(isinstance(rows, list) and len(rows) == 2 for rows in hook.segment_rows)
+    x, fused = torch.randn(120, 8), torch.randn(120, 10)
+    want = fused.clone()
+    got = hook.apply(0, "q_proj", x, fused[:, 2:8])
+    a_pages, b_pages = layout.views(pool)[0]["q_proj"]
+    for adapter_id, rows in segments.items():
+        pages = tables[adapter_id]
+        want[rows, 2:8] += x[rows] @ a_pages[pages].reshape(-1, 8).t() @ b_pages[pages].reshape(-1, 6)
+    torch.testing.assert_close(fused, want)
+    assert got.data_ptr() == fused[:, 2:8].data_ptr()  # added in place
+
+
 def test_adapters_of_very_different_ranks_are_gathered_at_their_own_width():
     """One 4-page adapter beside four 1-page ones, gathered from an 8-page pool: padded to the widest they would
     copy 20 pages per projection, more than the pool (what the warmup measures); each is read at its own width
