@@ -13,8 +13,7 @@ DEFAULT_GPU_MEMORY_FRACTION = 0.9
 
 
 def bytes_per_block(num_layers: int, num_kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype) -> int:
-    element = torch.empty((), dtype=dtype).element_size()
-    return 2 * num_layers * block_size * num_kv_heads * head_dim * element
+    return 2 * num_layers * block_size * num_kv_heads * head_dim * dtype.itemsize
 
 
 def kv_budget_bytes(device: torch.device, requested: int | None,
@@ -57,11 +56,11 @@ def _on_huge_pages(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """A zeroed CPU tensor in memory the kernel may back with 2 MiB pages (Linux transparent huge pages, in
     their default `madvise` mode). Decode reads each sequence's blocks, scattered over the cache, every step:
     with 4 KiB pages that is a TLB miss every two rows (measured: the CPU decode kernel 5-10% faster)."""
-    size = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
-    memory = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    numel = torch.Size(shape).numel()
+    memory = mmap.mmap(-1, numel * dtype.itemsize, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     try:
         memory.madvise(mmap.MADV_HUGEPAGE)
     except OSError:  # a kernel without transparent huge pages: ordinary pages
         pass
-    tensor = torch.frombuffer(memory, dtype=dtype, count=torch.Size(shape).numel()).view(shape)
+    tensor = torch.frombuffer(memory, dtype=dtype, count=numel).view(shape)
     return tensor.zero_()  # anonymous pages read as 0 already; writing them commits the memory now, not mid-step

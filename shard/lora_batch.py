@@ -26,9 +26,9 @@ class AdapterStacks:
     pool's zero page past their own). A step's adapters hold slots 0..n-1, so bmm reads them as one batch.
 
     Memory: one buffer of `budget_bytes`, allocated once (at warmup, inside the adapter memory budget) and
-    carved into views; steps never allocate. The layout (width, projections) only grows (until reset): a step needing a
-    wider rank or another projection re-carves the buffer for the union, so prefill and decode steps with
-    different widths share one layout. When even the step's own needs do not fit, arrange returns None and
+    carved into views; steps never allocate. The layout (width, projections) only grows (until reset): a step
+    needing a wider rank or another projection re-carves the buffer for the union, so prefill and decode steps
+    with different widths share one layout. When even the step's own needs do not fit, arrange returns None and
     the caller gathers from the pool instead. Slots outlive the step: an adapter joining or leaving costs
     copying that adapter's rows (and moving one other into the hole it leaves). The adapter cache drops an
     adapter whose pool pages it frees."""
