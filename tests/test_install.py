@@ -108,6 +108,21 @@ def test_dockerfile_install_matches_the_lock_and_is_consistent(docker_venv):
         assert test_only not in installed, f"test package {test_only} got into the image"
 
 
+def test_installed_package_builds_the_cpu_kernels(docker_venv, tmp_path):
+    """The kernels' C sources ship in the package, so a shard installed with `pip install .` builds them where a
+    compiler is on PATH (the slim image has none and runs the torch ops)."""
+    from shard.kernels import cpu
+
+    if cpu._compiler() is None:
+        pytest.skip("no C compiler on PATH")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    code = "from shard.kernels import cpu; assert cpu.load() is not None, 'not built'; print(cpu.SOURCES[0].parent)"
+    done = subprocess.run([str(docker_venv / "bin" / "python"), "-c", code], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert not Path(done.stdout.strip()).is_relative_to(REPO)  # the installed copy, not the checkout
+
+
 def test_dockerfile_install_serves_a_chat_request(docker_venv, tmp_path):
     entrypoint = json.loads(dict(dockerfile_steps())["ENTRYPOINT"])
     assert entrypoint[0] == "loom"
