@@ -17,6 +17,7 @@ COPY proto ./proto
 COPY router ./router
 COPY shard ./shard
 COPY launcher ./launcher
+COPY common ./common
 RUN pip install --no-deps .
 
 EXPOSE 8080

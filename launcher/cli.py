@@ -4,29 +4,28 @@ limits, and hands the rest to the supervisor."""
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
-import sys
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 
-from launcher.model_source import ModelSourceError, max_position_embeddings, resolve_model
-from router.limits import (
+from common.defaults import (
+    DEFAULT_ADAPTER_HOST_CACHE_BYTES,
+    DEFAULT_ADAPTER_MEMORY_FRACTION,
     DEFAULT_HEADER_TIMEOUT_S,
     DEFAULT_MAX_ACTIVE_ADAPTERS,
+    DEFAULT_MAX_BATCH_PREFILL_TOKENS,
     DEFAULT_MAX_CONCURRENT_REQUESTS,
     DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_INPUT_LENGTH,
+    DEFAULT_MAX_QUEUE_TIME_S,
     DEFAULT_MAX_REQUEST_BYTES,
+    DEFAULT_MAX_TOTAL_TOKENS,
 )
+from common.logs import log_handler
+from launcher.model_source import ModelSourceError, max_position_embeddings, resolve_model
 
 log = logging.getLogger("loom")
-
-# LoRAX's defaults; the token limits shrink to fit the model's context when not given explicitly.
-DEFAULT_MAX_INPUT_LENGTH = 1024
-DEFAULT_MAX_TOTAL_TOKENS = 2048
-DEFAULT_MAX_BATCH_PREFILL_TOKENS = 4096
 
 
 class FlagError(Exception):
@@ -104,18 +103,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Requests accepted at once (queued + running); more are answered with 429 (default: %(default)s).")
     p.add_argument("--max-active-adapters", metavar="N", type=positive_int, default=DEFAULT_MAX_ACTIVE_ADAPTERS,
                    help="Adapters that may be scheduled in the running batch at once (default: %(default)s).")
-    p.add_argument("--adapter-memory-fraction", metavar="F", type=float, default=0.1,
+    p.add_argument("--adapter-memory-fraction", metavar="F", type=float, default=DEFAULT_ADAPTER_MEMORY_FRACTION,
                    help="Share of the shard's memory (free GPU memory on cuda, the KV cache budget on cpu) held "
                    "by the paged adapter pool (default: %(default)s).")
     p.add_argument("--adapter-pool-pages", metavar="N", type=positive_int, default=None,
                    help="Size the adapter pool in pages instead (a page holds 8 LoRA ranks of every layer).")
-    p.add_argument("--adapter-host-cache-mb", metavar="MB", type=positive_int, default=2048,
+    p.add_argument("--adapter-host-cache-mb", metavar="MB", type=positive_int, default=DEFAULT_ADAPTER_HOST_CACHE_BYTES >> 20,
                    help="Bound of the host-memory LRU cache of adapters paged out of the pool; adapters "
                    "evicted from it are re-read from disk (default: %(default)s).")
     p.add_argument("--kv-cache-mb", metavar="MB", type=positive_int, default=None,
                    help="KV cache memory per shard. Default: 90%% of free GPU memory after the weights on cuda, "
                    "1024 MB on cpu.")
-    p.add_argument("--max-queue-time", metavar="SECONDS", type=positive_float, default=600.0,
+    p.add_argument("--max-queue-time", metavar="SECONDS", type=positive_float, default=DEFAULT_MAX_QUEUE_TIME_S,
                    help="A request not scheduled within this many seconds fails with 503 (default: %(default)s).")
     p.add_argument("--max-request-bytes", metavar="N", type=positive_int, default=DEFAULT_MAX_REQUEST_BYTES,
                    help="Larger request bodies are answered with 413 (default: %(default)s).")
@@ -231,20 +230,13 @@ def resolve_adapter_paths(args: argparse.Namespace) -> tuple[dict[str, str], lis
     return adapters, roots
 
 
-class JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        time = datetime.fromtimestamp(record.created, timezone.utc).isoformat()
-        return json.dumps({"timestamp": time, "level": record.levelname, "target": "loom", "message": record.getMessage()})
-
-
 def setup_logging(json_output: bool) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if json_output else logging.Formatter("%(asctime)s %(levelname)s loom: %(message)s"))
-    log.addHandler(handler)
+    """The launcher's own lines, in its children's format; LOOM_LOG_FORMAT reaches them by inheritance."""
+    if json_output:
+        os.environ["LOOM_LOG_FORMAT"] = "json"
+    log.addHandler(log_handler("loom"))
     log.setLevel(logging.INFO)
     log.propagate = False
-    if json_output:
-        os.environ["LOOM_LOG_FORMAT"] = "json"  # inherited by the shards and the router
 
 
 def main(argv: list[str] | None = None) -> int:

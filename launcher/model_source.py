@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from common.hub import HubError, snapshot, split_revision
 from launcher import gguf
-from launcher.hub import HubError, snapshot, split_revision
 
 DEMO_MODEL_ID = "demo"
 # Bump the suffix whenever DEMO_CONFIG changes so that caches built by older versions are not reused.

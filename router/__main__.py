@@ -6,10 +6,10 @@ import argparse
 
 import uvicorn
 
+from common.logs import configure_logging
 from router.app import create_app
 from router.config import RouterConfig
 from router.connections import connection_cap, guarded_protocol
-from router.logs import configure_logging
 
 # On SIGTERM uvicorn stops accepting and waits this long for in-flight requests before cancelling them;
 # the launcher allows a little more (supervisor.ROUTER_GRACE_S) before it kills the router.

@@ -25,9 +25,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from launcher.hub import HubError, not_found, repo_cache_dir, snapshot, split_revision
+from common.hub import HubError, not_found, repo_cache_dir, snapshot, split_revision
+from common.limits import MAX_MODEL_ID_CHARS
 from router.errors import APIError, redact_paths
-from router.limits import MAX_MODEL_ID_CHARS
 from router.metrics import Metrics
 from router.shard_client import ShardClient
 from router.tokenization import ModelTokenizer, load_adapter_tokenizer

@@ -15,11 +15,11 @@ from typing import Annotated
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.requests import Request
 
+from common.limits import MAX_JSON_DEPTH, MAX_MODEL_ID_CHARS, MAX_STOP_CHARS, MAX_STOP_SEQUENCES
 from proto import generate_pb2 as pb
 from router.adapters import Adapter, AdapterRegistry
 from router.config import RouterConfig
 from router.errors import bad_request
-from router.limits import MAX_JSON_DEPTH, MAX_MODEL_ID_CHARS, MAX_STOP_CHARS, MAX_STOP_SEQUENCES
 from router.generation import GenerationRequest
 from router.scheduler import Scheduler
 from router.structured import GrammarChecker
@@ -32,7 +32,7 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
 
 
-# Field types that several request bodies share, with their bounds (router/limits.py).
+# Field types that several request bodies share, with their bounds (common/limits.py).
 StopString = Annotated[str, Field(max_length=MAX_STOP_CHARS)]
 StopList = Annotated[list[StopString], Field(max_length=MAX_STOP_SEQUENCES)]
 ModelId = Annotated[str, Field(max_length=MAX_MODEL_ID_CHARS)]

@@ -6,7 +6,11 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from router.limits import (
+from common.defaults import (
+    DEFAULT_MAX_BATCH_PREFILL_TOKENS,
+    DEFAULT_MAX_INPUT_LENGTH,
+    DEFAULT_MAX_QUEUE_TIME_S,
+    DEFAULT_MAX_TOTAL_TOKENS,
     DEFAULT_HEADER_TIMEOUT_S,
     DEFAULT_MAX_ACTIVE_ADAPTERS,
     DEFAULT_MAX_CONCURRENT_REQUESTS,
@@ -22,9 +26,9 @@ class RouterConfig:
     shard_sockets: list[str]  # unix socket paths, rank 0 first
     hostname: str = "127.0.0.1"
     port: int = 8080
-    max_input_length: int = 1024
-    max_total_tokens: int = 2048
-    max_batch_prefill_tokens: int = 4096
+    max_input_length: int = DEFAULT_MAX_INPUT_LENGTH
+    max_total_tokens: int = DEFAULT_MAX_TOTAL_TOKENS
+    max_batch_prefill_tokens: int = DEFAULT_MAX_BATCH_PREFILL_TOKENS
     max_batch_total_tokens: int = 0  # 0: whatever the shards' KV cache holds
     max_concurrent_requests: int = DEFAULT_MAX_CONCURRENT_REQUESTS
     max_active_adapters: int = DEFAULT_MAX_ACTIVE_ADAPTERS
@@ -34,7 +38,7 @@ class RouterConfig:
     local_adapter_roots: list[str] = field(default_factory=list)
     adapter_source: str = "hub"
     step_timeout_s: float = 120.0  # a shard step slower than this counts as a hung shard
-    max_queue_time_s: float = 600.0  # a request not admitted within this fails with 503 (`--max-queue-time`)
+    max_queue_time_s: float = DEFAULT_MAX_QUEUE_TIME_S  # a request not admitted within this fails with 503 (`--max-queue-time`)
     enable_adapter_api: bool = False  # `--enable-adapter-api`: POST /v1/load_lora_adapter, /v1/unload_lora_adapter
     preloaded_adapter_ids: list[str] = field(default_factory=list)  # resident in the adapter pool for good
     public_metrics: bool = False  # `--public-metrics`: /metrics answers without the API key

@@ -10,10 +10,7 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from router.adapters import Adapter
-from router.backend import Backend, ModelId, StopList, StrictModel, gather_all, parse_body, sampling_parameters
-from router.errors import APIError
-from router.limits import (
+from common.limits import (
     MAX_CHOICES,
     MAX_NATIVE_TEMPERATURE,
     MAX_REPETITION_PENALTY,
@@ -22,6 +19,9 @@ from router.limits import (
     UINT32_MAX,
     UINT64_MAX,
 )
+from router.adapters import Adapter
+from router.backend import Backend, ModelId, StopList, StrictModel, gather_all, parse_body, sampling_parameters
+from router.errors import APIError
 from router.generation import Generation, GenerationFailed
 from router.sse import sse_event, sse_response
 from router.structured import response_format_grammar

@@ -1,5 +1,5 @@
 """Request bodies of the OpenAI routes (/v1/chat/completions, /v1/completions): every field bounded, with
-messages that name the field (router/limits.py holds the bounds)."""
+messages that name the field (common/limits.py holds the bounds)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from router.backend import ModelId, StopList, StopString, StrictModel, sampling_parameters
-from router.structured import response_format_grammar, tool_choice_grammar
-from router.limits import (
+from common.limits import (
     INT64_MIN,
     MAX_CHOICES,
     MAX_COMPLETION_LOGPROBS,
@@ -20,6 +18,8 @@ from router.limits import (
     UINT32_MAX,
     UINT64_MAX,
 )
+from router.backend import ModelId, StopList, StopString, StrictModel, sampling_parameters
+from router.structured import response_format_grammar, tool_choice_grammar
 
 
 class TextPart(StrictModel):

@@ -22,7 +22,9 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from common.defaults import DEFAULT_MAX_ACTIVE_ADAPTERS, DEFAULT_MAX_QUEUE_TIME_S
 from proto import generate_pb2 as pb
+from router.adapter_slots import AdapterSlots
 from router.errors import redact_paths
 from router.generation import (
     Generation,
@@ -37,9 +39,7 @@ from router.generation import (
     TokenEvent,
     request_generations,
 )
-from router.adapter_slots import AdapterSlots
 from router.kv_blocks import BlockManager
-from router.limits import DEFAULT_MAX_ACTIVE_ADAPTERS
 from router.shard_client import ShardClient, ShardError
 
 log = logging.getLogger("loom.scheduler")
@@ -64,7 +64,7 @@ class Scheduler:
         max_concurrent_requests: int,
         max_active_adapters: int = DEFAULT_MAX_ACTIVE_ADAPTERS,
         adapter_pages: int = 0,
-        max_queue_time_s: float = 600.0,
+        max_queue_time_s: float = DEFAULT_MAX_QUEUE_TIME_S,
         prefix_caching: bool = True,
         pipeline_depth: int = 2,
     ):

@@ -11,13 +11,9 @@ import sys
 
 import torch
 
-from router.logs import configure_logging  # one log format (text or JSON lines) for every process
-
-from shard.adapter_cache import (
-    DEFAULT_ADAPTER_HOST_CACHE_BYTES,
-    DEFAULT_ADAPTER_MEMORY_FRACTION,
-    DEFAULT_ADAPTER_PAGE_RANK,
-)
+from common.defaults import DEFAULT_ADAPTER_HOST_CACHE_BYTES, DEFAULT_ADAPTER_MEMORY_FRACTION
+from common.logs import configure_logging
+from shard.adapter_cache import DEFAULT_ADAPTER_PAGE_RANK
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -18,13 +18,11 @@ from pathlib import Path
 import torch
 
 from shard.lora import AdapterError, HostAdapter, PageLayout, load_adapter
-from shard.lora_batch import AdapterStacks
+from shard.lora_batch import AdapterStacks, LoraBatch, PageGather, TritonLoraBatch
 
-DEFAULT_ADAPTER_MEMORY_FRACTION = 0.1
 # Share of the adapter memory budget that holds the running adapters' dense rows (AdapterStacks) on the torch
 # LoRA path; the rest is pool pages. The Triton path reads pages directly and gives the pool everything.
 DEFAULT_STACKS_SHARE = 0.25
-DEFAULT_ADAPTER_HOST_CACHE_BYTES = 2 << 30
 DEFAULT_ADAPTER_PAGE_RANK = 8
 
 
@@ -219,10 +217,41 @@ class AdapterCache:
         self.entries[adapter_id] = entry
         self.resident[adapter_id] = None
 
-    def touch(self, adapter_ids: list[str]) -> None:
-        """Marks resident adapters as just used (LRU order)."""
-        for adapter_id in adapter_ids:
+    def slot_order(self, adapter_ids: list[str]) -> list[str]:
+        """The resident adapters among `adapter_ids` ("" is the base model) in AdapterStacks slot order, their
+        rows made dense there; in order of appearance when the stacks cannot hold them all."""
+        return self._arrange(adapter_ids) or list(dict.fromkeys(a for a in adapter_ids if a))
+
+    def _arrange(self, adapter_ids: list[str]) -> list[str] | None:
+        entries = {a: self.entries[a] for a in adapter_ids if a}
+        targets = set().union(*(e.targets for e in entries.values()))
+        return self.stacks.arrange({a: e.pages for a, e in entries.items()}, targets)
+
+    def lora_batch(self, adapter_ids: list[str], lengths: list[int], triton: bool) -> LoraBatch | None:
+        """A step's LoRA hook: one segment per adapter over the tokens of its sequences, which hold `lengths`
+        tokens each in batch order; None when all are the base model. Marks the adapters as just used."""
+        if not any(adapter_ids):
+            return None
+        segments: dict[str, list[int]] = {}
+        offset = 0
+        for adapter_id, n in zip(adapter_ids, lengths):
+            if adapter_id:
+                segments.setdefault(adapter_id, []).extend(range(offset, offset + n))
+            offset += n
+        for adapter_id in segments:
             self.resident.move_to_end(adapter_id)
+        entries = {a: self.entries[a] for a in segments}
+        targets = set().union(*(e.targets for e in entries.values()))
+        if triton:
+            return TritonLoraBatch(self.pool, self.layout, list(segments.values()),
+                                   [e.pages for e in entries.values()], targets, self.device)
+        order = self._arrange(list(segments))
+        source = self.stacks
+        if order is None:
+            order = list(segments)
+            source = PageGather(self.views, self.layout.page_rank, [entries[a].pages for a in order], self.device,
+                                self.num_pages)
+        return LoraBatch(source, [segments[a] for a in order], targets, offset, self.device)
 
     def pin(self, adapter_id: str) -> None:
         self.entries[adapter_id].pins += 1

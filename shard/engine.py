@@ -1,4 +1,4 @@
-"""The model runner: sequence sampling state, batched prefill/decode forwards and sampling.
+"""The model runner: registers sequences (shard/sequence.py), runs batched prefill/decode forwards, samples.
 
 The router owns the KV blocks (router/kv_blocks.py) and decides what each step computes: which chunk of which
 sequence, in which blocks. The engine never decides when a sequence stops (EOS, max tokens, stop strings are
@@ -9,25 +9,25 @@ from __future__ import annotations
 
 import itertools
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from transformers import AutoConfig
 
-from router.limits import DEFAULT_MAX_ACTIVE_ADAPTERS, DEFAULT_MAX_CONCURRENT_REQUESTS
-from shard.adapter_cache import (
+from common.defaults import (
     DEFAULT_ADAPTER_HOST_CACHE_BYTES,
     DEFAULT_ADAPTER_MEMORY_FRACTION,
-    DEFAULT_ADAPTER_PAGE_RANK,
-    AdapterCache,
+    DEFAULT_MAX_ACTIVE_ADAPTERS,
+    DEFAULT_MAX_CONCURRENT_REQUESTS,
 )
+from shard.adapter_cache import DEFAULT_ADAPTER_PAGE_RANK, AdapterCache
 from shard.attention import batch_metadata, decode_kernel, decode_metadata, prefill_metadata
 from shard.kv_cache import DEFAULT_BLOCK_SIZE, allocate_kv_cache
 from shard.lora import AdapterError, PageLayout, projection_shapes
-from shard.lora_batch import LoraBatch, PageGather, TritonLoraBatch
 from shard.models import head_dim_of
 from shard.sampler import SamplerOutput, SamplerRow, SamplingParams, sample
+from shard.sequence import Chunk, Sequence, SequenceRequest, TokenResult, accept, error_result
 from shard.grammar import GrammarError, Grammars
 from shard.weights import load_model
 
@@ -36,53 +36,6 @@ PROMPT_LOGPROBS_CHUNK = 128
 
 __all__ = ["AdapterError", "AdapterInfo", "Chunk", "Engine", "EngineInfo", "SamplingParams", "SequenceRequest",
            "TokenResult"]
-
-
-@dataclass(slots=True)
-class SequenceRequest:
-    """A new sequence to prefill."""
-
-    id: int
-    input_ids: list[int]
-    sampling: SamplingParams = field(default_factory=SamplingParams)
-    adapter_id: str = ""  # "" = base model
-    top_n_tokens: int = 0
-    prefill_logprobs: bool = False
-    grammar: str = ""  # llguidance grammar the output must follow; "" = free
-    min_new_tokens: int = 0  # stop_token_ids are masked until this many tokens were generated
-    stop_token_ids: list[int] = field(default_factory=list)
-    # A sequence resumed after preemption: the tokens it had generated, replayed into its sampling state.
-    generated_ids: list[int] = field(default_factory=list)
-
-
-@dataclass(slots=True)
-class Chunk:
-    """Tokens [start, start + num_tokens) of a sequence to compute this step; positions before `start` are in
-    the KV cache already. `new_blocks` extend the sequence's block table (the router's allocation)."""
-
-    id: int
-    start: int
-    num_tokens: int
-    new_blocks: list[int] = field(default_factory=list)
-
-
-@dataclass(slots=True)
-class _Sequence:
-    row: SamplerRow  # its tokens and sampling state
-    table: list[int]  # its KV blocks, as the router allocated them
-    adapter_id: str
-    prompt_logprobs: list[float] | None  # while its prompt is prefilled, when asked (the first token gets 0.0)
-
-
-@dataclass(slots=True)
-class TokenResult:
-    request_id: int
-    token_id: int
-    logprob: float
-    top_tokens: list[tuple[int, float]] = field(default_factory=list)
-    # Only on the prefill result when asked: one per prompt token, the first is 0.0.
-    prefill_logprobs: list[float] = field(default_factory=list)
-    error: str = ""
 
 
 @dataclass(slots=True)
@@ -107,17 +60,6 @@ class EngineInfo:
 class AdapterInfo:
     rank: int
     pages: int  # adapter pool pages it occupies while resident
-
-
-def _accept(row: SamplerRow, token_id: int) -> None:
-    """Appends a sampled token to its sequence and advances the sequence's grammar."""
-    row.token_ids.append(token_id)
-    if row.matcher is not None:
-        row.matcher.consume_token(token_id)
-
-
-def _error(request_id: int, message: str) -> TokenResult:
-    return TokenResult(request_id, 0, 0.0, error=message)
 
 
 class Engine:
@@ -154,7 +96,7 @@ class Engine:
             world_size=tp_size,
         )
         self._num_blocks = 0  # KV cache blocks, once warmup allocated them
-        self.sequences: dict[int, _Sequence] = {}
+        self.sequences: dict[int, Sequence] = {}
         layout = PageLayout.build(config.num_hidden_layers, adapter_page_rank, projection_shapes(self.model))
         self.adapters = AdapterCache(layout, dtype, self.device, adapter_host_cache_bytes)
         # Triton SGMV instead of the torch LoRA path: CUDA only, opt-in until checked on a GPU.
@@ -247,13 +189,6 @@ class Engine:
         """Forgets a registered adapter; raises AdapterError while live sequences use it."""
         self.adapters.unregister(adapter_id)
 
-    def _arrange(self, adapter_ids: list[str]) -> list[str] | None:
-        """The step's adapters in AdapterStacks slot order (their rows made dense there), or None when the
-        stacks cannot hold them (LoRA then gathers from the pool)."""
-        entries = {a: self.adapters.entries[a] for a in adapter_ids if a}
-        targets = set().union(*(e.targets for e in entries.values()))
-        return self.adapters.stacks.arrange({a: e.pages for a, e in entries.items()}, targets)
-
     def _by_adapter(self, chunks: list[Chunk]) -> list[Chunk]:
         """`chunks` with the single-token ones (decodes) first, each part grouped by adapter, adapters in their
         AdapterStacks slot order (else in order of appearance) and base-model rows last: LoRA then reads and
@@ -261,33 +196,8 @@ class Engine:
         adapter_of = {c.id: self.sequences[c.id].adapter_id for c in chunks}
         slot: dict[str, int] = {}
         if not self.triton_lora and any(adapter_of.values()):
-            ids = list(adapter_of.values())
-            slot = {a: i for i, a in enumerate(self._arrange(ids) or dict.fromkeys(a for a in ids if a))}
+            slot = {a: i for i, a in enumerate(self.adapters.slot_order(list(adapter_of.values())))}
         return sorted(chunks, key=lambda c: (c.num_tokens > 1, slot.get(adapter_of[c.id], len(slot))))
-
-    def _lora_batch(self, adapter_ids: list[str], lengths: list[int]) -> LoraBatch | None:
-        """The step's LoRA hook: one segment per adapter over its sequences' tokens; None when all are base."""
-        if not any(adapter_ids):
-            return None
-        segments: dict[str, list[int]] = {}
-        offset = 0
-        for adapter_id, n in zip(adapter_ids, lengths):
-            if adapter_id:
-                segments.setdefault(adapter_id, []).extend(range(offset, offset + n))
-            offset += n
-        self.adapters.touch(list(segments))
-        entries = {a: self.adapters.entries[a] for a in segments}
-        targets = set().union(*(e.targets for e in entries.values()))
-        if self.triton_lora:
-            return TritonLoraBatch(self.adapters.pool, self.adapters.layout, list(segments.values()),
-                                   [e.pages for e in entries.values()], targets, self.device)
-        order = self._arrange(list(segments))
-        source = self.adapters.stacks
-        if order is None:
-            order = list(segments)
-            source = PageGather(self.adapters.views, self.adapters.layout.page_rank,
-                                [entries[a].pages for a in order], self.device, self.adapters.num_pages)
-        return LoraBatch(source, [segments[a] for a in order], targets, offset, self.device)
 
     def clear(self) -> None:
         """Drops every sequence (unpinning their adapters) and frees all KV blocks."""
@@ -311,7 +221,7 @@ class Engine:
             if chunk.id in failed:
                 continue
             if message := self._extend(chunk):
-                errors.append(_error(chunk.id, message))
+                errors.append(error_result(chunk.id, message))
                 failed.add(chunk.id)
                 self._forget(chunk.id)
             else:
@@ -322,7 +232,7 @@ class Engine:
         errors, accepted, taken = [], [], set()
         for req in requests:
             if message := self._validate(req, taken):
-                errors.append(_error(req.id, message))
+                errors.append(error_result(req.id, message))
             else:
                 accepted.append(req)
                 taken.add(req.id)
@@ -330,7 +240,7 @@ class Engine:
         failed = self.adapters.make_resident([r.adapter_id for r in accepted if r.adapter_id])
         for req in accepted:
             if message := failed.get(req.adapter_id):
-                errors.append(_error(req.id, message))
+                errors.append(error_result(req.id, message))
             else:
                 self._new_sequence(req)
         return errors
@@ -359,7 +269,7 @@ class Engine:
                 row.matcher.consume_token(token_id)
         if req.adapter_id:
             self.adapters.pin(req.adapter_id)
-        self.sequences[req.id] = _Sequence(row, [], req.adapter_id, [0.0] if req.prefill_logprobs else None)
+        self.sequences[req.id] = Sequence(row, [], req.adapter_id, [0.0] if req.prefill_logprobs else None)
 
     def _extend(self, chunk: Chunk) -> str:
         """Appends the chunk's new blocks to its sequence's table and checks that the chunk fits it."""
@@ -397,7 +307,7 @@ class Engine:
         out = self._sample(self.model.compute_logits(torch.stack([h for _, h in sampled])), rows)
         results = []
         for j, (chunk, _) in enumerate(sampled):
-            _accept(rows[j], out.token_ids[j])
+            accept(rows[j], out.token_ids[j])
             result = TokenResult(chunk.id, out.token_ids[j], out.logprobs[j], out.top_tokens[j])
             seq = self.sequences[chunk.id]
             if seq.prompt_logprobs is not None:
@@ -429,7 +339,8 @@ class Engine:
             prefill = prefill_metadata([c.num_tokens for c in prefills], slot_t[nd:], self.model.sliding_window,
                                        lengths[nd:], [c.start for c in prefills], [s.table for s in seqs[nd:]], bs)
         meta = batch_metadata(decode, prefill)
-        lora = self._lora_batch([s.adapter_id for s in seqs], [c.num_tokens for c in chunks])
+        lora = self.adapters.lora_batch([s.adapter_id for s in seqs], [c.num_tokens for c in chunks],
+                                        self.triton_lora)
         hidden = self.model(torch.tensor(ids, device=dev), torch.tensor(positions, device=dev), meta, lora)
         sampled, row = [], 0
         for chunk, seq, n in zip(chunks, seqs, lengths):

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from router.limits import MAX_TOP_LOGPROBS
+from common.limits import MAX_TOP_LOGPROBS
 from shard.adapter_cache import DEFAULT_STACKS_SHARE
 from shard.engine import Chunk, Engine, SequenceRequest
 from shard.kv_cache import DEFAULT_CPU_KV_BYTES, bytes_per_block, kv_budget_bytes, num_blocks_for_budget

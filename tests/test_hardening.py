@@ -329,7 +329,7 @@ def test_adapter_fetched_with_a_token_is_served_only_with_that_token(llama_dir, 
                                                                      monkeypatch):
     """The hub cannot run here: `snapshot` stands in for it, with one private repo that only the token
     'secret' may read. Everything else (registry, shard, engine) is real."""
-    from launcher import hub
+    from common import hub
     from router import adapters as registry_module
     from router.adapters import AdapterRegistry
     from router.errors import APIError

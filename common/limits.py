@@ -20,9 +20,3 @@ MAX_STOP_SEQUENCES = 16
 MAX_STOP_CHARS = 512  # per stop string
 MAX_MODEL_ID_CHARS = 512  # `model` / `adapter_id`: a name, a hub id or an absolute path
 MAX_JSON_DEPTH = 64  # nesting of objects and lists in a request body
-
-DEFAULT_MAX_REQUEST_BYTES = 4 << 20  # `--max-request-bytes`
-DEFAULT_HEADER_TIMEOUT_S = 10.0  # `--header-timeout`: a connection must send a request head within this
-DEFAULT_MAX_CONNECTIONS = 4096  # `--max-connections` (lowered to fit the open-file limit)
-DEFAULT_MAX_CONCURRENT_REQUESTS = 128  # `--max-concurrent-requests`: queued + running requests
-DEFAULT_MAX_ACTIVE_ADAPTERS = 128  # `--max-active-adapters`: distinct adapters in the running batch

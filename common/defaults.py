@@ -1,0 +1,20 @@
+"""Defaults that more than one process reads (the launcher's flags, the router's config, the shards' engine),
+each written once. The README's "Operating Loom" documents the flags they belong to."""
+
+from __future__ import annotations
+
+# LoRAX's token limits; the launcher shrinks them to fit the model's context when not given explicitly.
+DEFAULT_MAX_INPUT_LENGTH = 1024  # `--max-input-length`
+DEFAULT_MAX_TOTAL_TOKENS = 2048  # `--max-total-tokens`
+DEFAULT_MAX_BATCH_PREFILL_TOKENS = 4096  # `--max-batch-prefill-tokens`
+
+DEFAULT_MAX_CONCURRENT_REQUESTS = 128  # `--max-concurrent-requests`: queued + running requests
+DEFAULT_MAX_ACTIVE_ADAPTERS = 128  # `--max-active-adapters`: distinct adapters in the running batch
+DEFAULT_MAX_QUEUE_TIME_S = 600.0  # `--max-queue-time`: a request not admitted within this fails with 503
+
+DEFAULT_MAX_REQUEST_BYTES = 4 << 20  # `--max-request-bytes`
+DEFAULT_HEADER_TIMEOUT_S = 10.0  # `--header-timeout`: a connection must send a request head within this
+DEFAULT_MAX_CONNECTIONS = 4096  # `--max-connections` (lowered to fit the open-file limit)
+
+DEFAULT_ADAPTER_MEMORY_FRACTION = 0.1  # `--adapter-memory-fraction`: the adapter pool's share of shard memory
+DEFAULT_ADAPTER_HOST_CACHE_BYTES = 2 << 30  # `--adapter-host-cache-mb`: host LRU of adapters paged out
