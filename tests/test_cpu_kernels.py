@@ -1,6 +1,6 @@
 """The fused CPU kernels (shard/kernels/fused_cpu.c) against the torch ops they replace: the rotary embedding
-bit for bit, RMSNorm to rounding (it sums the squares in another order); the layers take them for the shapes
-decode runs, and fall back to torch for others. Without a compiler, or with LOOM_CPU_KERNELS=0, nothing is
+bit for bit, RMSNorm and SiLU(gate) * up to rounding (another summation order, another exp); the layers take
+them for the shapes the model passes, and fall back to torch for others. Without a compiler, or with LOOM_CPU_KERNELS=0, nothing is
 built and the engine, every op on its torch path, stays token-exact."""
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from shard.layers import RMSNorm
 from shard.rope import apply_rotary
@@ -81,6 +82,36 @@ def test_rotary_kernel_is_bit_identical(cpu_kernel, torch_ops, heads, head_dim, 
     got = apply_rotary(q, cos, sin)
     assert torch.equal(got, cpu_kernel.rotary(q, cos, sin))  # the kernel ran
     assert torch.equal(got, torch_ops(apply_rotary, q, cos, sin))
+
+
+@pytest.mark.parametrize("rows,n", [(64, 1376), (1, 24), (300, 96)])
+def test_silu_mul_kernel_matches_torch(cpu_kernel, rows, n):
+    """gate_up rows a wider output's width apart, values out to where e^-x overflows."""
+    torch.manual_seed(n)
+    gate_up = (torch.randn(rows, 2 * n + 8) * 4)[:, :2 * n]
+    gate_up[0, :6] = torch.tensor([-200.0, -88.5, -87.0, 0.0, 87.0, 300.0])
+    gate, up = gate_up.chunk(2, dim=-1)
+    torch.testing.assert_close(cpu_kernel.silu_mul(gate_up), F.silu(gate) * up, rtol=1e-6, atol=1e-6)
+
+
+def _mlp(act: str):
+    from transformers import LlamaConfig
+
+    from shard.models.base import MLP, CausalLM, Placement
+
+    config = LlamaConfig(hidden_size=32, intermediate_size=48, hidden_act=act)
+    return MLP(CausalLM, config, 0, Placement(torch.float32, "cpu", 0, 1))
+
+
+def test_mlp_takes_the_kernel_for_silu_only(cpu_kernel, torch_ops, monkeypatch):
+    gate_up = torch.randn(9, 96)
+    silu = _mlp("silu")
+    assert torch.equal(silu.activate(gate_up), cpu_kernel.silu_mul(gate_up))
+    torch.testing.assert_close(torch_ops(silu.activate, gate_up), F.silu(gate_up[:, :48]) * gate_up[:, 48:],
+                               rtol=0, atol=0)
+    monkeypatch.setattr(cpu_kernel, "silu_mul", lambda *a: pytest.fail("the kernel took another activation"))
+    gelu = _mlp("gelu_pytorch_tanh")
+    assert torch.equal(gelu.activate(gate_up), gelu.act(gate_up[:, :48]) * gate_up[:, 48:])
 
 
 @pytest.fixture
