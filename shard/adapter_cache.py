@@ -3,7 +3,8 @@
 The device pool is one tensor [num_pages + 1, page_numel] allocated at warmup; page 0 stays all zero and
 pads adapters of smaller rank in a step's page tables. Adapters are copied into free pages when a step needs
 them and evicted least-recently-used, but never while a live sequence pins them. Evicted adapters keep their
-host copy while the host cache has room; past that they are re-read from disk.
+host copy while the host cache has room; past that they are re-read from disk. Each step's LoRA hook is built
+here too (`lora_batch`), from the pages and stacks slots this cache owns.
 """
 
 from __future__ import annotations
