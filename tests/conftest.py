@@ -78,6 +78,29 @@ class Reference:
         return out[0, len(input_ids):].tolist()
 
 
+# Settings a developer's shell may carry that would change what the launcher does.
+SCRUBBED_ENV = ("LOOM_API_KEY", "PYTHONPATH", "HF_TOKEN", "LOOM_LOG_FORMAT")
+
+
+def hermetic_env(root: Path, **extra: str) -> dict[str, str]:
+    """A private demo cache and hub cache, no hub access, nothing from the developer's shell."""
+    env = {k: v for k, v in os.environ.items() if k not in SCRUBBED_ENV}
+    env.update(LOOM_CACHE=str(root / "loom-cache"), HF_HOME=str(root / "hf"), HF_HUB_OFFLINE="1", **extra)
+    return env
+
+
+@pytest.fixture
+def env(tmp_path) -> dict[str, str]:
+    """hermetic_env under the test's own directory."""
+    return hermetic_env(tmp_path)
+
+
+def run_loom(*args: str, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
+    """`loom ARGS` as a command, in a fresh interpreter."""
+    return subprocess.run([sys.executable, "-m", "launcher", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
 def install_in_hub_cache(src: Path, hf_home: Path, repo_id: str) -> Path:
     """Copies `src` into the hub cache layout under `hf_home` (as a download would leave it)."""
     import shutil
