@@ -18,3 +18,8 @@ DEFAULT_MAX_CONNECTIONS = 4096  # `--max-connections` (lowered to fit the open-f
 
 DEFAULT_ADAPTER_MEMORY_FRACTION = 0.1  # `--adapter-memory-fraction`: the adapter pool's share of shard memory
 DEFAULT_ADAPTER_HOST_CACHE_BYTES = 2 << 30  # `--adapter-host-cache-mb`: host LRU of adapters paged out
+DEFAULT_ADAPTER_PAGE_RANK = 8  # LoRA ranks of every layer in one adapter pool page (`--adapter-pool-pages`)
+
+# `--kv-cache-mb` when not given: this share of free GPU memory after the weights, or this budget per rank on CPU.
+DEFAULT_GPU_MEMORY_FRACTION = 0.9
+DEFAULT_CPU_KV_BYTES = 1 << 30

@@ -12,6 +12,9 @@ from pathlib import Path
 from common.defaults import (
     DEFAULT_ADAPTER_HOST_CACHE_BYTES,
     DEFAULT_ADAPTER_MEMORY_FRACTION,
+    DEFAULT_ADAPTER_PAGE_RANK,
+    DEFAULT_CPU_KV_BYTES,
+    DEFAULT_GPU_MEMORY_FRACTION,
     DEFAULT_HEADER_TIMEOUT_S,
     DEFAULT_MAX_ACTIVE_ADAPTERS,
     DEFAULT_MAX_BATCH_PREFILL_TOKENS,
@@ -107,13 +110,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Share of the shard's memory (free GPU memory on cuda, the KV cache budget on cpu) held "
                    "by the paged adapter pool (default: %(default)s).")
     p.add_argument("--adapter-pool-pages", metavar="N", type=positive_int, default=None,
-                   help="Size the adapter pool in pages instead (a page holds 8 LoRA ranks of every layer).")
-    p.add_argument("--adapter-host-cache-mb", metavar="MB", type=positive_int, default=DEFAULT_ADAPTER_HOST_CACHE_BYTES >> 20,
+                   help="Size the adapter pool in pages instead (a page holds "
+                   f"{DEFAULT_ADAPTER_PAGE_RANK} LoRA ranks of every layer).")
+    p.add_argument("--adapter-host-cache-mb", metavar="MB", type=positive_int,
+                   default=DEFAULT_ADAPTER_HOST_CACHE_BYTES >> 20,
                    help="Bound of the host-memory LRU cache of adapters paged out of the pool; adapters "
                    "evicted from it are re-read from disk (default: %(default)s).")
     p.add_argument("--kv-cache-mb", metavar="MB", type=positive_int, default=None,
-                   help="KV cache memory per shard. Default: 90%% of free GPU memory after the weights on cuda, "
-                   "1024 MB on cpu.")
+                   help=f"KV cache memory per shard. Default: {DEFAULT_GPU_MEMORY_FRACTION * 100:.0f}%% of free GPU "
+                   f"memory after the weights on cuda, {DEFAULT_CPU_KV_BYTES >> 20} MB on cpu.")
     p.add_argument("--max-queue-time", metavar="SECONDS", type=positive_float, default=DEFAULT_MAX_QUEUE_TIME_S,
                    help="A request not scheduled within this many seconds fails with 503 (default: %(default)s).")
     p.add_argument("--max-request-bytes", metavar="N", type=positive_int, default=DEFAULT_MAX_REQUEST_BYTES,

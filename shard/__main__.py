@@ -11,9 +11,8 @@ import sys
 
 import torch
 
-from common.defaults import DEFAULT_ADAPTER_HOST_CACHE_BYTES, DEFAULT_ADAPTER_MEMORY_FRACTION
+from common.defaults import DEFAULT_ADAPTER_HOST_CACHE_BYTES, DEFAULT_ADAPTER_MEMORY_FRACTION, DEFAULT_ADAPTER_PAGE_RANK
 from common.logs import configure_logging
-from shard.adapter_cache import DEFAULT_ADAPTER_PAGE_RANK
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -24,7 +24,6 @@ from shard.lora_batch import AdapterStacks, LoraBatch, PageGather, TritonLoraBat
 # Share of the adapter memory budget that holds the running adapters' dense rows (AdapterStacks) on the torch
 # LoRA path; the rest is pool pages. The Triton path reads pages directly and gives the pool everything.
 DEFAULT_STACKS_SHARE = 0.25
-DEFAULT_ADAPTER_PAGE_RANK = 8
 
 
 @dataclass(slots=True)

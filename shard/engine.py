@@ -18,10 +18,11 @@ from transformers import AutoConfig
 from common.defaults import (
     DEFAULT_ADAPTER_HOST_CACHE_BYTES,
     DEFAULT_ADAPTER_MEMORY_FRACTION,
+    DEFAULT_ADAPTER_PAGE_RANK,
     DEFAULT_MAX_ACTIVE_ADAPTERS,
     DEFAULT_MAX_CONCURRENT_REQUESTS,
 )
-from shard.adapter_cache import DEFAULT_ADAPTER_PAGE_RANK, AdapterCache
+from shard.adapter_cache import AdapterCache
 from shard.attention import batch_metadata, decode_kernel, decode_metadata, prefill_metadata
 from shard.kv_cache import DEFAULT_BLOCK_SIZE, allocate_kv_cache
 from shard.lora import AdapterError, PageLayout, projection_shapes

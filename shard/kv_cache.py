@@ -7,9 +7,9 @@ import mmap
 
 import torch
 
+from common.defaults import DEFAULT_CPU_KV_BYTES, DEFAULT_GPU_MEMORY_FRACTION
+
 DEFAULT_BLOCK_SIZE = 16
-DEFAULT_CPU_KV_BYTES = 1 << 30  # 1 GiB per rank when the caller names no budget on CPU
-DEFAULT_GPU_MEMORY_FRACTION = 0.9
 
 
 def bytes_per_block(num_layers: int, num_kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype) -> int:

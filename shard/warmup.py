@@ -23,10 +23,11 @@ from dataclasses import dataclass
 
 import torch
 
+from common.defaults import DEFAULT_CPU_KV_BYTES
 from common.limits import MAX_TOP_LOGPROBS
 from shard.adapter_cache import DEFAULT_STACKS_SHARE
 from shard.engine import Chunk, Engine, SequenceRequest
-from shard.kv_cache import DEFAULT_CPU_KV_BYTES, bytes_per_block, kv_budget_bytes, num_blocks_for_budget
+from shard.kv_cache import bytes_per_block, kv_budget_bytes, num_blocks_for_budget
 from shard.sampler import SamplingParams
 
 # Every logits processor on (penalties, temperature, top_k/top_p's sort, min_p, typical_p): the sampler's most

@@ -1,7 +1,7 @@
 """The fused CPU kernels (shard/kernels/fused_cpu.c) against the torch ops they replace: the rotary embedding
 bit for bit, RMSNorm and SiLU(gate) * up to rounding (another summation order, another exp); the layers take
-them for the shapes the model passes, and fall back to torch for others. Without a compiler, or with LOOM_CPU_KERNELS=0, nothing is
-built and the engine, every op on its torch path, stays token-exact."""
+them for the shapes the model passes, and fall back to torch for others. Without a compiler, or with
+LOOM_CPU_KERNELS=0, nothing is built and the engine, every op on its torch path, stays token-exact."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 import torch
 
+from common.defaults import DEFAULT_CPU_KV_BYTES
 from shard.kv_cache import (
-    DEFAULT_CPU_KV_BYTES,
     allocate_kv_cache,
     bytes_per_block,
     kv_budget_bytes,
