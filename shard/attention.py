@@ -11,6 +11,11 @@ and shared by all layers. Decode reads the cache in place through a paged kernel
 the C kernel on CPU float32, the opt-in Triton kernel on CUDA); the gather + SDPA path is the reference both
 are tested against, and the fallback.
 
+Masking is by selection, never by multiplication: a gathered block may hold another sequence's leftovers
+past this one's length (a freed block keeps what its last owner wrote, NaN included when that owner's adapter
+diverged), and a masked score times a NaN value is still NaN. So the gather zeroes every row past a sequence's
+context before attention reads it, and the paged kernels never load those rows.
+
 Sliding window (transformers' Mistral semantics): query at position q sees keys at positions k with
 q - window < k <= q, i.e. itself and the window - 1 tokens before it.
 
@@ -80,6 +85,7 @@ class DecodeGroup:
     blocks: torch.Tensor  # [b, max_blocks] its sequences' blocks, padded with any valid block
     mask: torch.Tensor  # [b, 1, 1, max_blocks * block_size] True = attend
     window: torch.Tensor | None  # the same, cut to the sliding window
+    stale: torch.Tensor | None  # [b, max_blocks * block_size, 1, 1] True past a row's context; None: no such row
 
 
 @dataclass(slots=True)
@@ -168,8 +174,11 @@ def _decode_group(tables: list[list[int]], context_lens: list[int], rows: list[i
     pos = torch.arange(width * block_size, device=device)[None, :]
     valid = pos < lens
     window = None if sliding_window is None else (valid & (pos >= lens - sliding_window))[:, None, None, :]
+    # Known from the host lists: testing the device mask would sync a GPU.
+    padded = any(context_lens[i] < width * block_size for i in picked)
+    stale = (~valid)[:, :, None, None] if padded else None
     return DecodeGroup(None if rows is None else torch.tensor(rows, device=device), blocks, valid[:, None, None, :],
-                       window)
+                       window, stale)
 
 
 def decode_metadata(tables: list[list[int]], context_lens: list[int], slot_mapping: torch.Tensor, block_size: int,
@@ -287,16 +296,22 @@ class PagedAttention:
             start += n
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
-    def _gather(self, kv_cache: torch.Tensor, blocks: torch.Tensor, block_size: int,
-                length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _gather(self, kv_cache: torch.Tensor, blocks: torch.Tensor, block_size: int, length: int,
+                stale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V [B, kv_heads, length, D] of the sequences whose blocks are `blocks` [B, n]: whole blocks are
-        contiguous rows, so this copies a few large rows instead of one small row per token."""
+        contiguous rows, so this copies a few large rows instead of one small row per token. Rows where `stale`
+        [B, length, 1, 1] is True are zeroed in the copy (masking by selection: see the module docstring)."""
         b = blocks.shape[0]
         num_blocks = kv_cache.shape[1] // block_size
         flat = blocks.reshape(-1)
-        k, v = (kv_cache[i].view(num_blocks, -1).index_select(0, flat)
-                .view(b, -1, self.num_kv_heads, self.head_dim)[:, :length].transpose(1, 2) for i in (0, 1))
-        return k, v
+        out = []
+        for i in (0, 1):
+            rows = kv_cache[i].view(num_blocks, -1).index_select(0, flat).view(b, -1, self.num_kv_heads,
+                                                                              self.head_dim)[:, :length]
+            if stale is not None:
+                rows.masked_fill_(stale, 0)
+            out.append(rows.transpose(1, 2))
+        return out[0], out[1]
 
     def _prefill_varlen(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         meta: AttentionMetadata) -> torch.Tensor:
@@ -322,6 +337,6 @@ class PagedAttention:
 
     def _decode_group(self, q: torch.Tensor, group: DecodeGroup, block_size: int,
                       kv_cache: torch.Tensor) -> torch.Tensor:
-        k, v = self._gather(kv_cache, group.blocks, block_size, group.mask.shape[-1])
+        k, v = self._gather(kv_cache, group.blocks, block_size, group.mask.shape[-1], group.stale)
         mask = group.window if self.sliding_window is not None else group.mask
         return self._attend(q.unsqueeze(2), k, v, mask).squeeze(2)

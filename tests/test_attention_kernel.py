@@ -1,7 +1,9 @@
 """The paged-attention decode kernels equal the torch decode path (gather + SDPA per width group): the CPU
 kernel (C, built at engine start) directly, the Triton one (the CUDA decode path, opt-in) on CPU through
 Triton's interpreter. Random block tables and context lengths, GQA, sliding windows, a head_dim that is not a
-power of two, Gemma 2's attention logit soft-cap. (Without a compiler: tests/test_cpu_kernels.py.)"""
+power of two, Gemma 2's attention logit soft-cap. Every cache row no sequence owns holds NaN (a freed block keeps
+what its last owner wrote, a diverged adapter's NaN included): every path masks by selection, so the output stays
+finite. (Without a compiler: tests/test_cpu_kernels.py.)"""
 
 from __future__ import annotations
 
@@ -37,6 +39,11 @@ def check_decode(kernel_module: str, seed: int, num_heads: int, num_kv_heads: in
     free = list(range(num_blocks))
     rng.shuffle(free)
     tables = [[free.pop() for _ in range(-(-n // BLOCK_SIZE))] for n in lens]
+    owned = torch.zeros(num_blocks * BLOCK_SIZE, dtype=torch.bool)
+    for table, n in zip(tables, lens):
+        for pos in range(n):
+            owned[table[pos // BLOCK_SIZE] * BLOCK_SIZE + pos % BLOCK_SIZE] = True
+    cache[:, ~owned] = float("nan")
     q = torch.randn(batch, num_heads, head_dim)
     attention = PagedAttention(num_heads, num_kv_heads, head_dim, window, softcap=softcap)
 
@@ -45,6 +52,7 @@ def check_decode(kernel_module: str, seed: int, num_heads: int, num_kv_heads: in
     meta = decode_metadata(tables, lens, slots, BLOCK_SIZE, window, kernel=kernel)
     assert meta.decode_groups == []  # the kernel reads the cache in place: no gathered groups are built
     got = attention._decode(q, meta, cache)
+    assert torch.isfinite(want).all()
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
@@ -52,6 +60,12 @@ def check_decode(kernel_module: str, seed: int, num_heads: int, num_kv_heads: in
 def test_cpu_decode_kernel_matches_torch(cpu_kernel, seed, heads, kv_heads, head_dim, window, softcap):
     check_decode("shard.kernels.cpu.paged_decode_attention_cpu", seed, heads, kv_heads, head_dim,
                  window, softcap)
+
+
+@pytest.mark.parametrize("seed,heads,kv_heads,head_dim,window,softcap", CASES)
+def test_triton_decode_kernel_matches_torch(interpreted, seed, heads, kv_heads, head_dim, window, softcap):
+    interpreted(check_decode, "shard.kernels.paged_attention.paged_decode_attention", seed, heads, kv_heads,
+                head_dim, window, softcap)
 
 
 def test_cpu_decode_kernel_is_the_cpu_float32_default(cpu_kernel):
