@@ -15,6 +15,15 @@ class ShardError(RuntimeError):
     """A shard failed, hung past the step timeout, or is unreachable."""
 
 
+def _raise_failed(method: str, results: list) -> None:
+    """Raises ShardError for the first rank whose call failed."""
+    for rank, result in enumerate(results):
+        if isinstance(result, grpc.aio.AioRpcError):
+            raise ShardError(f"shard {rank} {method} failed: {result.code().name}: {result.details()}")
+        if isinstance(result, BaseException):
+            raise ShardError(f"shard {rank} {method} failed: {result!r}")
+
+
 class ShardClient:
     def __init__(self, sockets: list[str], step_timeout_s: float = 120.0):
         self._channels = [
@@ -40,11 +49,7 @@ class ShardClient:
     @staticmethod
     async def _gather(method: str, calls: list):
         results = await asyncio.gather(*calls, return_exceptions=True)
-        for rank, result in enumerate(results):
-            if isinstance(result, grpc.aio.AioRpcError):
-                raise ShardError(f"shard {rank} {method} failed: {result.code().name}: {result.details()}")
-            if isinstance(result, BaseException):
-                raise ShardError(f"shard {rank} {method} failed: {result!r}")
+        _raise_failed(method, results)
         return results[0]
 
     async def info(self) -> pb.InfoResponse:
@@ -68,14 +73,28 @@ class ShardClient:
         await self._all("Clear", pb.ClearRequest(), timeout=30)
 
     async def load_adapter(self, adapter_id: str, path: str, preloaded: bool = False) -> tuple[str, int, int]:
-        """Registers an adapter on every rank (`preloaded`: resident for good); returns (error, rank, pool pages)."""
+        """Registers an adapter on every rank or on none (`preloaded`: resident for good); returns (error, rank,
+        pool pages). Each rank checks its own slice of the weights, so one rank may refuse what the others took:
+        they then forget it again, and no rank serves an adapter another does not have."""
         request = pb.LoadAdapterRequest(adapter_id=adapter_id, path=path, preloaded=preloaded)
-        reply = await self._all("LoadAdapter", request, timeout=600)
-        return reply.error, reply.rank, reply.pages
+        calls = [stub.LoadAdapter(request, timeout=600) for stub in self._stubs]
+        replies = await asyncio.gather(*calls, return_exceptions=True)
+        errors = [r.error for r in replies if isinstance(r, pb.LoadAdapterResponse) and r.error]
+        if errors or any(isinstance(r, BaseException) for r in replies):
+            await self._gather("UnloadAdapter", [stub.UnloadAdapter(pb.UnloadAdapterRequest(adapter_id=adapter_id),
+                                                                     timeout=60) for stub in self._stubs])
+        _raise_failed("LoadAdapter", replies)
+        reply = replies[0]
+        return (errors[0] if errors else ""), reply.rank, reply.pages
 
     async def unload_adapter(self, adapter_id: str) -> str:
         """Forgets an adapter on every rank; returns the error ("" when done)."""
         reply = await self._all("UnloadAdapter", pb.UnloadAdapterRequest(adapter_id=adapter_id), timeout=60)
+        return reply.error
+
+    async def prepare_grammar(self, grammar: str) -> str:
+        """Has every rank compile `grammar` into its cache; returns why it cannot be used ("" when it compiled)."""
+        reply = await self._all("PrepareGrammar", pb.PrepareGrammarRequest(grammar=grammar), timeout=60)
         return reply.error
 
     async def close(self) -> None:

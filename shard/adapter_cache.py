@@ -1,15 +1,20 @@
-"""The paged adapter cache: device pool pages <-> bounded host LRU <-> disk.
+"""The paged adapter cache: device pool pages <-> bounded host LRU <-> a private spill file.
 
 The device pool is one tensor [num_pages + 1, page_numel] allocated at warmup; page 0 stays all zero and
 pads adapters of smaller rank in a step's page tables. Adapters are copied into free pages when a step needs
 them and evicted least-recently-used, but never while a live sequence pins them. Evicted adapters keep their
-host copy while the host cache has room; past that they are re-read from disk. Each step's LoRA hook is built
+host copy while the host cache has room; past that their pages are written once to a spill file of this
+process's own and read back from there. An adapter's directory is read exactly once, at registration: files
+edited, swapped or linked elsewhere afterwards change nothing that is served. Each step's LoRA hook is built
 here too (`lora_batch`), from the pages and stacks slots this cache owns.
 """
 
 from __future__ import annotations
 
+import atexit
 import itertools
+import shutil
+import tempfile
 from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,8 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
-from shard.lora import AdapterError, HostAdapter, PageLayout, load_adapter
+from shard.lora import AdapterError, HostAdapter, PageLayout
+from shard.peft_adapter import load_adapter
 from shard.lora_batch import AdapterStacks, LoraBatch, PageGather, TritonLoraBatch
 
 # Share of the adapter memory budget that holds the running adapters' dense rows (AdapterStacks) on the torch
@@ -35,6 +42,7 @@ class AdapterEntry:
     pages: list[int] | None = None  # device pool pages while resident
     pins: int = 0  # live sequences using it
     preloaded: bool = False  # --preloaded-adapter-ids: paged in at registration and never evicted
+    spilled: Path | None = None  # its pages in the spill directory, once the host cache let them go
 
 
 class AdapterCache:
@@ -49,6 +57,11 @@ class AdapterCache:
         self.views: list = []
         self.free_pages: list[int] = []
         self.stacks = AdapterStacks(layout, [], 0)  # the running adapters' rows, laid out for LoraBatch
+        # Pool pages one adapter may take (all but the preloaded ones'); None before the pool exists. Read by
+        # `read` on the loader thread, so it is kept as a plain int rather than derived from `entries`.
+        self.max_adapter_pages: int | None = None
+        self._spill_dir: Path | None = None
+        self._spills = itertools.count()
 
     @property
     def num_pages(self) -> int:
@@ -75,39 +88,66 @@ class AdapterCache:
         self.resident.clear()
         for entry in self.entries.values():
             entry.pages, entry.pins = None, 0
+        self._update_max_pages()
+
+    def _update_max_pages(self) -> None:
+        held = sum(e.num_pages for e in self.entries.values() if e.preloaded and e.path)
+        self.max_adapter_pages = None if self.pool is None else self.num_pages - held
 
     # ---- registry and host cache ---------------------------------------------------------------------
 
-    def _read(self, adapter_id: str, path: str) -> HostAdapter:
-        return load_adapter(adapter_id, path, self.layout, self.dtype, pin_memory=self.device.type == "cuda")
+    def read(self, adapter_id: str, path: str) -> HostAdapter:
+        """Reads and checks an adapter dir into host pages. Touches no state of the cache, so it may run off the
+        engine thread (a slow or large adapter then stalls no step); `register` takes its result."""
+        return load_adapter(adapter_id, path, self.layout, self.dtype, self.max_adapter_pages,
+                            pin_memory=self.device.type == "cuda")
 
     def _keep_on_host(self, adapter_id: str, pages: torch.Tensor) -> None:
         self._drop_host(adapter_id)
         size = pages.numel() * pages.element_size()
         if size > self.host_cache_bytes:
+            self._spill(adapter_id, pages)
             return
         self.host[adapter_id] = pages
         self.host_bytes += size
         while self.host_bytes > self.host_cache_bytes:
-            self._drop_host(next(iter(self.host)))
+            oldest = next(iter(self.host))
+            self._spill(oldest, self.host[oldest])
+            self._drop_host(oldest)
 
     def _drop_host(self, adapter_id: str) -> None:
         pages = self.host.pop(adapter_id, None)
         if pages is not None:
             self.host_bytes -= pages.numel() * pages.element_size()
 
-    def register(self, adapter_id: str, path: str) -> AdapterEntry:
-        """Checks the adapter dir against the model and reads it into the host cache. Registering an id again
-        with another path replaces it, unless live sequences use it."""
+    def _spill(self, adapter_id: str, pages: torch.Tensor) -> None:
+        """Writes a registered adapter's pages to this process's spill directory (once): what it pages in from
+        after the host cache lets it go, instead of its directory."""
+        entry = self.entries.get(adapter_id)
+        if entry is None or entry.spilled is not None:
+            return
+        if self._spill_dir is None:
+            self._spill_dir = Path(tempfile.mkdtemp(prefix="loom-adapter-spill-"))
+            atexit.register(shutil.rmtree, self._spill_dir, True)
+        entry.spilled = self._spill_dir / f"{next(self._spills)}.safetensors"
+        save_file({"pages": pages.contiguous()}, str(entry.spilled))
+
+    def _unspill(self, entry: AdapterEntry) -> None:
+        if entry.spilled is not None:
+            entry.spilled.unlink(missing_ok=True)
+            entry.spilled = None
+
+    def register(self, adapter_id: str, path: str, host: HostAdapter) -> AdapterEntry:
+        """Registers `host` (what `read` made of `path`) under `adapter_id`, into the host cache. Registering an
+        id again with another path replaces it, unless live sequences use it."""
         path = str(Path(path))
         old = self.entries.get(adapter_id)
         if old is not None and old.path == path:
             return old
         if old is not None and old.pins:
-            raise AdapterError(f"adapter {adapter_id}: in use by running requests, cannot replace it with {path}")
-        host = self._read(adapter_id, path)
+            raise AdapterError(f"adapter {adapter_id}: in use by running requests, cannot replace it")
         if old is not None:
-            self._evict(adapter_id)
+            self._forget(adapter_id)
         entry = AdapterEntry(path, host.rank, host.pages.shape[0], host.targets)
         self.entries[adapter_id] = entry
         self._keep_on_host(adapter_id, host.pages)
@@ -120,6 +160,7 @@ class AdapterCache:
         if error := self.make_resident([adapter_id]).get(adapter_id):
             entry.preloaded = False
             raise AdapterError(error)
+        self._update_max_pages()
 
     def unregister(self, adapter_id: str) -> None:
         """Forgets an adapter, its pool pages and host copy; refused while live sequences use it."""
@@ -128,9 +169,14 @@ class AdapterCache:
             raise AdapterError(f"adapter {adapter_id!r} is not loaded on this shard")
         if entry.pins:
             raise AdapterError(f"adapter {adapter_id!r} is in use by {entry.pins} running request(s)")
+        self._forget(adapter_id)
+
+    def _forget(self, adapter_id: str) -> None:
+        """Drops every copy of a registered adapter: pool pages, host pages, spill file, entry."""
         self._evict(adapter_id)
         self._drop_host(adapter_id)
-        del self.entries[adapter_id]
+        self._unspill(self.entries.pop(adapter_id))
+        self._update_max_pages()
 
     # ---- device residency ----------------------------------------------------------------------------
 
@@ -144,8 +190,13 @@ class AdapterCache:
 
     def _page_in(self, adapter_id: str, entry: AdapterEntry) -> None:
         pages = self.host.get(adapter_id)
-        if pages is None:  # evicted from the host cache too: back to disk
-            pages = self._read(adapter_id, entry.path).pages
+        if pages is None:  # evicted from the host cache too: back from its spill file
+            try:
+                pages = load_file(str(entry.spilled))["pages"]
+            except Exception as e:  # the spill directory is this process's own: only a full or failing disk
+                raise AdapterError(f"adapter {adapter_id!r}: its spilled pages cannot be read back ({e!r})") from None
+            if self.device.type == "cuda":
+                pages = pages.pin_memory()
             self._keep_on_host(adapter_id, pages)
         else:
             self.host.move_to_end(adapter_id)

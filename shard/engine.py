@@ -25,11 +25,11 @@ from common.defaults import (
 from shard.adapter_cache import AdapterCache
 from shard.attention import batch_metadata, decode_kernel, decode_metadata, prefill_metadata
 from shard.kv_cache import DEFAULT_BLOCK_SIZE, allocate_kv_cache
-from shard.lora import AdapterError, PageLayout, projection_shapes
+from shard.lora import AdapterError, HostAdapter, PageLayout, projection_shapes
 from shard.models import head_dim_of
 from shard.sampler import SamplerOutput, SamplerRow, SamplingParams, sample
 from shard.sequence import Chunk, Sequence, SequenceRequest, TokenResult, accept, error_result
-from shard.grammar import GrammarError, Grammars
+from shard.grammar import Grammars
 from shard.weights import load_model
 
 # Rows of prompt logits materialised at once for prompt logprobs (128 x a 128k vocabulary: 64 MB of float32).
@@ -178,9 +178,17 @@ class Engine:
         """Checks a PEFT LoRA dir against the model and registers it under `adapter_id` (read into the host
         cache); requests may then name it. `preloaded`: paged into the pool now and never evicted. Raises
         AdapterError with a message naming the file or tensor."""
+        return self.register_adapter(adapter_id, path, self.read_adapter(adapter_id, path), preloaded)
+
+    def read_adapter(self, adapter_id: str, path: str) -> HostAdapter:
+        """The first half of load_adapter: reads and checks the files. Safe off the engine thread."""
         if not adapter_id:
             raise AdapterError("adapter id must not be empty (\"\" is the base model)")
-        entry = self.adapters.register(adapter_id, path)
+        return self.adapters.read(adapter_id, path)
+
+    def register_adapter(self, adapter_id: str, path: str, host: HostAdapter, preloaded: bool = False) -> AdapterInfo:
+        """The second half of load_adapter, on the engine thread: `host` joins the adapter cache."""
+        entry = self.adapters.register(adapter_id, path, host)
         if preloaded:
             with torch.inference_mode():  # the pool is an inference tensor, written in place
                 self.adapters.preload(adapter_id)
@@ -256,8 +264,8 @@ class Engine:
             return f"sequence {req.id} is already active"
         if req.grammar:
             try:
-                self.grammars.matcher(req.grammar)
-            except (GrammarError, ValueError, RuntimeError) as e:
+                return self.grammars.prepare(req.grammar)  # cached by PrepareGrammar: a look-up, no compile
+            except (ValueError, RuntimeError) as e:
                 return str(e)
         return ""
 

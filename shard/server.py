@@ -100,6 +100,8 @@ class ShardService(pb_grpc.ShardServicer):
         self.rank = rank
         self.world_size = world_size
         self._worker = engine_thread
+        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-loader")
+        self._compiler = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar")
         self.failed: str = ""  # set once this rank cannot step any more; every RPC then refuses
         # The router keeps the next step on its way while one computes: steps start in their number's order.
         self._last_step = 0
@@ -171,12 +173,21 @@ class ShardService(pb_grpc.ShardServicer):
 
     async def LoadAdapter(self, request, context):
         await self._refuse_if_failed(context)
-        # On the engine thread: registration reads the disk and must not race a step's paging.
+        # Reading (disk, parsing, checks, layout) on the loader thread, so that a large or hostile adapter stalls
+        # no step; registering on the engine thread, which owns the cache and must not race a step's paging.
+        engine, loop = self.engine, asyncio.get_running_loop()
         try:
-            info = await self._run(self.engine.load_adapter, request.adapter_id, request.path, request.preloaded)
+            host = await loop.run_in_executor(self._loader, engine.read_adapter, request.adapter_id, request.path)
+            info = await self._run(engine.register_adapter, request.adapter_id, request.path, host, request.preloaded)
         except AdapterError as e:
             return pb.LoadAdapterResponse(error=str(e))
         return pb.LoadAdapterResponse(rank=info.rank, pages=info.pages)
+
+    async def PrepareGrammar(self, request, context):
+        await self._refuse_if_failed(context)
+        loop = asyncio.get_running_loop()
+        error = await loop.run_in_executor(self._compiler, self.engine.grammars.prepare, request.grammar)
+        return pb.PrepareGrammarResponse(error=error)
 
     async def UnloadAdapter(self, request, context):
         try:
