@@ -69,6 +69,11 @@ class ShardStub:
                 request_serializer=proto_dot_generate__pb2.UnloadAdapterRequest.SerializeToString,
                 response_deserializer=proto_dot_generate__pb2.UnloadAdapterResponse.FromString,
                 _registered_method=True)
+        self.PrepareGrammar = channel.unary_unary(
+                '/loom.generate.v1.Shard/PrepareGrammar',
+                request_serializer=proto_dot_generate__pb2.PrepareGrammarRequest.SerializeToString,
+                response_deserializer=proto_dot_generate__pb2.PrepareGrammarResponse.FromString,
+                _registered_method=True)
 
 
 class ShardServicer:
@@ -124,6 +129,14 @@ class ShardServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PrepareGrammar(self, request, context):
+        """Compiles a grammar into the shard's cache off the engine thread, before a request naming it is queued, so
+        that no step waits for a compilation.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ShardServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -161,6 +174,11 @@ def add_ShardServicer_to_server(servicer, server):
                     servicer.UnloadAdapter,
                     request_deserializer=proto_dot_generate__pb2.UnloadAdapterRequest.FromString,
                     response_serializer=proto_dot_generate__pb2.UnloadAdapterResponse.SerializeToString,
+            ),
+            'PrepareGrammar': grpc.unary_unary_rpc_method_handler(
+                    servicer.PrepareGrammar,
+                    request_deserializer=proto_dot_generate__pb2.PrepareGrammarRequest.FromString,
+                    response_serializer=proto_dot_generate__pb2.PrepareGrammarResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -352,6 +370,33 @@ class Shard:
             '/loom.generate.v1.Shard/UnloadAdapter',
             proto_dot_generate__pb2.UnloadAdapterRequest.SerializeToString,
             proto_dot_generate__pb2.UnloadAdapterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PrepareGrammar(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loom.generate.v1.Shard/PrepareGrammar',
+            proto_dot_generate__pb2.PrepareGrammarRequest.SerializeToString,
+            proto_dot_generate__pb2.PrepareGrammarResponse.FromString,
             options,
             channel_credentials,
             insecure,

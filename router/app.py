@@ -338,7 +338,7 @@ async def _start_backend(app: Starlette, config: RouterConfig) -> None:
                           config.max_concurrent_requests, config.max_active_adapters, adapters.pool_pages,
                           config.max_queue_time_s, prefix_caching)
     app.state.backend = Backend(config, tokenizer, scheduler, capacity, app.state.shard_info.vocab_size, adapters,
-                                GrammarChecker(tokenizer))
+                                GrammarChecker(tokenizer, client))
     app.state.metrics.watch(scheduler, config.model_id)
     log.info("KV cache: %d blocks of %d tokens (%d tokens), prefix caching %s", warm.num_blocks, warm.block_size,
              capacity, "on" if prefix_caching else "off")

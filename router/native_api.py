@@ -190,7 +190,7 @@ async def _prepare(request: Request, body: GenerateRequest | None = None) -> _Na
         input_ids = input_ids[-p.truncate:]
     grammar = response_format_grammar(p.response_format, "parameters.response_format")
     if grammar:
-        grammar = await backend.off_loop(backend.grammars.check, grammar, "parameters.response_format")
+        grammar = await backend.grammars.prepare(grammar, "parameters.response_format")
     return _Native(backend, adapter, tokenizer, body, input_ids, grammar).start()
 
 

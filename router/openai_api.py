@@ -298,7 +298,7 @@ async def chat_completions(request: Request):
     # The rendered text holds every special token the template wants: no BOS/EOS added again.
     input_ids = await backend.encode(tokenizer, text, "messages", add_special_tokens=False)
     grammar, param = body.grammar()
-    grammar = await backend.off_loop(backend.grammars.check, grammar, param) if grammar else ""
+    grammar = await backend.grammars.prepare(grammar, param) if grammar else ""
     top_logprobs = (body.top_logprobs or 0) if body.logprobs else None
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     return await _respond(backend, adapter, tokenizer, body, "chat", [(input_ids, "")], max_tokens, None,

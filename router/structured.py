@@ -7,6 +7,7 @@ microseconds, so constrained and free requests share a batch at almost no cost.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 import re
@@ -15,7 +16,9 @@ import uuid
 import llguidance
 import llguidance.hf
 
+from common.limits import MAX_GRAMMAR_CHARS
 from router.errors import bad_request
+from router.shard_client import ShardClient
 from router.tokenization import ModelTokenizer
 
 # Compact JSON: a random or weak model cannot wander off into endless whitespace, and it is what
@@ -91,11 +94,24 @@ def parse_tool_call(text: str, tools: list[dict]) -> dict | None:
 
 
 class GrammarChecker:
-    """Rejects bad schemas with a 400 before they reach the shards (results cached per grammar)."""
+    """Admits a request's grammar before the request is queued: bounded in size, validated off the event loop
+    (a bad schema is a 400 naming the field; results cached per grammar), then compiled by every shard on a
+    thread of its own (`shards`), so that no batch step waits for a compilation."""
 
-    def __init__(self, tokenizer: ModelTokenizer):
+    def __init__(self, tokenizer: ModelTokenizer, shards: ShardClient | None = None):
         self._tokenizer = llguidance.hf.from_tokenizer(tokenizer.hf)
+        self._shards = shards
         self.check = functools.lru_cache(maxsize=1024)(self._check)
+
+    async def prepare(self, grammar: str, param: str) -> str:
+        """`grammar`, checked and compiled on the shards; raises a 400 naming `param` when it is unusable."""
+        if len(grammar) > MAX_GRAMMAR_CHARS:
+            raise bad_request(f"`{param}` compiles to a grammar of {len(grammar)} characters, more than "
+                              f"{MAX_GRAMMAR_CHARS}: use a smaller schema", param=param)
+        await asyncio.to_thread(self.check, grammar, param)
+        if self._shards is not None and (error := await self._shards.prepare_grammar(grammar)):
+            raise bad_request(f"`{param}` is not a usable schema: {error}", param=param)
+        return grammar
 
     def _check(self, grammar: str, param: str) -> str:
         error = llguidance.LLMatcher.validate_grammar(grammar, self._tokenizer)
