@@ -129,3 +129,28 @@ def test_bad_schema_is_a_400(server, fmt):
     r = chat(server.url, {"response_format": fmt})
     assert r.status_code == 400 and "response_format" in r.json()["error"]["message"]
     assert chat(server.url, {"max_tokens": 2}).status_code == 200
+
+
+def test_schema_past_the_grammar_bound_is_a_400(server):
+    """A ~630 KB schema (the probe's) would take the shards over half a second to compile: refused at the edge."""
+    big = {"type": "object", "properties": {f"field_{i}_{'x' * 40}": {"enum": [f"v{i}_{j}" for j in range(5)]}
+                                            for i in range(3400)}}
+    r = chat(server.url, {"response_format": {"type": "json_schema", "json_schema": {"name": "big", "schema": big}}})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == "response_format" and "262144" in r.json()["error"]["message"]
+
+
+def test_a_prepared_grammar_is_never_compiled_on_the_engine_thread(llama_dir, monkeypatch):
+    """PrepareGrammar compiles into the shard's cache; the step's matcher then only copies (its compile path
+    would raise here)."""
+    from router.structured import json_grammar
+    from shard.grammar import Grammars
+
+    from transformers import AutoConfig
+
+    grammars = Grammars(str(llama_dir), AutoConfig.from_pretrained(llama_dir).vocab_size)
+    grammar = json_grammar(SCHEMAS[0])
+    assert grammars.prepare(grammar) == ""
+    assert grammars.prepare(json_grammar({"type": "string", "pattern": "[a-z"})).startswith("bad grammar")
+    monkeypatch.setattr(grammars, "_compile", lambda g: pytest.fail("compiled on the step path"))
+    assert not grammars.matcher(grammar).is_error()
