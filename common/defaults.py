@@ -10,6 +10,8 @@ DEFAULT_MAX_BATCH_PREFILL_TOKENS = 4096  # `--max-batch-prefill-tokens`
 
 DEFAULT_MAX_CONCURRENT_REQUESTS = 128  # `--max-concurrent-requests`: queued + running requests
 DEFAULT_MAX_ACTIVE_ADAPTERS = 128  # `--max-active-adapters`: distinct adapters in the running batch
+# `--adapter-cycle-time-s` (LoRAX's flag): how long a request waiting for an adapter slot may be passed over.
+DEFAULT_ADAPTER_CYCLE_TIME_S = 2.0
 DEFAULT_MAX_QUEUE_TIME_S = 600.0  # `--max-queue-time`: a request not admitted within this fails with 503
 
 DEFAULT_MAX_REQUEST_BYTES = 4 << 20  # `--max-request-bytes`

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.defaults import (
+    DEFAULT_ADAPTER_CYCLE_TIME_S,
     DEFAULT_ADAPTER_HOST_CACHE_BYTES,
     DEFAULT_ADAPTER_MEMORY_FRACTION,
     DEFAULT_ADAPTER_PAGE_RANK,
@@ -105,17 +106,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-concurrent-requests", metavar="N", type=positive_int, default=DEFAULT_MAX_CONCURRENT_REQUESTS,
                    help="Requests accepted at once (queued + running); more are answered with 429 (default: %(default)s).")
     p.add_argument("--max-active-adapters", metavar="N", type=positive_int, default=DEFAULT_MAX_ACTIVE_ADAPTERS,
-                   help="Adapters that may be scheduled in the running batch at once (default: %(default)s).")
+                   help="Adapters that may be scheduled in the running batch at once (default: %(default)s); "
+                   "each takes at least one adapter-pool page, so a smaller pool caps it: the start-up log says "
+                   "the real limit, as /info and vllm:lora_requests_info's max_lora do.")
+    p.add_argument("--adapter-cycle-time-s", metavar="SECONDS", type=positive_float,
+                   default=DEFAULT_ADAPTER_CYCLE_TIME_S,
+                   help="A request whose adapter cannot get a slot in the running batch lets the requests behind it "
+                   "go first for at most this long; then admission waits for it, so it never starves "
+                   "(default: %(default)s).")
     p.add_argument("--adapter-memory-fraction", metavar="F", type=float, default=DEFAULT_ADAPTER_MEMORY_FRACTION,
-                   help="Share of the shard's memory (free GPU memory on cuda, the KV cache budget on cpu) held "
-                   "by the paged adapter pool (default: %(default)s).")
+                   help="Share of the shard's memory (free GPU memory on cuda; on cpu the host memory available, "
+                   "shared by its ranks) held by the paged adapter pool and the running adapters' rows, up to what "
+                   "--max-active-adapters adapters of rank 64 take (default: %(default)s).")
     p.add_argument("--adapter-pool-pages", metavar="N", type=positive_int, default=None,
                    help="Size the adapter pool in pages instead (a page holds "
                    f"{DEFAULT_ADAPTER_PAGE_RANK} LoRA ranks of every layer).")
     p.add_argument("--adapter-host-cache-mb", metavar="MB", type=positive_int,
                    default=DEFAULT_ADAPTER_HOST_CACHE_BYTES >> 20,
                    help="Bound of the host-memory LRU cache of adapters paged out of the pool; adapters "
-                   "evicted from it are re-read from disk (default: %(default)s).")
+                   "evicted from it go to a spill file of the shard's own (default: %(default)s).")
     p.add_argument("--kv-cache-mb", metavar="MB", type=positive_int, default=None,
                    help=f"KV cache memory per shard. Default: {DEFAULT_GPU_MEMORY_FRACTION * 100:.0f}%% of free GPU "
                    f"memory after the weights on cuda, {DEFAULT_CPU_KV_BYTES >> 20} MB on cpu.")
@@ -282,6 +291,7 @@ def main(argv: list[str] | None = None) -> int:
         max_batch_total_tokens=limits.max_batch_total_tokens,
         max_concurrent_requests=args.max_concurrent_requests,
         max_active_adapters=args.max_active_adapters,
+        adapter_cycle_time_s=args.adapter_cycle_time_s,
         prefix_caching=args.prefix_caching,
         max_queue_time_s=args.max_queue_time,
         max_request_bytes=args.max_request_bytes,

@@ -57,18 +57,20 @@ class WarmupRequest(_message.Message):
     def __init__(self, max_input_length: _Optional[int] = ..., max_batch_prefill_tokens: _Optional[int] = ..., max_total_tokens: _Optional[int] = ..., max_batch_total_tokens: _Optional[int] = ..., max_concurrent_requests: _Optional[int] = ..., max_active_adapters: _Optional[int] = ...) -> None: ...
 
 class WarmupResponse(_message.Message):
-    __slots__ = ("num_blocks", "block_size", "max_supported_total_tokens", "adapter_pages", "adapter_page_rank")
+    __slots__ = ("num_blocks", "block_size", "max_supported_total_tokens", "adapter_pages", "adapter_page_rank", "adapter_page_bytes")
     NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_SUPPORTED_TOTAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_PAGES_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_PAGE_RANK_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_PAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     num_blocks: int
     block_size: int
     max_supported_total_tokens: int
     adapter_pages: int
     adapter_page_rank: int
-    def __init__(self, num_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., max_supported_total_tokens: _Optional[int] = ..., adapter_pages: _Optional[int] = ..., adapter_page_rank: _Optional[int] = ...) -> None: ...
+    adapter_page_bytes: int
+    def __init__(self, num_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., max_supported_total_tokens: _Optional[int] = ..., adapter_pages: _Optional[int] = ..., adapter_page_rank: _Optional[int] = ..., adapter_page_bytes: _Optional[int] = ...) -> None: ...
 
 class SamplingParameters(_message.Message):
     __slots__ = ("temperature", "top_k", "top_p", "min_p", "typical_p", "repetition_penalty", "frequency_penalty", "presence_penalty", "seed")

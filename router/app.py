@@ -65,7 +65,10 @@ async def info(request: Request):
         "max_batch_prefill_tokens": cfg.max_batch_prefill_tokens,
         "max_batch_total_tokens": backend.max_supported_total_tokens,
         "max_concurrent_requests": cfg.max_concurrent_requests,
-        "max_active_adapters": cfg.max_active_adapters,
+        # What really runs at once: --max-active-adapters, capped by the pool (each adapter takes a page).
+        "max_active_adapters": backend.scheduler.adapters.max_running,
+        "adapter_pool_pages": request.app.state.adapter_pool.adapter_pages,
+        "adapter_page_rank": request.app.state.adapter_pool.adapter_page_rank,
         "block_size": backend.scheduler.blocks.block_size,
         "prefix_caching": backend.scheduler.blocks.prefix_caching,
         "version": VERSION,
@@ -318,6 +321,7 @@ async def _start_backend(app: Starlette, config: RouterConfig) -> None:
         max_concurrent_requests=config.max_concurrent_requests,
         max_active_adapters=config.max_active_adapters,
     ))
+    app.state.adapter_pool = warm
     capacity = warm.max_supported_total_tokens
     if capacity < config.max_total_tokens:
         raise RuntimeError(f"the KV cache holds {capacity} tokens, fewer than --max-total-tokens="
@@ -336,12 +340,24 @@ async def _start_backend(app: Starlette, config: RouterConfig) -> None:
                  "length)")
     scheduler = Scheduler(client, warm.num_blocks, warm.block_size, config.max_batch_prefill_tokens,
                           config.max_concurrent_requests, config.max_active_adapters, adapters.pool_pages,
-                          config.max_queue_time_s, prefix_caching)
+                          config.max_queue_time_s, prefix_caching,
+                          adapter_cycle_time_s=config.adapter_cycle_time_s)
     app.state.backend = Backend(config, tokenizer, scheduler, capacity, app.state.shard_info.vocab_size, adapters,
                                 GrammarChecker(tokenizer, client))
     app.state.metrics.watch(scheduler, config.model_id)
     log.info("KV cache: %d blocks of %d tokens (%d tokens), prefix caching %s", warm.num_blocks, warm.block_size,
              capacity, "on" if prefix_caching else "off")
+    log.info("%s", adapter_pool_line(warm, scheduler.adapters.max_running, config.max_active_adapters))
+
+
+def adapter_pool_line(warm: pb.WarmupResponse, running: int, max_active: int) -> str:
+    """The adapter pool in what a user counts: adapters of common ranks, and what really runs at once."""
+    rank, pages = warm.adapter_page_rank, warm.adapter_pages
+    fits = ", ".join(f"{pages // -(-r // rank)} of rank {r}" for r in (8, 16, 64))
+    cap = "--max-active-adapters" if running == max_active else "the pool's pages"
+    return (f"adapter pool: {pages} pages of {rank} ranks ({warm.adapter_page_bytes / 2**20:.1f} MB each, "
+            f"{pages * warm.adapter_page_bytes / 2**30:.2f} GB): resident at once {fits}; at most {running} "
+            f"adapters run in one batch ({cap})")
 
 
 def _open_paths(config: RouterConfig) -> frozenset[str]:

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from common.defaults import (
+    DEFAULT_ADAPTER_CYCLE_TIME_S,
     DEFAULT_MAX_BATCH_PREFILL_TOKENS,
     DEFAULT_MAX_INPUT_LENGTH,
     DEFAULT_MAX_QUEUE_TIME_S,
@@ -32,6 +33,8 @@ class RouterConfig:
     max_batch_total_tokens: int = 0  # 0: whatever the shards' KV cache holds
     max_concurrent_requests: int = DEFAULT_MAX_CONCURRENT_REQUESTS
     max_active_adapters: int = DEFAULT_MAX_ACTIVE_ADAPTERS
+    adapter_cycle_time_s: float = DEFAULT_ADAPTER_CYCLE_TIME_S  # `--adapter-cycle-time-s`: how long admission
+    # may pass over a request waiting for an adapter slot
     prefix_caching: bool = True  # `--no-prefix-caching` turns it off
     api_key: str | None = None
     adapters: dict[str, str] = field(default_factory=dict)  # `--adapter NAME=SOURCE`

@@ -122,6 +122,7 @@ class Sequence:
     registered: bool = False  # the shards hold its sampling state
     shard_blocks: int = 0  # blocks of its table the shards were sent
     timer: asyncio.TimerHandle | None = None  # the queue timeout, while first WAITING
+    passed_over_since: float | None = None  # when admission first passed it over for want of an adapter slot
 
     @property
     def num_tokens(self) -> int:

@@ -7,8 +7,9 @@ last token, a prefilling one its next chunk of the prompt within the step's pref
 (--max-batch-prefill-tokens), so a long prompt runs in chunks beside the decodes instead of stalling them.
 When a running request finds no block, the newest running requests are preempted (their blocks freed, their
 cached full blocks kept for reuse) and queued again at the front; they resume by recomputing their tokens,
-exactly. Waiting requests are admitted in strict FIFO order while their first chunk fits. Text work
-(detokenization, stop strings) happens in each request's own coroutine, off this loop.
+exactly. Waiting requests are admitted in FIFO order while their first chunk fits; one whose adapter cannot
+get a slot yet is passed over for a bounded time (`_admit`). Text work (detokenization, stop strings) happens in
+each request's own coroutine, off this loop.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from common.defaults import DEFAULT_MAX_ACTIVE_ADAPTERS, DEFAULT_MAX_QUEUE_TIME_S
+from common.defaults import DEFAULT_ADAPTER_CYCLE_TIME_S, DEFAULT_MAX_ACTIVE_ADAPTERS, DEFAULT_MAX_QUEUE_TIME_S
 from proto import generate_pb2 as pb
 from router.adapter_slots import AdapterSlots
 from router.errors import redact_paths
@@ -67,6 +68,7 @@ class Scheduler:
         max_queue_time_s: float = DEFAULT_MAX_QUEUE_TIME_S,
         prefix_caching: bool = True,
         pipeline_depth: int = 2,
+        adapter_cycle_time_s: float = DEFAULT_ADAPTER_CYCLE_TIME_S,
     ):
         self.client = client
         self.blocks = BlockManager(num_blocks, block_size, prefix_caching)
@@ -74,6 +76,7 @@ class Scheduler:
         self.max_batch_prefill_tokens = max_batch_prefill_tokens
         self.max_concurrent_requests = max_concurrent_requests
         self.max_queue_time_s = max_queue_time_s
+        self.adapter_cycle_time_s = adapter_cycle_time_s
         self.num_preemptions = 0
         self.healthy = True
         self._ids = itertools.count(1)
@@ -293,17 +296,27 @@ class Scheduler:
         log.debug("preempted request %d at %d tokens", seq.id, len(seq.token_ids))
 
     def _admit(self, budget: int) -> list[tuple[Sequence, int]]:
-        """Strict FIFO admission while the first chunk fits the prefill budget, the free blocks and the adapter
-        budget.
+        """FIFO admission while the first chunk fits the prefill budget and the free blocks, and the request's
+        adapter fits the adapter budget.
 
-        Stopping at the first request that does not fit (instead of skipping it) is what keeps a request
-        for a new adapter from starving behind a stream of requests for already-active adapters.
+        A request whose adapter cannot get a slot yet does not hold up the requests behind it (those for
+        adapters already running, or that fit), as vLLM schedules; but only for --adapter-cycle-time-s since
+        it was first passed over. From then on admission stops at it: the running adapters drain, a slot frees,
+        and it runs, so no request for a new adapter starves (LoRAX cycles adapters on the same kind of timer).
+        Blocks and the prefill budget stay strictly FIFO.
         """
-        admitted = []
-        while self._waiting and budget > 0:
-            seq = self._waiting[0]
-            if seq.pending or not self.adapters.fits(seq.request):  # preempted, a token still on its way
+        admitted, now, i = [], time.monotonic(), 0
+        while i < len(self._waiting) and budget > 0:
+            seq = self._waiting[i]
+            if seq.pending:  # preempted, a token still on its way
                 break
+            if not self.adapters.fits(seq.request):
+                if seq.passed_over_since is None:
+                    seq.passed_over_since = now
+                if now - seq.passed_over_since >= self.adapter_cycle_time_s:
+                    break
+                i += 1
+                continue
             # Prompt logprobs need every prompt position computed: such a prompt reuses no cached prefix.
             fresh_logprobs = seq.request.prefill_logprobs and not seq.generated
             cached = self.blocks.admit(seq.id, seq.token_ids, seq.request.cache_key, use_cache=not fresh_logprobs)
@@ -311,7 +324,7 @@ class Scheduler:
             if self.blocks.grow(seq.id, cached + n) is None:
                 self.blocks.free(seq.id)
                 break
-            self._waiting.popleft()
+            del self._waiting[i]
             if seq.timer is not None:
                 seq.timer.cancel()
                 seq.timer = None
@@ -321,7 +334,7 @@ class Scheduler:
             # and the adapter reference back.
             self.adapters.acquire(seq.request)
             self._running[seq.id] = seq
-            seq.state, seq.computed = State.RUNNING, cached
+            seq.state, seq.computed, seq.passed_over_since = State.RUNNING, cached, None
             seq.epoch += 1
             budget -= n
             admitted.append((seq, n))

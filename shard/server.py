@@ -149,6 +149,7 @@ class ShardService(pb_grpc.ShardServicer):
         return pb.WarmupResponse(
             num_blocks=num_blocks, block_size=block_size, max_supported_total_tokens=num_blocks * block_size,
             adapter_pages=self.engine.adapter_pages, adapter_page_rank=self.engine.adapter_page_rank,
+            adapter_page_bytes=self.engine.adapters.page_bytes,
         )
 
     async def Step(self, request, context):

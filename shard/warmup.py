@@ -21,15 +21,17 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 
+import psutil
 import torch
 
-from common.defaults import DEFAULT_CPU_KV_BYTES
 from common.limits import MAX_TOP_LOGPROBS
 from shard.adapter_cache import DEFAULT_STACKS_SHARE
 from shard.engine import Chunk, Engine, SequenceRequest
 from shard.kv_cache import bytes_per_block, kv_budget_bytes, num_blocks_for_budget
 from shard.sampler import SamplingParams
 
+# The widest adapter the pool is sized for, when sized from memory: --max-active-adapters of this rank fill it.
+POOL_RANK_PER_ADAPTER = 64
 # Every logits processor on (penalties, temperature, top_k/top_p's sort, min_p, typical_p): the sampler's most
 # [rows, vocab] temporaries.
 WARMUP_SAMPLING = SamplingParams(temperature=1.0, top_k=50, top_p=0.9, min_p=0.05, typical_p=0.9,
@@ -76,7 +78,7 @@ def warm_up(engine: Engine, limits: WarmupLimits) -> int:
     given; else on CUDA 90% of free memory less the measured activation peak, on CPU 1 GiB;
     max_batch_total_tokens > 0 caps it. Drops every sequence."""
     engine.drop_kv_cache()
-    allocate_adapter_pool(engine)
+    allocate_adapter_pool(engine, limits.max_active_adapters)
     reserved = 0
     if engine.device.type == "cuda" and not engine.kv_cache_bytes:
         reserved = measure_activation_peak(engine, limits)
@@ -163,21 +165,27 @@ def _zero_adapter_shape(engine: Engine, limits: WarmupLimits, rows: int) -> tupl
     return count, free // count if count else 0
 
 
-def allocate_adapter_pool(engine: Engine) -> None:
-    """The adapter memory: adapter_memory_fraction of free CUDA memory (taken before the KV cache is sized)
-    or, on CPU, of the KV cache budget; or adapter_pool_pages pages plus the stacks' share on top. The torch
-    LoRA path keeps DEFAULT_STACKS_SHARE of it for the running adapters' dense rows (AdapterStacks)."""
+def allocate_adapter_pool(engine: Engine, max_active_adapters: int) -> None:
+    """The adapter memory: adapter_memory_fraction of free CUDA memory (taken before the KV cache is sized) or,
+    on CPU, of the host memory available (shared by the host's ranks), for at most max_active_adapters adapters
+    of rank POOL_RANK_PER_ADAPTER: a pool larger than that never fills. Or adapter_pool_pages pages, plus the
+    stacks' share on top. The torch LoRA path keeps DEFAULT_STACKS_SHARE of it for the running adapters' dense
+    rows (AdapterStacks)."""
     share = 0.0 if engine.triton_lora else DEFAULT_STACKS_SHARE
     page_bytes = engine.adapters.page_bytes
-    if engine.adapter_pool_pages is not None:
-        pages = engine.adapter_pool_pages
-        budget = int((pages + 1) * page_bytes / (1 - share))
-    else:
-        if engine.device.type == "cuda":
-            free = torch.cuda.mem_get_info(engine.device)[0]
-        else:
-            free = engine.kv_cache_bytes or DEFAULT_CPU_KV_BYTES
-        budget = int(free * engine.adapter_memory_fraction)
-        pages = max(0, int(budget * (1 - share)) // page_bytes - 1)  # the pool's zero page is in the budget
+    pages = engine.adapter_pool_pages
+    if pages is None:
+        budget = int(adapter_memory_bytes(engine) * engine.adapter_memory_fraction)
+        useful = max_active_adapters * engine.adapters.layout.pages_for(POOL_RANK_PER_ADAPTER)
+        pages = min(useful, max(0, int(budget * (1 - share)) // page_bytes - 1))  # the zero page is in the budget
     pages = engine.min_over_ranks(pages)
+    budget = int((pages + 1) * page_bytes / (1 - share))
     engine.adapters.allocate(pages, max(0, budget - (pages + 1) * page_bytes) if share else 0)
+
+
+def adapter_memory_bytes(engine: Engine) -> int:
+    """What the adapter memory fraction is a share of: free memory of this rank's GPU, or the host memory
+    available now, divided among the ranks that share the host."""
+    if engine.device.type == "cuda":
+        return torch.cuda.mem_get_info(engine.device)[0]
+    return psutil.virtual_memory().available // engine.info.world_size

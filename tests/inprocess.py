@@ -58,8 +58,11 @@ class Stack:
     """Engine ← ShardService (gRPC, unix socket) ← ShardClient ← Scheduler, all on this event loop."""
 
     def __init__(self, engine: Engine, socket_dir: Path, max_concurrent: int = 32, max_queue_time_s: float = 600.0,
-                 max_batch_prefill_tokens: int = 4096, prefix_caching: bool = True):
+                 max_batch_prefill_tokens: int = 4096, prefix_caching: bool = True, max_active_adapters: int = 4,
+                 adapter_cycle_time_s: float = 2.0):
         self.engine = engine
+        self.max_active_adapters = max_active_adapters
+        self.adapter_cycle_time_s = adapter_cycle_time_s
         self.socket = socket_dir / f"shard{next(_sockets)}.sock"
         self.max_concurrent = max_concurrent
         self.max_queue_time_s = max_queue_time_s
@@ -75,8 +78,9 @@ class Stack:
         self.client = ShardClient([str(self.socket)], step_timeout_s=30)
         e = self.engine
         self.scheduler = Scheduler(self.client, e.num_blocks, e.block_size, self.max_batch_prefill_tokens,
-                                   self.max_concurrent, max_active_adapters=4, adapter_pages=e.adapter_pages,
-                                   max_queue_time_s=self.max_queue_time_s, prefix_caching=self.prefix_caching)
+                                   self.max_concurrent, max_active_adapters=self.max_active_adapters,
+                                   adapter_pages=e.adapter_pages, max_queue_time_s=self.max_queue_time_s,
+                                   prefix_caching=self.prefix_caching, adapter_cycle_time_s=self.adapter_cycle_time_s)
         self.loop_task = asyncio.create_task(self.scheduler.run())
         return self
 
