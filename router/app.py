@@ -26,6 +26,7 @@ from router.connections import quiet_accept_errors
 from router.errors import APIError
 from router.logs import RequestLine
 from router.metrics import Metrics
+from router.prefill_budget import measured_prefill_budget
 from router.generation import (
     Generation,
     GenerationStats,
@@ -62,7 +63,7 @@ async def info(request: Request):
         "num_shard": len(cfg.shard_sockets),
         "max_input_length": cfg.max_input_length,
         "max_total_tokens": cfg.max_total_tokens,
-        "max_batch_prefill_tokens": cfg.max_batch_prefill_tokens,
+        "max_batch_prefill_tokens": backend.scheduler.max_batch_prefill_tokens,
         "max_batch_total_tokens": backend.max_supported_total_tokens,
         "max_concurrent_requests": cfg.max_concurrent_requests,
         "max_active_adapters": cfg.max_active_adapters,
@@ -317,6 +318,7 @@ async def _start_backend(app: Starlette, config: RouterConfig) -> None:
         max_batch_total_tokens=config.max_batch_total_tokens,
         max_concurrent_requests=config.max_concurrent_requests,
         max_active_adapters=config.max_active_adapters,
+        measure_step_costs=config.measure_prefill_budget,
     ))
     capacity = warm.max_supported_total_tokens
     if capacity < config.max_total_tokens:
@@ -334,7 +336,7 @@ async def _start_backend(app: Starlette, config: RouterConfig) -> None:
     if config.prefix_caching and not prefix_caching:
         log.info("prefix caching off: this model's KV depends on more than the prefix (it is recomputed past a "
                  "length)")
-    scheduler = Scheduler(client, warm.num_blocks, warm.block_size, config.max_batch_prefill_tokens,
+    scheduler = Scheduler(client, warm.num_blocks, warm.block_size, _prefill_budget(config, warm),
                           config.max_concurrent_requests, config.max_active_adapters, adapters.pool_pages,
                           config.max_queue_time_s, prefix_caching)
     app.state.backend = Backend(config, tokenizer, scheduler, capacity, app.state.shard_info.vocab_size, adapters,
@@ -342,6 +344,20 @@ async def _start_backend(app: Starlette, config: RouterConfig) -> None:
     app.state.metrics.watch(scheduler, config.model_id)
     log.info("KV cache: %d blocks of %d tokens (%d tokens), prefix caching %s", warm.num_blocks, warm.block_size,
              capacity, "on" if prefix_caching else "off")
+
+
+def _prefill_budget(config: RouterConfig, warm: pb.WarmupResponse) -> int:
+    """--max-batch-prefill-tokens, or when not given the budget sized from the step costs the shards measured."""
+    if not config.measure_prefill_budget:
+        log.info("prefill budget: %d prompt tokens per step (--max-batch-prefill-tokens)",
+                 config.max_batch_prefill_tokens)
+        return config.max_batch_prefill_tokens
+    budget = measured_prefill_budget(warm.prompt_token_ms / 1000, warm.decode_step_ms / 1000,
+                                     config.max_batch_prefill_tokens)
+    log.info("prefill budget: %d prompt tokens per step, sized from a one-row decode step of %.2f ms and %.4f ms "
+             "per prompt token (at most %d; --max-batch-prefill-tokens sets it)", budget, warm.decode_step_ms,
+             warm.prompt_token_ms, config.max_batch_prefill_tokens)
+    return budget
 
 
 def _open_paths(config: RouterConfig) -> frozenset[str]:
