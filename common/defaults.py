@@ -6,7 +6,12 @@ from __future__ import annotations
 # LoRAX's token limits; the launcher shrinks them to fit the model's context when not given explicitly.
 DEFAULT_MAX_INPUT_LENGTH = 1024  # `--max-input-length`
 DEFAULT_MAX_TOTAL_TOKENS = 2048  # `--max-total-tokens`
-DEFAULT_MAX_BATCH_PREFILL_TOKENS = 4096  # `--max-batch-prefill-tokens`
+# `--max-batch-prefill-tokens` when not given: sized at warmup so that a step with a prompt chunk costs about
+# PREFILL_STEP_DECODES one-row decode steps (router/prefill_budget.py), within [MIN_MEASURED_PREFILL_BUDGET,
+# max(--max-input-length, DEFAULT_MAX_BATCH_PREFILL_TOKENS)].
+DEFAULT_MAX_BATCH_PREFILL_TOKENS = 4096
+PREFILL_STEP_DECODES = 4
+MIN_MEASURED_PREFILL_BUDGET = 128
 
 DEFAULT_MAX_CONCURRENT_REQUESTS = 128  # `--max-concurrent-requests`: queued + running requests
 DEFAULT_MAX_ACTIVE_ADAPTERS = 128  # `--max-active-adapters`: distinct adapters in the running batch

@@ -25,6 +25,8 @@ from common.defaults import (
     DEFAULT_MAX_QUEUE_TIME_S,
     DEFAULT_MAX_REQUEST_BYTES,
     DEFAULT_MAX_TOTAL_TOKENS,
+    MIN_MEASURED_PREFILL_BUDGET,
+    PREFILL_STEP_DECODES,
 )
 from common.logs import log_handler
 from launcher.model_source import ModelSourceError, max_position_embeddings, resolve_model
@@ -98,8 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "capped at the model's max_position_embeddings.")
     p.add_argument("--max-batch-prefill-tokens", metavar="N", type=positive_int, default=None,
                    help="Most prompt tokens computed in one batch step, beside the running decodes; longer prompts "
-                   f"are prefilled in chunks over several steps. Default: {DEFAULT_MAX_BATCH_PREFILL_TOKENS}, "
-                   "at least --max-input-length.")
+                   "are prefilled in chunks over several steps. Default: sized at warmup from the measured cost of a "
+                   "prompt token against a decode step, so that a step with a chunk costs about "
+                   f"{PREFILL_STEP_DECODES} decode steps; at least {MIN_MEASURED_PREFILL_BUDGET}, at most "
+                   f"max(--max-input-length, {DEFAULT_MAX_BATCH_PREFILL_TOKENS}) (and --max-batch-total-tokens).")
     p.add_argument("--max-batch-total-tokens", metavar="N", type=positive_int, default=None,
                    help="Most tokens (prompt + generated) of all running requests together. "
                    "Default: whatever fits in the shards' KV cache.")
@@ -154,13 +158,15 @@ def build_parser() -> argparse.ArgumentParser:
 class Limits:
     max_input_length: int
     max_total_tokens: int
-    max_batch_prefill_tokens: int
+    max_batch_prefill_tokens: int  # with measure_prefill_budget, the most the measured budget may be
     max_batch_total_tokens: int  # 0: whatever the shards' KV cache holds
+    measure_prefill_budget: bool  # --max-batch-prefill-tokens not given: sized at warmup
 
 
 def derive_limits(args: argparse.Namespace, max_positions: int | None) -> Limits:
-    """Fills the unset token limits from LoRAX's defaults, shrunk to fit the model and the explicit flags;
-    raises FlagError naming the flag when explicit values contradict each other or the model."""
+    """Fills the unset token limits from LoRAX's defaults, shrunk to fit the model and the explicit flags (an
+    unset prefill budget is measured at warmup, up to LoRAX's default); raises FlagError naming the flag when
+    explicit values contradict each other or the model."""
     batch_total = args.max_batch_total_tokens or 0
     total = args.max_total_tokens
     if total is None:
@@ -181,7 +187,7 @@ def derive_limits(args: argparse.Namespace, max_positions: int | None) -> Limits
         raise FlagError(f"--max-batch-total-tokens ({batch_total}) must be >= --max-total-tokens ({total})")
     if batch_total and prefill > batch_total:
         raise FlagError(f"--max-batch-prefill-tokens ({prefill}) must be <= --max-batch-total-tokens ({batch_total})")
-    return Limits(max_input, total, prefill, batch_total)
+    return Limits(max_input, total, prefill, batch_total, args.max_batch_prefill_tokens is None)
 
 
 def resolve_device(args: argparse.Namespace) -> tuple[str, str, int]:
@@ -289,6 +295,7 @@ def main(argv: list[str] | None = None) -> int:
         max_total_tokens=limits.max_total_tokens,
         max_batch_prefill_tokens=limits.max_batch_prefill_tokens,
         max_batch_total_tokens=limits.max_batch_total_tokens,
+        measure_prefill_budget=limits.measure_prefill_budget,
         max_concurrent_requests=args.max_concurrent_requests,
         max_active_adapters=args.max_active_adapters,
         adapter_cycle_time_s=args.adapter_cycle_time_s,

@@ -41,36 +41,42 @@ class HealthResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class WarmupRequest(_message.Message):
-    __slots__ = ("max_input_length", "max_batch_prefill_tokens", "max_total_tokens", "max_batch_total_tokens", "max_concurrent_requests", "max_active_adapters")
+    __slots__ = ("max_input_length", "max_batch_prefill_tokens", "max_total_tokens", "max_batch_total_tokens", "max_concurrent_requests", "max_active_adapters", "measure_step_costs")
     MAX_INPUT_LENGTH_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_PREFILL_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_TOTAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_TOTAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_CONCURRENT_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     MAX_ACTIVE_ADAPTERS_FIELD_NUMBER: _ClassVar[int]
+    MEASURE_STEP_COSTS_FIELD_NUMBER: _ClassVar[int]
     max_input_length: int
     max_batch_prefill_tokens: int
     max_total_tokens: int
     max_batch_total_tokens: int
     max_concurrent_requests: int
     max_active_adapters: int
-    def __init__(self, max_input_length: _Optional[int] = ..., max_batch_prefill_tokens: _Optional[int] = ..., max_total_tokens: _Optional[int] = ..., max_batch_total_tokens: _Optional[int] = ..., max_concurrent_requests: _Optional[int] = ..., max_active_adapters: _Optional[int] = ...) -> None: ...
+    measure_step_costs: bool
+    def __init__(self, max_input_length: _Optional[int] = ..., max_batch_prefill_tokens: _Optional[int] = ..., max_total_tokens: _Optional[int] = ..., max_batch_total_tokens: _Optional[int] = ..., max_concurrent_requests: _Optional[int] = ..., max_active_adapters: _Optional[int] = ..., measure_step_costs: _Optional[bool] = ...) -> None: ...
 
 class WarmupResponse(_message.Message):
-    __slots__ = ("num_blocks", "block_size", "max_supported_total_tokens", "adapter_pages", "adapter_page_rank", "adapter_page_bytes")
+    __slots__ = ("num_blocks", "block_size", "max_supported_total_tokens", "adapter_pages", "adapter_page_rank", "decode_step_ms", "prompt_token_ms", "adapter_page_bytes")
     NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_SUPPORTED_TOTAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_PAGES_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_PAGE_RANK_FIELD_NUMBER: _ClassVar[int]
+    DECODE_STEP_MS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKEN_MS_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_PAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     num_blocks: int
     block_size: int
     max_supported_total_tokens: int
     adapter_pages: int
     adapter_page_rank: int
+    decode_step_ms: float
+    prompt_token_ms: float
     adapter_page_bytes: int
-    def __init__(self, num_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., max_supported_total_tokens: _Optional[int] = ..., adapter_pages: _Optional[int] = ..., adapter_page_rank: _Optional[int] = ..., adapter_page_bytes: _Optional[int] = ...) -> None: ...
+    def __init__(self, num_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., max_supported_total_tokens: _Optional[int] = ..., adapter_pages: _Optional[int] = ..., adapter_page_rank: _Optional[int] = ..., decode_step_ms: _Optional[float] = ..., prompt_token_ms: _Optional[float] = ..., adapter_page_bytes: _Optional[int] = ...) -> None: ...
 
 class SamplingParameters(_message.Message):
     __slots__ = ("temperature", "top_k", "top_p", "min_p", "typical_p", "repetition_penalty", "frequency_penalty", "presence_penalty", "seed")

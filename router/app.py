@@ -26,6 +26,7 @@ from router.connections import quiet_accept_errors
 from router.errors import APIError
 from router.logs import RequestLine
 from router.metrics import Metrics
+from router.prefill_budget import measured_prefill_budget
 from router.generation import (
     Generation,
     GenerationStats,
@@ -62,13 +63,13 @@ async def info(request: Request):
         "num_shard": len(cfg.shard_sockets),
         "max_input_length": cfg.max_input_length,
         "max_total_tokens": cfg.max_total_tokens,
-        "max_batch_prefill_tokens": cfg.max_batch_prefill_tokens,
+        "max_batch_prefill_tokens": backend.scheduler.max_batch_prefill_tokens,
         "max_batch_total_tokens": backend.max_supported_total_tokens,
         "max_concurrent_requests": cfg.max_concurrent_requests,
         # What really runs at once: --max-active-adapters, capped by the pool (each adapter takes a page).
         "max_active_adapters": backend.scheduler.adapters.max_running,
-        "adapter_pool_pages": request.app.state.adapter_pool.adapter_pages,
-        "adapter_page_rank": request.app.state.adapter_pool.adapter_page_rank,
+        "adapter_pool_pages": request.app.state.warmup.adapter_pages,
+        "adapter_page_rank": request.app.state.warmup.adapter_page_rank,
         "block_size": backend.scheduler.blocks.block_size,
         "prefix_caching": backend.scheduler.blocks.prefix_caching,
         "version": VERSION,
@@ -320,8 +321,9 @@ async def _start_backend(app: Starlette, config: RouterConfig) -> None:
         max_batch_total_tokens=config.max_batch_total_tokens,
         max_concurrent_requests=config.max_concurrent_requests,
         max_active_adapters=config.max_active_adapters,
+        measure_step_costs=config.measure_prefill_budget,
     ))
-    app.state.adapter_pool = warm
+    app.state.warmup = warm
     capacity = warm.max_supported_total_tokens
     if capacity < config.max_total_tokens:
         raise RuntimeError(f"the KV cache holds {capacity} tokens, fewer than --max-total-tokens="
@@ -338,7 +340,7 @@ async def _start_backend(app: Starlette, config: RouterConfig) -> None:
     if config.prefix_caching and not prefix_caching:
         log.info("prefix caching off: this model's KV depends on more than the prefix (it is recomputed past a "
                  "length)")
-    scheduler = Scheduler(client, warm.num_blocks, warm.block_size, config.max_batch_prefill_tokens,
+    scheduler = Scheduler(client, warm.num_blocks, warm.block_size, _prefill_budget(config, warm),
                           config.max_concurrent_requests, config.max_active_adapters, adapters.pool_pages,
                           config.max_queue_time_s, prefix_caching,
                           adapter_cycle_time_s=config.adapter_cycle_time_s)
@@ -358,6 +360,20 @@ def adapter_pool_line(warm: pb.WarmupResponse, running: int, max_active: int) ->
     return (f"adapter pool: {pages} pages of {rank} ranks ({warm.adapter_page_bytes / 2**20:.1f} MB each, "
             f"{pages * warm.adapter_page_bytes / 2**30:.2f} GB): resident at once {fits}; at most {running} "
             f"adapters run in one batch ({cap})")
+
+
+def _prefill_budget(config: RouterConfig, warm: pb.WarmupResponse) -> int:
+    """--max-batch-prefill-tokens, or when not given the budget sized from the step costs the shards measured."""
+    if not config.measure_prefill_budget:
+        log.info("prefill budget: %d prompt tokens per step (--max-batch-prefill-tokens)",
+                 config.max_batch_prefill_tokens)
+        return config.max_batch_prefill_tokens
+    budget = measured_prefill_budget(warm.prompt_token_ms / 1000, warm.decode_step_ms / 1000,
+                                     config.max_batch_prefill_tokens)
+    log.info("prefill budget: %d prompt tokens per step, sized from a one-row decode step of %.2f ms and %.4f ms "
+             "per prompt token (at most %d; --max-batch-prefill-tokens sets it)", budget, warm.decode_step_ms,
+             warm.prompt_token_ms, config.max_batch_prefill_tokens)
+    return budget
 
 
 def _open_paths(config: RouterConfig) -> frozenset[str]:

@@ -29,7 +29,9 @@ class RouterConfig:
     port: int = 8080
     max_input_length: int = DEFAULT_MAX_INPUT_LENGTH
     max_total_tokens: int = DEFAULT_MAX_TOTAL_TOKENS
+    # Prompt tokens per step: `--max-batch-prefill-tokens`, or the most a budget measured at warmup may be.
     max_batch_prefill_tokens: int = DEFAULT_MAX_BATCH_PREFILL_TOKENS
+    measure_prefill_budget: bool = True  # the flag was not given: sized from the shards' step costs
     max_batch_total_tokens: int = 0  # 0: whatever the shards' KV cache holds
     max_concurrent_requests: int = DEFAULT_MAX_CONCURRENT_REQUESTS
     max_active_adapters: int = DEFAULT_MAX_ACTIVE_ADAPTERS

@@ -4,7 +4,8 @@ Every loop iteration is one `Step` on the shards. The scheduler owns the KV bloc
 request takes blocks as it grows, starting from the cached blocks of its longest prefix computed before
 under the same adapter. Each step, running requests come first, oldest first: a decoding one computes its
 last token, a prefilling one its next chunk of the prompt within the step's prefill-token budget
-(--max-batch-prefill-tokens), so a long prompt runs in chunks beside the decodes instead of stalling them.
+(--max-batch-prefill-tokens, else sized at warmup: router/prefill_budget.py), so a long prompt runs in chunks beside
+the decodes instead of stalling them.
 When a running request finds no block, the newest running requests are preempted (their blocks freed, their
 cached full blocks kept for reuse) and queued again at the front; they resume by recomputing their tokens,
 exactly. Waiting requests are admitted in FIFO order while their first chunk fits; one whose adapter cannot

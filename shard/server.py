@@ -25,6 +25,7 @@ import torch
 from proto import generate_pb2 as pb
 from proto import generate_pb2_grpc as pb_grpc
 from shard.engine import AdapterError, Chunk, Engine, SamplingParams, SequenceRequest, TokenResult
+from shard.step_costs import measure_step_costs
 
 log = logging.getLogger("loom.shard")
 
@@ -146,11 +147,15 @@ class ShardService(pb_grpc.ShardServicer):
             request.max_concurrent_requests, request.max_active_adapters,
         )
         block_size = self.engine.info.block_size
-        return pb.WarmupResponse(
+        reply = pb.WarmupResponse(
             num_blocks=num_blocks, block_size=block_size, max_supported_total_tokens=num_blocks * block_size,
             adapter_pages=self.engine.adapter_pages, adapter_page_rank=self.engine.adapter_page_rank,
             adapter_page_bytes=self.engine.adapters.page_bytes,
         )
+        if request.measure_step_costs:
+            costs = await self._run(measure_step_costs, self.engine, request.max_batch_prefill_tokens)
+            reply.decode_step_ms, reply.prompt_token_ms = costs.decode_step_s * 1000, costs.prompt_token_s * 1000
+        return reply
 
     async def Step(self, request, context):
         await self._refuse_if_failed(context)
