@@ -126,11 +126,11 @@ def measure_activation_peak(engine: Engine, limits: WarmupLimits) -> int:
 
 
 def prepare_padded_decode(engine: Engine, limits: WarmupLimits) -> None:
-    """The padded decode's buffers (and CUDA graphs) for the limits' largest decode step, sequences as long as
-    the model's positions (or the cache's blocks) allow."""
+    """The padded decode's buffers (and CUDA graphs) for the limits' largest decode step, with sequences as
+    long as the model's positions allow (the same on the measuring cache as on the real one)."""
     if engine.decode_runner is not None:
-        max_blocks = min(engine.num_blocks, engine.blocks_for(engine.info.max_position_embeddings))
-        engine.decode_runner.prepare(limits.max_concurrent_requests, limits.max_active_adapters, max_blocks,
+        engine.decode_runner.prepare(limits.max_concurrent_requests, limits.max_active_adapters,
+                                     engine.blocks_for(engine.info.max_position_embeddings),
                                      scratch_block=engine.num_blocks)
 
 
