@@ -1,4 +1,4 @@
-"""The GPU kit (bench/gpu_check) cannot rot while no GPU is lent: its dry run (`GPU_CHECK_DRY=1 make gpu-check`)
+"""The GPU kit (bench/gpu_check) cannot rot while no GPU is at hand: its dry run (`GPU_CHECK_DRY=1 make gpu-check`)
 runs every stage on CPU with tiny sizes and must pass, token parity included; and the wheel list `make
 gpu-wheels` carries to the GPU machine is exactly what its image lacks or has too old."""
 

@@ -20,7 +20,7 @@ short): a stage that fails or is cut is reported with what it had recorded, and 
 
 GPU_CHECK_DRY=1 (or --dry): the same stages on CPU with tiny sizes, the Triton kernels through Triton's
 interpreter, the wheels only checked to install for CPython 3.12; exits non-zero on any stage error, so the
-kit cannot rot while no GPU is lent (tests/test_gpu_check.py runs it).
+kit cannot rot while no GPU is at hand (tests/test_gpu_check.py runs it).
 """
 
 from __future__ import annotations

@@ -85,7 +85,7 @@ def random_llama(path: Path, fields: dict, device: str, seed: int = 0) -> Path:
     from safetensors.torch import save_file
     from transformers import LlamaConfig
 
-    if (path / "model.safetensors").is_file():
+    if path.is_dir():
         return path
     config = LlamaConfig(**fields)
     hidden, inter, head = config.hidden_size, config.intermediate_size, config.head_dim
@@ -105,9 +105,11 @@ def random_llama(path: Path, fields: dict, device: str, seed: int = 0) -> Path:
     tensors = {name: (torch.ones(shape) if len(shape) == 1 else
                       (torch.randn(shape, generator=gen, device=device) * 0.02).to(torch.bfloat16).cpu())
                for name, shape in shapes.items()}
-    path.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
-    config.save_pretrained(path)
+    partial = path.with_name(path.name + ".partial")  # a stage cut while writing leaves no half checkpoint
+    partial.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(partial)
+    save_file(tensors, partial / "model.safetensors", metadata={"format": "pt"})
+    partial.rename(path)
     return path
 
 
@@ -126,8 +128,10 @@ def bench_engine(sizes: Sizes, work: Path, padded: bool) -> tuple[Engine, list[s
     config = json.loads((model / "config.json").read_text())
     files = [work / f"bench-adapter{i}" for i in range(sizes.adapter_files)]
     for i, path in enumerate(files):
-        if not (path / "adapter_model.safetensors").is_file():
-            write_lora_adapter(path, config, RANK, list(LORA_TARGETS), seed=i, alpha=2 * RANK, dtype=torch.bfloat16)
+        if not path.is_dir():
+            partial = write_lora_adapter(path.with_name(path.name + ".partial"), config, RANK, list(LORA_TARGETS),
+                                         seed=i, alpha=2 * RANK, dtype=torch.bfloat16)
+            partial.rename(path)
     cuda = sizes.device == "cuda"
     engine = Engine(str(model), device=sizes.device, dtype=torch.bfloat16 if cuda else torch.float32,
                     adapter_pool_pages=2 * sizes.bench_adapters + 8, adapter_host_cache_bytes=16 << 30,
