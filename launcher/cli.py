@@ -150,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--public-metrics", action="store_true",
                    help="Answer /metrics without the API key (for the inference extension's endpoint picker and "
                    "Prometheus, which scrape without credentials).")
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="Run every step eagerly: no CUDA graphs for decode steps (vLLM's flag). Graphs are opt-in "
+                   "with LOOM_CUDA_GRAPHS=1 until verified on a GPU (README, \"What has and has not run on a GPU\").")
     p.add_argument("--json-output", action="store_true", help="Log as JSON lines; the shards and router see LOOM_LOG_FORMAT=json in their environment.")
     return p
 
@@ -316,11 +319,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def shard_flags(args: argparse.Namespace) -> list[str]:
-    """Memory settings every shard gets on its command line."""
+    """Memory and execution settings every shard gets on its command line."""
     flags = ["--adapter-memory-fraction", str(args.adapter_memory_fraction),
              "--adapter-host-cache-bytes", str(args.adapter_host_cache_mb << 20)]
     if args.adapter_pool_pages:
         flags += ["--adapter-pool-pages", str(args.adapter_pool_pages)]
     if args.kv_cache_mb:
         flags += ["--kv-cache-bytes", str(args.kv_cache_mb << 20)]
+    if args.enforce_eager:
+        flags.append("--enforce-eager")
     return flags

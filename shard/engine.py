@@ -24,6 +24,7 @@ from common.defaults import (
 )
 from shard.adapter_cache import AdapterCache
 from shard.attention import batch_metadata, decode_kernel, decode_metadata, prefill_metadata
+from shard.decode_graphs import DecodeRunner, graphs_requested
 from shard.kv_cache import DEFAULT_BLOCK_SIZE, allocate_kv_cache
 from shard.lora import AdapterError, HostAdapter, PageLayout, projection_shapes
 from shard.models import head_dim_of
@@ -70,7 +71,10 @@ class Engine:
                  adapter_memory_fraction: float = DEFAULT_ADAPTER_MEMORY_FRACTION,
                  adapter_pool_pages: int | None = None,
                  adapter_host_cache_bytes: int = DEFAULT_ADAPTER_HOST_CACHE_BYTES,
-                 adapter_page_rank: int = DEFAULT_ADAPTER_PAGE_RANK):
+                 adapter_page_rank: int = DEFAULT_ADAPTER_PAGE_RANK, enforce_eager: bool = False,
+                 padded_decode: bool | None = None):
+        """padded_decode: decode-only steps padded to fixed buckets (shard/decode_graphs.py), captured as CUDA
+        graphs on CUDA unless enforce_eager; None: where LOOM_CUDA_GRAPHS=1 asks for graphs."""
         self.device = torch.device(device)
         self.dtype = dtype
         self.block_size = block_size
@@ -103,6 +107,12 @@ class Engine:
         # Triton SGMV instead of the torch LoRA path: CUDA only, opt-in until checked on a GPU.
         self.triton_lora = self.device.type == "cuda" and os.environ.get("LOOM_TRITON_LORA") == "1"
         self.decode_kernel = decode_kernel(self.device, dtype)  # built now, never while serving
+        if padded_decode is None:
+            padded_decode = graphs_requested(self.device, tp_size, enforce_eager)
+        self.decode_runner = DecodeRunner(self.model, self.adapters, block_size, self.device, self.decode_kernel,
+                                          capture=self.device.type == "cuda" and not enforce_eager) \
+            if padded_decode else None
+        self.reserved_bytes = 0  # activation (and graph) memory the last warmup measured and kept free
         self.grammars = Grammars(model_dir, config.vocab_size)
 
     @property
@@ -116,9 +126,12 @@ class Engine:
         return self._num_blocks
 
     def install_kv_cache(self, num_blocks: int) -> None:
-        """A zeroed KV cache of `num_blocks` blocks in place of the current one; drops every sequence."""
+        """A zeroed KV cache of `num_blocks` blocks in place of the current one (and the padded decode's scratch
+        block past them); drops every sequence."""
         info = self.info
-        caches = allocate_kv_cache(info.num_layers, num_blocks, self.block_size, self.model.local_kv_heads,
+        self._reset_decode_runner()
+        spare = 1 if self.decode_runner else 0
+        caches = allocate_kv_cache(info.num_layers, num_blocks + spare, self.block_size, self.model.local_kv_heads,
                                    info.head_dim, self.dtype, self.device)
         self.model.set_kv_cache(caches)
         self._num_blocks = num_blocks
@@ -126,9 +139,14 @@ class Engine:
 
     def drop_kv_cache(self) -> None:
         """Frees the KV cache (until the next install) and drops every sequence."""
+        self._reset_decode_runner()
         self.model.set_kv_cache([torch.empty(0)] * self.info.num_layers)
         self._num_blocks = 0
         self._forget_all()
+
+    def _reset_decode_runner(self) -> None:
+        if self.decode_runner is not None:  # its graphs point into the KV cache being replaced
+            self.decode_runner.reset()
 
     def _forget(self, seq_id: int) -> None:
         seq = self.sequences.pop(seq_id, None)
@@ -330,7 +348,7 @@ class Engine:
         logprobs where they were asked."""
         chunks = decodes + prefills
         seqs = [self.sequences[c.id] for c in chunks]
-        bs, dev = self.block_size, self.device
+        bs = self.block_size
         ids, positions, slots = [], [], []
         for chunk, seq in zip(chunks, seqs):
             end = chunk.start + chunk.num_tokens
@@ -338,19 +356,12 @@ class Engine:
             positions += range(chunk.start, end)
             slots += [seq.table[p // bs] * bs + p % bs for p in range(chunk.start, end)]
         lengths = [len(seq.row.token_ids) for seq in seqs]
-        nd = len(decodes)
-        slot_t = torch.tensor(slots, device=dev)
-        decode = prefill = None
-        if decodes:
-            decode = decode_metadata([s.table for s in seqs[:nd]], [c.start + 1 for c in decodes], slot_t[:nd], bs,
-                                     self.model.sliding_window, lengths[:nd], self.decode_kernel)
-        if prefills:
-            prefill = prefill_metadata([c.num_tokens for c in prefills], slot_t[nd:], self.model.sliding_window,
-                                       lengths[nd:], [c.start for c in prefills], [s.table for s in seqs[nd:]], bs)
-        meta = batch_metadata(decode, prefill)
-        lora = self.adapters.lora_batch([s.adapter_id for s in seqs], [c.num_tokens for c in chunks],
-                                        self.triton_lora)
-        hidden = self.model(torch.tensor(ids, device=dev), torch.tensor(positions, device=dev), meta, lora)
+        hidden = None
+        if self.decode_runner is not None and not prefills:
+            hidden = self.decode_runner.run(ids, positions, slots, [s.table for s in seqs], lengths,
+                                            [s.adapter_id for s in seqs])
+        if hidden is None:
+            hidden = self._run_model(decodes, prefills, seqs, ids, positions, slots, lengths)
         sampled, row = [], 0
         for chunk, seq, n in zip(chunks, seqs, lengths):
             if seq.prompt_logprobs is not None:
@@ -360,6 +371,23 @@ class Engine:
             if chunk.start + chunk.num_tokens == n:
                 sampled.append((chunk, hidden[row - 1]))
         return sampled
+
+    def _run_model(self, decodes: list[Chunk], prefills: list[Chunk], seqs: list[Sequence], ids: list[int],
+                   positions: list[int], slots: list[int], lengths: list[int]) -> torch.Tensor:
+        """The model over the step's tokens as they are, unpadded: [tokens, hidden]."""
+        bs, dev, nd = self.block_size, self.device, len(decodes)
+        slot_t = torch.tensor(slots, device=dev)
+        decode = prefill = None
+        if decodes:
+            decode = decode_metadata([s.table for s in seqs[:nd]], [c.start + 1 for c in decodes], slot_t[:nd], bs,
+                                     self.model.sliding_window, lengths[:nd], self.decode_kernel)
+        if prefills:
+            prefill = prefill_metadata([c.num_tokens for c in prefills], slot_t[nd:], self.model.sliding_window,
+                                       lengths[nd:], [c.start for c in prefills], [s.table for s in seqs[nd:]], bs)
+        lora = self.adapters.lora_batch([s.adapter_id for s in seqs], [c.num_tokens for c in decodes + prefills],
+                                        self.triton_lora)
+        return self.model(torch.tensor(ids, device=dev), torch.tensor(positions, device=dev),
+                          batch_metadata(decode, prefill), lora)
 
     def _sample(self, logits: torch.Tensor, rows: list[SamplerRow]) -> SamplerOutput:
         out = sample(logits, rows)

@@ -31,7 +31,7 @@ ALL_FLAGS = [
     "--model-id", "--port", "--hostname", "--num-shard", "--device", "--dtype", "--adapter",
     "--local-adapter-root", "--adapter-source", "--max-input-length", "--max-total-tokens",
     "--max-batch-prefill-tokens", "--max-batch-total-tokens", "--max-concurrent-requests",
-    "--max-active-adapters", "--api-key", "--json-output",
+    "--max-active-adapters", "--api-key", "--json-output", "--enforce-eager",
 ]
 API_KEY = "secret"
 # For launches that only exist to be killed: a tiny KV cache and warmup prefill boot faster.
