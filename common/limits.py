@@ -20,3 +20,4 @@ MAX_STOP_SEQUENCES = 16
 MAX_STOP_CHARS = 512  # per stop string
 MAX_MODEL_ID_CHARS = 512  # `model` / `adapter_id`: a name, a hub id or an absolute path
 MAX_JSON_DEPTH = 64  # nesting of objects and lists in a request body
+MAX_TEMPLATE_SECONDS = 1.0  # one chat template render (the character budget: what --max-input-length can hold)

@@ -38,6 +38,7 @@ from router.scheduler import Scheduler
 from router.shard_client import ShardClient
 from router.structured import GrammarChecker
 from router.sse import DONE, sse_event
+from router.templates import TemplateRenderer
 from router.tokenization import ModelTokenizer
 
 log = logging.getLogger("loom.router")
@@ -338,8 +339,9 @@ async def _start_backend(app: Starlette, config: RouterConfig) -> None:
                           config.max_concurrent_requests, config.max_active_adapters, adapters.pool_pages,
                           config.max_queue_time_s, prefix_caching)
     app.state.backend = Backend(config, tokenizer, scheduler, capacity, app.state.shard_info.vocab_size, adapters,
-                                GrammarChecker(tokenizer))
-    app.state.metrics.watch(scheduler, config.model_id)
+                                GrammarChecker(tokenizer), TemplateRenderer())
+    await app.state.backend.templates.warm()
+    app.state.metrics.watch(scheduler, config.model_id, adapters.label)
     log.info("KV cache: %d blocks of %d tokens (%d tokens), prefix caching %s", warm.num_blocks, warm.block_size,
              capacity, "on" if prefix_caching else "off")
 
@@ -364,6 +366,7 @@ def create_app(config: RouterConfig) -> Starlette:
             loop_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await loop_task
+            await app.state.backend.templates.close()
             await app.state.backend.scheduler.client.close()
 
     app = Starlette(routes=ROUTES, lifespan=lifespan,

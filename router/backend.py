@@ -19,11 +19,12 @@ from common.limits import MAX_JSON_DEPTH, MAX_MODEL_ID_CHARS, MAX_STOP_CHARS, MA
 from proto import generate_pb2 as pb
 from router.adapters import Adapter, AdapterRegistry
 from router.config import RouterConfig
-from router.errors import bad_request
+from router.errors import APIError, bad_request
 from router.generation import GenerationRequest
 from router.scheduler import Scheduler
 from router.structured import GrammarChecker
-from router.tokenization import ModelTokenizer
+from router.templates import TemplateRenderError, TemplateRenderer
+from router.tokenization import ChatTemplateError, ModelTokenizer
 
 
 class StrictModel(BaseModel):
@@ -47,6 +48,7 @@ class Backend:
     vocab_size: int  # the model's (embedding rows), which can exceed the tokenizer's
     adapters: AdapterRegistry
     grammars: GrammarChecker
+    templates: TemplateRenderer
     started: int = field(default_factory=lambda: int(time.time()))
 
     async def resolve_model(self, name: str | None, source: str | None = None, api_token: str | None = None,
@@ -65,9 +67,31 @@ class Backend:
 
     async def encode(self, tokenizer: ModelTokenizer, text: str, param: str,
                      add_special_tokens: bool = True) -> list[int]:
-        """`text`'s token ids (checked against the character bound first), tokenized off the event loop."""
+        """`text`'s token ids (checked against the character bound first), tokenized off the event loop.
+
+        An adapter's own tokenizer can give ids the model has no row for: that is refused without naming the
+        id, which would tell a caller something about text it did not write (a template's)."""
         self.check_chars(text, tokenizer, param)
-        return await self.off_loop(tokenizer.encode, text, add_special_tokens)
+        ids = await self.off_loop(tokenizer.encode, text, add_special_tokens)
+        if ids and max(ids) >= self.vocab_size:
+            raise bad_request(f"the tokenizer turns `{param}` into token ids outside the model's vocabulary of "
+                              f"{self.vocab_size}: the adapter's tokenizer does not fit this model", param=param)
+        return ids
+
+    async def render_chat(self, adapter: Adapter | None, tokenizer: ModelTokenizer, messages: list[dict],
+                          tools: list[dict] | None = None, add_generation_prompt: bool = True,
+                          chat_template: str | None = None, template_kwargs: dict | None = None) -> str:
+        """The prompt text of a conversation, rendered in the template sandbox's worker processes under its
+        limits (router/templates.py): the adapter's template (else the base model's), or `chat_template`, a
+        request's own. Any failure is a 400 on `messages` that names the adapter and never quotes the template."""
+        owner = f"adapter '{adapter.id}'" if adapter is not None and tokenizer is not self.tokenizer else "model"
+        try:
+            source, variables = tokenizer.chat_inputs(messages, tools, add_generation_prompt, chat_template,
+                                                      template_kwargs)
+            limit = tokenizer.max_prompt_chars(self.config.max_input_length)
+            return await self.templates.render(source, variables, limit)
+        except (ChatTemplateError, TemplateRenderError) as e:
+            raise APIError(400, f"{owner}: {e}" if owner != "model" else str(e), param="messages") from None
 
     def check_input_length(self, n: int, param: str) -> None:
         if n > self.config.max_input_length:
