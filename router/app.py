@@ -12,7 +12,7 @@ import uuid
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -22,7 +22,7 @@ from router import adapter_api, native_api, openai_api
 from router.adapters import AdapterRegistry
 from router.backend import Backend, StrictModel, parse_body
 from router.config import RouterConfig
-from router.connections import quiet_accept_errors
+from router.connections import OVER_CAPACITY, quiet_accept_errors
 from router.errors import APIError
 from router.logs import RequestLine
 from router.metrics import Metrics
@@ -127,9 +127,12 @@ class GuardMiddleware:
         context = request_generations.set(generations)
         start = time.perf_counter()
         try:
+            self._admit(scope)
             self._authorize(scope)
             exchange.check_declared_length(scope)
             await exchange.run(self.app, scope)
+        except ClientDisconnect:  # gone while sending its body (or cut for being too slow): nobody to answer
+            exchange.gone = True
         except asyncio.CancelledError:
             # The server is shutting down and gave up waiting (the drain): a stream still going ends with an
             # error event (and [DONE] on /v1/*) rather than a cut connection.
@@ -155,6 +158,13 @@ class GuardMiddleware:
                 generation.close()
             if path not in UNLOGGED:
                 self._account(scope, exchange, [g.stats for g in generations], time.perf_counter() - start)
+
+    @staticmethod
+    def _admit(scope: Scope) -> None:
+        """A connection past --max-connections is answered 503 (and closed), except for /health."""
+        if scope.get("state", {}).get(OVER_CAPACITY) and scope["path"] != "/health":
+            raise APIError(503, "the server has too many open connections; retry the request",
+                           headers={"Retry-After": "1", "Connection": "close"})
 
     def _authorize(self, scope: Scope) -> None:
         if not self.api_key or scope["path"] in self.open_paths:

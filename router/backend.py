@@ -74,8 +74,9 @@ class Backend:
         self.check_chars(text, tokenizer, param)
         ids = await self.off_loop(tokenizer.encode, text, add_special_tokens)
         if ids and max(ids) >= self.vocab_size:
-            raise bad_request(f"the tokenizer turns `{param}` into token ids outside the model's vocabulary of "
-                              f"{self.vocab_size}: the adapter's tokenizer does not fit this model", param=param)
+            whose = "the model's" if tokenizer is self.tokenizer else "the adapter's"
+            raise bad_request(f"{whose} tokenizer turns `{param}` into token ids outside the model's vocabulary: "
+                              "it does not fit this model", param=param)
         return ids
 
     async def render_chat(self, adapter: Adapter | None, tokenizer: ModelTokenizer, messages: list[dict],
