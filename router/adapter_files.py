@@ -27,7 +27,7 @@ MAX_TOTAL_BYTES = 128 << 20  # everything the router reads from one adapter
 # The files the router reads (the shards read the weights); chat templates also from TEMPLATE_FOLDER.
 ROUTER_FILES = frozenset({
     "adapter_config.json", "config.json", "generation_config.json", "tokenizer_config.json",
-    "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "chat_template.json", "tokenizer.json",
+    "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "tokenizer.json",
     "tokenizer.model", "vocab.json", "vocab.txt", "merges.txt", "tiktoken.model", "tekken.json"})
 TEMPLATE_FOLDER = "additional_chat_templates"
 JSON_FILES = frozenset(n for n in ROUTER_FILES if n.endswith(".json") and n != "tokenizer.json")

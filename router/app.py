@@ -350,7 +350,7 @@ async def _start_backend(app: Starlette, config: RouterConfig) -> None:
                           config.max_queue_time_s, prefix_caching)
     app.state.backend = Backend(config, tokenizer, scheduler, capacity, app.state.shard_info.vocab_size, adapters,
                                 GrammarChecker(tokenizer), TemplateRenderer())
-    await app.state.backend.templates.warm()
+    app.state.backend.templates.warm()
     app.state.metrics.watch(scheduler, config.model_id, adapters.label)
     log.info("KV cache: %d blocks of %d tokens (%d tokens), prefix caching %s", warm.num_blocks, warm.block_size,
              capacity, "on" if prefix_caching else "off")

@@ -45,14 +45,15 @@ class TemplateFailure(Exception):
 
 
 class _Budget:
-    """The limits of one render: characters out (and in any one value) and a deadline."""
+    """The limits of one render: characters out (and in any one value), loop iterations, and a deadline in CPU
+    time of this thread (a busy machine slows a render down without making it fail)."""
 
     __slots__ = ("max_chars", "deadline", "seconds", "iterations")
 
     def __init__(self, max_chars: int, seconds: float):
         self.max_chars = max_chars
         self.seconds = seconds
-        self.deadline = time.monotonic() + seconds
+        self.deadline = time.thread_time() + seconds
         self.iterations = 0
 
     def iteration(self) -> None:
@@ -62,8 +63,9 @@ class _Budget:
         self.tick()
 
     def tick(self) -> None:
-        if time.monotonic() > self.deadline:
-            raise TemplateLimitError(f"the chat template took longer than {self.seconds:g} s to render")
+        if time.thread_time() > self.deadline:
+            raise TemplateLimitError(f"the chat template took longer than {self.seconds:g} s (of CPU time) to "
+                                     "render")
 
     def size(self, n: int, what: str = "a value") -> None:
         if n > self.max_chars:
@@ -316,11 +318,18 @@ def _template_line(tb) -> int | str:
 # -- the child process ---------------------------------------------------------------------------------------
 
 
+def _send(stdout, reply: dict) -> None:
+    data = json.dumps(reply, ensure_ascii=False).encode("utf-8", "surrogatepass")
+    stdout.write(FRAME.pack(len(data)) + data)
+    stdout.flush()
+
+
 def serve(stdin=None, stdout=None) -> None:
-    """Answers render requests until stdin closes: {"template", "context", "max_chars", "seconds"} →
-    {"text"} or {"error": "limit" | "failure", "message"}."""
+    """Says {"ready": true}, then answers render requests until stdin closes: {"template", "context",
+    "max_chars", "seconds"} → {"text"} or {"error": "limit" | "failure", "message"}."""
     stdin = stdin or sys.stdin.buffer
     stdout = stdout or sys.stdout.buffer
+    _send(stdout, {"ready": True})
     while header := stdin.read(FRAME.size):
         request = json.loads(stdin.read(FRAME.unpack(header)[0]))
         try:
@@ -330,9 +339,7 @@ def serve(stdin=None, stdout=None) -> None:
             reply = {"error": "limit", "message": str(e)}
         except TemplateFailure as e:
             reply = {"error": "failure", "message": str(e)}
-        data = json.dumps(reply, ensure_ascii=False).encode("utf-8", "surrogatepass")
-        stdout.write(FRAME.pack(len(data)) + data)
-        stdout.flush()
+        _send(stdout, reply)
 
 
 def _limit_memory(extra_bytes: int) -> None:

@@ -22,7 +22,10 @@ from router.template_sandbox import FRAME
 
 log = logging.getLogger("loom.templates")
 
-KILL_GRACE_S = 0.5  # past the sandbox's own deadline, the worker is killed
+# The sandbox's own deadline counts the worker's CPU time; past this many times it in wall time (a render stuck
+# in one long C call, or a machine so busy that it starves), the worker is killed.
+KILL_AFTER = 3
+START_TIMEOUT_S = 60.0  # for a worker to start (import jinja2) and say it is ready
 WORKER_MEMORY_BYTES = 512 << 20  # address space a worker may add to what it has after start-up
 MAX_WORKERS = 4
 # Where the `router` package lies: the worker starts there (python -m puts it on sys.path), however Loom is installed.
@@ -42,7 +45,15 @@ class _Worker:
         process = await asyncio.create_subprocess_exec(
             sys.executable, "-E", "-s", "-m", "router.template_sandbox", str(WORKER_MEMORY_BYTES),
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env=_child_env(), cwd=_PACKAGE_ROOT)
-        return cls(process)
+        worker = cls(process)
+        try:  # its start-up is not a template's time
+            await asyncio.wait_for(worker._read(), START_TIMEOUT_S)
+        except BaseException:
+            if worker.alive:
+                process.kill()
+            await process.wait()
+            raise
+        return worker
 
     @property
     def alive(self) -> bool:
@@ -52,6 +63,9 @@ class _Worker:
         data = json.dumps(request, ensure_ascii=False).encode("utf-8")
         self.process.stdin.write(FRAME.pack(len(data)) + data)
         await self.process.stdin.drain()
+        return await self._read()
+
+    async def _read(self) -> dict:
         size = FRAME.unpack(await self.process.stdout.readexactly(FRAME.size))[0]
         return json.loads(await self.process.stdout.readexactly(size))
 
@@ -71,6 +85,7 @@ class TemplateRenderer:
         self._idle: list[_Worker] = []
         self._live: set[_Worker] = set()
         self._reaping: set[asyncio.Task] = set()
+        self._warming: asyncio.Future | None = None
 
     async def render(self, source: str, context: dict[str, Any], max_chars: int) -> str:
         """`source` rendered with `context`; raises TemplateRenderError past a limit or when the template fails.
@@ -79,11 +94,11 @@ class TemplateRenderer:
         async with self._slots:
             worker = await self._take()
             try:
-                reply = await asyncio.wait_for(worker.ask(request), self.seconds + KILL_GRACE_S)
+                reply = await asyncio.wait_for(worker.ask(request), self.seconds * KILL_AFTER)
             except asyncio.TimeoutError:
                 self._kill(worker)
-                raise TemplateRenderError(f"the chat template took longer than {self.seconds:g} s to render") \
-                    from None
+                raise TemplateRenderError(f"the chat template took longer than {self.seconds * KILL_AFTER:g} s "
+                                          "to render") from None
             except (asyncio.IncompleteReadError, ConnectionError):
                 self._kill(worker)
                 raise TemplateRenderError("the chat template used more memory than it may") from None
@@ -95,14 +110,19 @@ class TemplateRenderer:
             raise TemplateRenderError(reply["message"])
         return reply["text"]
 
-    async def warm(self) -> None:
-        """Starts one worker ahead of the first chat request."""
-        if not self._live:
-            worker = await _Worker.start()
-            self._live.add(worker)
-            self._idle.append(worker)
+    def warm(self) -> None:
+        """Starts one worker in the background, ahead of the first chat request."""
+        async def start_one() -> None:
+            try:
+                self._idle.append(await self._start())
+            except Exception as e:  # the first render starts one again, and reports it
+                log.warning("a chat template worker did not start: %r", e)
+
+        self._warming = asyncio.ensure_future(start_one())
 
     async def close(self) -> None:
+        if self._warming is not None:
+            self._warming.cancel()
         for worker in list(self._live):
             self._kill(worker)
         if self._reaping:
@@ -114,6 +134,9 @@ class TemplateRenderer:
             if worker.alive:
                 return worker
             self._kill(worker)
+        return await self._start()
+
+    async def _start(self) -> _Worker:
         worker = await _Worker.start()
         self._live.add(worker)
         return worker

@@ -243,7 +243,11 @@ def _generation_eos_ids(path: Path) -> set[int]:
     eos = _read_json(generation if generation.is_file() else path / "config.json").get("eos_token_id")
     if eos is None:
         return set()
-    return {eos} if isinstance(eos, int) else set(eos)
+    ids = [eos] if isinstance(eos, int) else eos
+    if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        raise ValueError(f"{generation.name if generation.is_file() else 'config.json'}: eos_token_id must be a "
+                         "token id or a list of them")
+    return set(ids)
 
 
 def _read_json(path: Path) -> dict:

@@ -5,7 +5,6 @@ and exact page accounting for both."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import shutil
 import threading
@@ -14,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import LoomServer, install_in_hub_cache
+from tests.conftest import LoomServer
 from tests.operating import COMP, capacity_idle, metric, post, sse_payloads, stream_outcome, wait_until
 from tests.test_metrics import endpoint_picker_view
 
@@ -146,39 +145,11 @@ def test_racing_spellings_of_a_new_directory_register_it_once(ids_server, places
     assert len(set(results)) == 1 and metric(url, "loom_adapter_loads_total") == before + 1
 
 
-# ---- in process: a private hub adapter is named to nobody -----------------------------------------------------
+def test_path_redaction_runs_through_spaces_and_quotes():
+    from router.errors import redact_paths
 
-
-def test_an_adapter_fetched_with_a_token_is_neither_listed_nor_labelled(llama_dir, ops_adapters, tmp_path,
-                                                                         monkeypatch):
-    from common import hub
-    from router import adapters as registry_module
-    from router.adapters import AdapterRegistry
-    from router.metrics import Metrics
-    from router.tokenization import ModelTokenizer
-    from shard.engine import Engine
-    from tests.inprocess import Stack
-
-    snap = install_in_hub_cache(ops_adapters[0], tmp_path / "hf", "org/private")
-
-    def private_hub(repo_id, revision, patterns, what="model", token=None):
-        if token != "secret":
-            raise hub.not_found(repo_id, what)
-        return snap
-
-    monkeypatch.setattr(registry_module, "snapshot", private_hub)
-    monkeypatch.setattr(registry_module, "repo_cache_dir", lambda repo_id: snap.parent.parent)
-    monkeypatch.setattr(registry_module, "_hub_offline", lambda: False)
-    monkeypatch.delenv("HF_TOKEN", raising=False)
-    engine = Engine(str(llama_dir), kv_cache_bytes=1 << 20, adapter_pool_pages=4)
-    engine.warmup(64)
-
-    async def run():
-        async with Stack(engine, tmp_path) as stack:
-            registry = AdapterRegistry("base", ModelTokenizer.from_dir(llama_dir), stack.client, {}, [], "hub",
-                                       engine.adapter_pages, Metrics())
-            adapter = await registry.resolve("org/private", api_token="secret")
-            assert registry.listed() == [] and registry.label(adapter.id) is None
-            assert adapter.hub_ref == f"org/private@{snap.name}"
-
-    asyncio.run(run())
+    assert redact_paths("cannot read /srv/my adapters/secret dir/adapter_config.json: bad") == \
+        "cannot read adapter_config.json: bad"
+    assert redact_paths("file '/r/it's here/x y/weights.bin' is short") == "file 'weights.bin' is short"
+    assert redact_paths("adapter 'org/name' rank 8/16, see https://hf.co/org/name") == \
+        "adapter 'org/name' rank 8/16, see https://hf.co/org/name"

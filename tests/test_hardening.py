@@ -315,7 +315,7 @@ def test_stream_cut_by_shutdown_ends_with_an_error_event_and_done():
     assert body.endswith(b"data: [DONE]\n\n") and b"shutting down" in body, body
 
 
-def test_adapter_fetched_with_a_token_is_served_only_with_that_token(llama_dir, ops_adapters, tmp_path,
+def test_adapter_fetched_with_a_token_is_served_and_named_only_with_that_token(llama_dir, ops_adapters, tmp_path,
                                                                      monkeypatch):
     """The hub cannot run here: `snapshot` stands in for it, with one private repo that only the token
     'secret' may read. Everything else (registry, shard, engine) is real."""
@@ -354,6 +354,9 @@ def test_adapter_fetched_with_a_token_is_served_only_with_that_token(llama_dir, 
             registry = AdapterRegistry("base", ModelTokenizer.from_dir(llama_dir), stack.client, {}, [], "hub",
                                        engine.adapter_pages, Metrics())
             adapter = await registry.resolve("org/private", api_token="secret")
+            # Named to nobody: not in /v1/models, not in metric labels.
+            assert registry.listed() == [] and registry.label(adapter.id) is None
+            assert adapter.hub_ref == f"org/private@{snap.name}"
             for token in (None, "guess"):
                 for name in ("org/private", "org/private@main"):
                     message = await refused(registry, name, token)
