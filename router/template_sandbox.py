@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import re
 import struct
 import sys
@@ -33,6 +34,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 FRAME = struct.Struct("!I")  # the byte length of each JSON frame
 MAX_LOOP_ITERATIONS = 1_000_000  # loop bodies run in one render, all loops together
+WORKER_NICENESS = 10
 _NUMBER = re.compile(r"\d+")
 
 
@@ -357,4 +359,8 @@ if __name__ == "__main__":
         _limit_memory(int(sys.argv[1]) if len(sys.argv) > 1 else 1 << 30)
     except (OSError, ValueError, ImportError):
         pass  # not Linux: the deadline still bounds the render
+    try:
+        os.nice(WORKER_NICENESS)  # a template's work yields the CPU to the shards' and the router's
+    except (OSError, AttributeError):
+        pass
     serve()

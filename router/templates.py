@@ -86,6 +86,7 @@ class TemplateRenderer:
         self._live: set[_Worker] = set()
         self._reaping: set[asyncio.Task] = set()
         self._warming: asyncio.Future | None = None
+        self._closed = False
 
     async def render(self, source: str, context: dict[str, Any], max_chars: int) -> str:
         """`source` rendered with `context`; raises TemplateRenderError past a limit or when the template fails.
@@ -111,16 +112,25 @@ class TemplateRenderer:
         return reply["text"]
 
     def warm(self) -> None:
-        """Starts one worker in the background, ahead of the first chat request."""
+        """Starts one worker in the background, ahead of the next chat request (unless one is starting)."""
+        if self._closed or (self._warming is not None and not self._warming.done()):
+            return
+
         async def start_one() -> None:
             try:
-                self._idle.append(await self._start())
+                worker = await self._start()
             except Exception as e:  # the first render starts one again, and reports it
                 log.warning("a chat template worker did not start: %r", e)
+                return
+            if self._closed:
+                self._kill(worker)
+            else:
+                self._idle.append(worker)
 
         self._warming = asyncio.ensure_future(start_one())
 
     async def close(self) -> None:
+        self._closed = True
         if self._warming is not None:
             self._warming.cancel()
         for worker in list(self._live):
@@ -142,7 +152,8 @@ class TemplateRenderer:
         return worker
 
     def _kill(self, worker: _Worker) -> None:
-        """Kills the worker at once (no await: this runs on cancellation too) and reaps it in the background."""
+        """Kills the worker at once (no await: this runs on cancellation too), reaps it in the background, and
+        has a replacement started when no worker is left idle."""
         self._live.discard(worker)
         if worker.alive:
             try:
@@ -152,3 +163,5 @@ class TemplateRenderer:
         task = asyncio.ensure_future(worker.process.wait())
         self._reaping.add(task)
         task.add_done_callback(self._reaping.discard)
+        if not self._idle:
+            self.warm()
