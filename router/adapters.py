@@ -104,6 +104,7 @@ class AdapterRegistry:
         self._aliases: OrderedDict[tuple[str, str | None], Path] = OrderedDict()  # (spelling, source) → dir
         self._loading: dict[tuple[str, str | None], asyncio.Task] = {}
         self._registering: dict[Path, asyncio.Task] = {}  # loads under way, by directory
+        self._claimed: set[str] = set()  # ids of registrations on their way to the shards
 
     async def resolve(self, name: str | None, source: str | None = None, api_token: str | None = None,
                       param: str = "model") -> Adapter | None:
@@ -260,10 +261,14 @@ class AdapterRegistry:
                            param=param, code="invalid_adapter") from None
         hub_ref = f"{split_revision(self.named.get(name, name))[0]}@{located.path.name}" if located.hub else None
         adapter_id = self._fresh_id(name, hub_ref)
-        error, rank, pages = await self.client.load_adapter(adapter_id, str(located.path), preloaded)
-        if not error and pages > self.pool_pages:
-            await self.client.unload_adapter(adapter_id)
-            error = f"it needs {pages} adapter-pool pages and the pool has {self.pool_pages}"
+        self._claimed.add(adapter_id)  # no other registration takes this id while the shards load it
+        try:
+            error, rank, pages = await self.client.load_adapter(adapter_id, str(located.path), preloaded)
+            if not error and pages > self.pool_pages:
+                await self.client.unload_adapter(adapter_id)
+                error = f"it needs {pages} adapter-pool pages and the pool has {self.pool_pages}"
+        finally:
+            self._claimed.discard(adapter_id)
         if error:
             raise APIError(400, f"adapter '{name}' cannot be used with this model: {redact_paths(error)}",
                            param=param, code="invalid_adapter")
@@ -286,12 +291,13 @@ class AdapterRegistry:
         """`name` (a path as written, without `.` parts or doubled slashes), unless it already names another
         adapter (a branch that moved, a link pointed elsewhere): then the snapshot's `org/name@<commit>`, or
         `name#<n>`."""
+        taken = lambda i: i in self._ids or i in self._claimed  # noqa: E731
         wanted = name if name in self.named or not name.startswith("/") else str(Path(name))
-        if wanted not in self._ids:
+        if not taken(wanted):
             return wanted
-        if hub_ref is not None and hub_ref not in self._ids:
+        if hub_ref is not None and not taken(hub_ref):
             return hub_ref
-        return next(f"{wanted}#{n}" for n in itertools.count(2) if f"{wanted}#{n}" not in self._ids)
+        return next(f"{wanted}#{n}" for n in itertools.count(2) if not taken(f"{wanted}#{n}"))
 
     async def _verify_access(self, adapter: Adapter, name: str, source: str | None, token: str | None,
                              param: str) -> None:
