@@ -18,7 +18,7 @@ from pathlib import Path, PurePosixPath
 
 from common.limits import MAX_JSON_DEPTH
 
-MAX_ENTRIES = 1024  # files and folders walked in one adapter directory
+MAX_ENTRIES = 4096  # files and folders walked in one adapter directory (training checkpoints included)
 MAX_DEPTH = 8  # folders below the adapter's own
 MAX_TEMPLATE_BYTES = 1 << 20  # one chat template file
 MAX_FILE_BYTES = 64 << 20  # any other file the router reads (a large vocabulary's tokenizer.json: ~35 MB)
@@ -82,7 +82,7 @@ def read_adapter_files(directory: Path, root: Path) -> AdapterFiles:
     """Walks `directory` (a real directory inside `root`), checks that every entry resolves inside `root`, and
     reads the files the router uses. Raises AdapterFileError naming the first file that is refused."""
     files: dict[str, bytes] = {}
-    budget = [MAX_TOTAL_BYTES]
+    budget = MAX_TOTAL_BYTES
     entries = 0
     pending: list[tuple[Path, PurePosixPath, int]] = [(directory, PurePosixPath(), 0)]
     while pending:
@@ -105,8 +105,12 @@ def read_adapter_files(directory: Path, root: Path) -> AdapterFiles:
                 pending.append((real, name, depth + 1))
             elif _wanted(name):
                 limit = MAX_TEMPLATE_BYTES if name.suffix == ".jinja" else MAX_FILE_BYTES
-                files[str(name)] = _read_inside(real, root, str(name), min(limit, budget[0]))
-                budget[0] -= len(files[str(name)])
+                if limit > budget:
+                    limit, too_large = budget, f"its files are larger than {MAX_TOTAL_BYTES} bytes in all"
+                else:
+                    too_large = f"its file '{name}' is larger than {limit} bytes"
+                files[str(name)] = _read_inside(real, root, str(name), limit, too_large)
+                budget -= len(files[str(name)])
     return AdapterFiles(files)
 
 
@@ -116,7 +120,7 @@ def _wanted(name: PurePosixPath) -> bool:
         (len(parts) == 2 and parts[0] == TEMPLATE_FOLDER and name.suffix == ".jinja")
 
 
-def _read_inside(real: Path, root: Path, shown: str, limit: int) -> bytes:
+def _read_inside(real: Path, root: Path, shown: str, limit: int, too_large: str) -> bytes:
     """The bytes of the regular file at `real`, opened without following a final link (O_NOFOLLOW) or blocking
     (a FIFO), and only if the opened file itself still lies inside `root`."""
     try:
@@ -134,7 +138,7 @@ def _read_inside(real: Path, root: Path, shown: str, limit: int) -> bytes:
             chunks.append(chunk)
             size += len(chunk)
             if size > limit:
-                raise AdapterFileError(f"its file '{shown}' is larger than {limit} bytes")
+                raise AdapterFileError(too_large)
         return b"".join(chunks)
     except OSError:
         raise AdapterFileError(f"its file '{shown}' cannot be read") from None

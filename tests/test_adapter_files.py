@@ -164,10 +164,10 @@ def test_a_file_swapped_for_a_link_after_the_walk_is_refused(layout, tmp_path):
     (adapter / "chat_template.jinja").write_text("fine")
     real_read = adapter_files._read_inside
 
-    def swap_then_read(real, root, shown, limit):
+    def swap_then_read(real, root, shown, *limits):
         os.unlink(real)
         os.symlink(layout["outside"] / "secret.jinja", real)
-        return real_read(real, root, shown, limit)
+        return real_read(real, root, shown, *limits)
 
     adapter_files._read_inside = swap_then_read
     try:
