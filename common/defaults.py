@@ -20,7 +20,7 @@ DEFAULT_ADAPTER_CYCLE_TIME_S = 2.0
 DEFAULT_MAX_QUEUE_TIME_S = 600.0  # `--max-queue-time`: a request not admitted within this fails with 503
 
 DEFAULT_MAX_REQUEST_BYTES = 4 << 20  # `--max-request-bytes`
-DEFAULT_HEADER_TIMEOUT_S = 10.0  # `--header-timeout`: a connection must send a request head within this
+DEFAULT_HEADER_TIMEOUT_S = 10.0  # `--header-timeout`: to send a request head, and then its body
 DEFAULT_MAX_CONNECTIONS = 4096  # `--max-connections` (lowered to fit the open-file limit)
 
 DEFAULT_ADAPTER_MEMORY_FRACTION = 0.1  # `--adapter-memory-fraction`: the adapter pool's share of shard memory

@@ -20,6 +20,7 @@ MAX_STOP_SEQUENCES = 16
 MAX_STOP_CHARS = 512  # per stop string
 MAX_MODEL_ID_CHARS = 512  # `model` / `adapter_id`: a name, a hub id or an absolute path
 MAX_JSON_DEPTH = 64  # nesting of objects and lists in a request body
+MAX_TEMPLATE_SECONDS = 1.0  # one chat template render (the character budget: what --max-input-length can hold)
 # A compiled grammar (a JSON schema, tools' parameters): llguidance compiles about a megabyte a second, on a
 # shard thread of its own, so this keeps one request's compile to a fraction of a second.
 MAX_GRAMMAR_CHARS = 256 * 1024

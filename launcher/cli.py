@@ -137,11 +137,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-request-bytes", metavar="N", type=positive_int, default=DEFAULT_MAX_REQUEST_BYTES,
                    help="Larger request bodies are answered with 413 (default: %(default)s).")
     p.add_argument("--max-connections", metavar="N", type=positive_int, default=DEFAULT_MAX_CONNECTIONS,
-                   help="Open HTTP connections; past it the oldest idle one is closed. Lowered to fit the "
-                   "open-file limit (default: %(default)s).")
+                   help="Open HTTP connections; past it the oldest one not being served makes room, and when all "
+                   "are being served a new request gets 503. Lowered to fit the open-file limit (default: "
+                   "%(default)s).")
     p.add_argument("--header-timeout", metavar="SECONDS", type=positive_float, default=DEFAULT_HEADER_TIMEOUT_S,
                    help="A connection that has not sent a complete request head this long after opening (or "
-                   "after its last response) is closed (default: %(default)s).")
+                   "after its last response) is closed; a request body must then arrive within as long again, "
+                   "counted afresh per 64 KiB received, else 408 (default: %(default)s).")
     p.add_argument("--api-key", metavar="KEY", default=os.environ.get("LOOM_API_KEY"),
                    help="When set, every route but /health needs 'Authorization: Bearer KEY'. Default: $LOOM_API_KEY.")
     p.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",

@@ -12,7 +12,7 @@ import uuid
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -22,7 +22,7 @@ from router import adapter_api, native_api, openai_api
 from router.adapters import AdapterRegistry
 from router.backend import Backend, StrictModel, parse_body
 from router.config import RouterConfig
-from router.connections import quiet_accept_errors
+from router.connections import OVER_CAPACITY, quiet_accept_errors
 from router.errors import APIError
 from router.logs import RequestLine
 from router.metrics import Metrics
@@ -39,6 +39,7 @@ from router.scheduler import Scheduler
 from router.shard_client import ShardClient
 from router.structured import GrammarChecker
 from router.sse import DONE, sse_event
+from router.templates import TemplateRenderer
 from router.tokenization import ModelTokenizer
 
 log = logging.getLogger("loom.router")
@@ -130,9 +131,12 @@ class GuardMiddleware:
         context = request_generations.set(generations)
         start = time.perf_counter()
         try:
+            self._admit(scope)
             self._authorize(scope)
             exchange.check_declared_length(scope)
             await exchange.run(self.app, scope)
+        except ClientDisconnect:  # gone while sending its body (or cut for being too slow): nobody to answer
+            exchange.gone = True
         except asyncio.CancelledError:
             # The server is shutting down and gave up waiting (the drain): a stream still going ends with an
             # error event (and [DONE] on /v1/*) rather than a cut connection.
@@ -158,6 +162,13 @@ class GuardMiddleware:
                 generation.close()
             if path not in UNLOGGED:
                 self._account(scope, exchange, [g.stats for g in generations], time.perf_counter() - start)
+
+    @staticmethod
+    def _admit(scope: Scope) -> None:
+        """A connection past --max-connections is answered 503 (and closed), except for /health."""
+        if scope.get("state", {}).get(OVER_CAPACITY) and scope["path"] != "/health":
+            raise APIError(503, "the server has too many open connections; retry the request",
+                           headers={"Retry-After": "1", "Connection": "close"})
 
     def _authorize(self, scope: Scope) -> None:
         if not self.api_key or scope["path"] in self.open_paths:
@@ -345,8 +356,9 @@ async def _start_backend(app: Starlette, config: RouterConfig) -> None:
                           config.max_queue_time_s, prefix_caching,
                           adapter_cycle_time_s=config.adapter_cycle_time_s)
     app.state.backend = Backend(config, tokenizer, scheduler, capacity, app.state.shard_info.vocab_size, adapters,
-                                GrammarChecker(tokenizer, client))
-    app.state.metrics.watch(scheduler, config.model_id)
+                                GrammarChecker(tokenizer, client), TemplateRenderer())
+    app.state.backend.templates.warm()
+    app.state.metrics.watch(scheduler, config.model_id, adapters.label)
     log.info("KV cache: %d blocks of %d tokens (%d tokens), prefix caching %s", warm.num_blocks, warm.block_size,
              capacity, "on" if prefix_caching else "off")
     log.info("%s", adapter_pool_line(warm, scheduler.adapters.max_running, config.max_active_adapters))
@@ -396,6 +408,7 @@ def create_app(config: RouterConfig) -> Starlette:
             loop_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await loop_task
+            await app.state.backend.templates.close()
             await app.state.backend.scheduler.client.close()
 
     app = Starlette(routes=ROUTES, lifespan=lifespan,

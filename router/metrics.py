@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -75,9 +75,10 @@ class Metrics:
         for reason in FAILURE_REASONS:  # so that dashboards see zeros, not missing series
             self.request_failures.labels(reason)
 
-    def watch(self, scheduler: Scheduler, model_name: str) -> None:
-        """Gauges read the scheduler at scrape time, so the step loop pays nothing for them."""
-        self.registry.register(InferenceExtensionCollector(scheduler, model_name))
+    def watch(self, scheduler: Scheduler, model_name: str, label: Callable[[str], str | None]) -> None:
+        """Gauges read the scheduler at scrape time, so the step loop pays nothing for them. `label` names an
+        adapter id in labels (None: not to be named)."""
+        self.registry.register(InferenceExtensionCollector(scheduler, model_name, label))
         self.running.set_function(lambda: scheduler.num_running)
         self.waiting.set_function(lambda: scheduler.num_waiting)
         blocks = scheduler.blocks
@@ -115,12 +116,17 @@ class InferenceExtensionCollector:
 
     The picker parses these as gauges (an untyped sample reads as 0), takes the newest series of each, and for
     `vllm:lora_requests_info` the series with the largest value, so that one carries the time its labels were
-    computed. vLLM's `model_name` and `engine` labels are kept for dashboards built on vLLM's names.
+    computed. vLLM's `model_name` and `engine` labels are kept for dashboards built on vLLM's names. Adapters
+    are named by `label` (escaped, so that no id reads as two; private adapters not at all).
     """
 
-    def __init__(self, scheduler: Scheduler, model_name: str):
+    def __init__(self, scheduler: Scheduler, model_name: str, label: Callable[[str], str | None]):
         self.scheduler = scheduler
         self.labels = {"model_name": model_name, "engine": "0"}
+        self.label = label
+
+    def _adapter_list(self, adapter_ids: list[str]) -> str:
+        return ",".join(name for name in map(self.label, adapter_ids) if name is not None)
 
     def _gauge(self, name: str, documentation: str, value: float, labels: dict[str, str]) -> GaugeMetricFamily:
         family = GaugeMetricFamily(name, documentation, labels=list(labels))
@@ -136,8 +142,8 @@ class InferenceExtensionCollector:
         yield self._gauge("vllm:lora_requests_info", "Adapters running and queued; the value is when the labels "
                           "were computed (Unix time)", time.time(), {
                               "max_lora": str(s.adapters.max_running),
-                              "running_lora_adapters": ",".join(s.adapters.active),
-                              "waiting_lora_adapters": ",".join(s.waiting_adapters)})
+                              "running_lora_adapters": self._adapter_list(s.adapters.active),
+                              "waiting_lora_adapters": self._adapter_list(s.waiting_adapters)})
         yield self._gauge("vllm:cache_config_info", "KV cache layout", 1, {
             "block_size": str(s.blocks.block_size), "num_gpu_blocks": str(s.blocks.num_blocks), "engine": "0"})
         yield self._counter("vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache",

@@ -20,7 +20,7 @@ from router.generation import GenerationFailed, GenerationRequest
 from router.sse import DONE, sse_event, sse_response
 from router.structured import parse_tool_call
 from router.text_stream import TextChunk, generate_text
-from router.tokenization import ChatTemplateError, ModelTokenizer
+from router.tokenization import ModelTokenizer
 
 FINISH_REASONS = {"eos_token": "stop", "stop_sequence": "stop", "length": "length"}
 
@@ -291,10 +291,7 @@ async def chat_completions(request: Request):
     messages = [m.as_template_input() for m in body.messages]
     adapter, tokenizer = await backend.resolve_model(body.model)
     tools = body.tool_dicts
-    try:
-        text = await backend.off_loop(tokenizer.render_chat, messages, tools or None)
-    except ChatTemplateError as e:
-        raise bad_request(str(e), param="messages") from None
+    text = await backend.render_chat(adapter, tokenizer, messages, tools or None)
     # The rendered text holds every special token the template wants: no BOS/EOS added again.
     input_ids = await backend.encode(tokenizer, text, "messages", add_special_tokens=False)
     grammar, param = body.grammar()

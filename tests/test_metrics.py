@@ -182,3 +182,28 @@ def _scrape_text(url: str) -> str:
     r = httpx.get(f"{url}/metrics", timeout=10)
     assert r.status_code == 200, r.text
     return r.text
+
+
+def test_an_exception_cannot_forge_a_log_line():
+    """An exception's text (a library's message, a file's contents) goes through the same escaping as every
+    other field: a traceback keeps its lines, each escaped and indented, so none starts a line of its own."""
+    import io
+    import logging
+
+    from common.logs import TextFormatter
+
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(TextFormatter("%(asctime)s router %(levelname)s %(message)s"))
+    logger = logging.getLogger("loom.test-forgery")
+    logger.addHandler(handler)
+    try:
+        raise ValueError("bad config\n2026-01-01 00:00:00,000 router INFO FORGED request status=200\r\x1b[2K")
+    except ValueError:
+        logger.exception("unhandled error\nFORGED too")
+    finally:
+        logger.removeHandler(handler)
+    lines = out.getvalue().splitlines()
+    assert "Traceback" in out.getvalue() and len(lines) > 2
+    assert all(line.startswith("    ") for line in lines[1:]), lines
+    assert not any("FORGED" in line.split(" ", 1)[0] for line in lines) and "\x1b" not in out.getvalue()
