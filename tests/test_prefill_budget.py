@@ -16,7 +16,7 @@ from shard.engine import Engine, SequenceRequest
 from shard.step_costs import PROBE_PROMPT_TOKENS, STEP_COST_PAIRS, measure_step_costs
 from tests.conftest import LoomServer
 from tests.engine_driver import EngineDriver
-from tests.test_lora_engine import generate
+
 
 MS = 1e-3
 
@@ -81,7 +81,7 @@ def test_step_costs_time_a_decode_beside_a_probe_prompt_and_leave_no_trace(llama
     assert forwards == [(1, [])] + [(1, []), (1, [PROBE_PROMPT_TOKENS])] * (STEP_COST_PAIRS + 1)
     assert not engine.sequences
     prompt = [5, 17, 3, 99, 42]
-    tokens = generate(EngineDriver(engine), [SequenceRequest(1, prompt)], n=6)[1]
+    tokens = EngineDriver(engine).generate([SequenceRequest(1, prompt)], 6)[1]
     assert tokens == reference.greedy(llama_dir, prompt, 6, stop_at_eos=False)
 
 
