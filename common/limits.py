@@ -20,3 +20,5 @@ MAX_STOP_SEQUENCES = 16
 MAX_STOP_CHARS = 512  # per stop string
 MAX_MODEL_ID_CHARS = 512  # `model` / `adapter_id`: a name, a hub id or an absolute path
 MAX_JSON_DEPTH = 64  # nesting of objects and lists in a request body
+MAX_NAME_CHARS = 256  # names and ids inside messages (a tool call's id, a function's name)
+MAX_ANNOTATIONS = 128  # an assistant message's url citations, sent back as the SDK returned them

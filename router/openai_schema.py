@@ -3,7 +3,6 @@ messages that name the field (common/limits.py holds the bounds)."""
 
 from __future__ import annotations
 
-import json
 from typing import Literal
 
 from pydantic import Field, model_validator
@@ -19,23 +18,8 @@ from common.limits import (
     UINT64_MAX,
 )
 from router.backend import ModelId, StopList, StopString, StrictModel, sampling_parameters
+from router.chat_messages import ChatMessage
 from router.structured import response_format_grammar, tool_choice_grammar
-
-
-class TextPart(StrictModel):
-    type: Literal["text"]
-    text: str
-
-
-class FunctionCall(StrictModel):
-    name: str
-    arguments: str
-
-
-class ToolCall(StrictModel):
-    id: str
-    type: Literal["function"] = "function"
-    function: FunctionCall
 
 
 class FunctionDefinition(StrictModel):
@@ -59,36 +43,6 @@ class NamedToolChoice(StrictModel):
     function: NamedFunction
 
 
-class ChatMessage(StrictModel):
-    role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
-    name: str | None = None
-    tool_call_id: str | None = None
-    tool_calls: list[ToolCall] | None = None
-
-    def as_template_input(self) -> dict:
-        content = self.content
-        if isinstance(content, list):
-            content = "".join(p.text for p in content)
-        message = {"role": self.role, "content": content or ""}
-        if self.name is not None:
-            message["name"] = self.name
-        if self.tool_call_id is not None:
-            message["tool_call_id"] = self.tool_call_id
-        if self.tool_calls:
-            # Chat templates render arguments with `tojson`: hand them the object, not its JSON text.
-            message["tool_calls"] = [{"id": c.id, "type": "function", "function": {
-                "name": c.function.name, "arguments": _json_or_text(c.function.arguments)}} for c in self.tool_calls]
-        return message
-
-
-def _json_or_text(text: str):
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
 class StreamOptions(StrictModel):
     include_usage: bool = False
 
@@ -96,7 +50,7 @@ class StreamOptions(StrictModel):
 class SamplingFields(StrictModel):
     """Fields chat and legacy completions share (OpenAI's, plus vLLM's common extensions)."""
 
-    model: ModelId
+    model: ModelId | None = None  # omitted, "" or the base model's id: the base model (as vLLM)
     max_tokens: int | None = None
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
