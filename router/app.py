@@ -18,9 +18,9 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from proto import generate_pb2 as pb
-from router import adapter_api, native_api, openai_api
+from router import adapter_api, native_api, openai_api, tokenize_api
 from router.adapters import AdapterRegistry
-from router.backend import Backend, StrictModel, parse_body
+from router.backend import Backend
 from router.config import RouterConfig
 from router.connections import quiet_accept_errors
 from router.errors import APIError
@@ -72,18 +72,14 @@ async def info(request: Request):
     })
 
 
-class TokenizeRequest(StrictModel):
-    inputs: str
+async def version(request: Request):
+    """vLLM's probe: the server's version."""
+    return JSONResponse({"version": VERSION})
 
 
-async def tokenize(request: Request):
-    """Bounded like a prompt: the character bound before tokenizing, --max-input-length after."""
-    backend: Backend = request.app.state.backend
-    body = await parse_body(request, TokenizeRequest)
-    backend.check_chars(body.inputs, backend.tokenizer, "inputs")
-    pieces = await backend.off_loop(backend.tokenizer.tokenize_with_offsets, body.inputs)
-    backend.check_input_length(len(pieces), "inputs")
-    return JSONResponse([{"id": i, "text": text, "start": start, "stop": stop} for i, text, start, stop in pieces])
+async def ping(request: Request):
+    """vLLM's liveness probe: /health's answer, on GET and POST."""
+    return await health(request)
 
 
 async def metrics(request: Request):
@@ -100,7 +96,10 @@ ROUTES = [
     Route("/health", health, methods=["GET"]),
     Route("/info", info, methods=["GET"]),
     Route("/metrics", metrics, methods=["GET"]),
-    Route("/tokenize", tokenize, methods=["POST"]),
+    Route("/tokenize", tokenize_api.tokenize, methods=["POST"]),
+    Route("/detokenize", tokenize_api.detokenize, methods=["POST"]),
+    Route("/version", version, methods=["GET"]),
+    Route("/ping", ping, methods=["GET", "POST"]),
     *adapter_api.ROUTES,
 ]
 
@@ -180,7 +179,7 @@ class GuardMiddleware:
         line.log()
 
 
-UNLOGGED = {"/metrics", "/health"}  # polled by monitors and the launcher: no metrics, no log lines
+UNLOGGED = {"/metrics", "/health", "/ping"}  # polled by monitors and the launcher: no metrics, no log lines
 ROUTE_PATHS = {route.path for route in ROUTES}
 CLIENT_GONE = 499  # nginx's "client closed request"
 # A generation's own failure wins over the HTTP status, which is 200 once a stream has started.
@@ -345,9 +344,10 @@ async def _start_backend(app: Starlette, config: RouterConfig) -> None:
 
 
 def _open_paths(config: RouterConfig) -> frozenset[str]:
-    """Routes without the API key: /health for probes; /metrics with --public-metrics, for the inference
-    extension's endpoint picker and Prometheus, which scrape without credentials."""
-    return frozenset({"/health", "/metrics"} if config.public_metrics else {"/health"})
+    """Routes without the API key: /health and /ping for probes; /metrics with --public-metrics, for the
+    inference extension's endpoint picker and Prometheus, which scrape without credentials."""
+    probes = {"/health", "/ping"}
+    return frozenset(probes | {"/metrics"} if config.public_metrics else probes)
 
 
 def create_app(config: RouterConfig) -> Starlette:

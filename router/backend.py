@@ -110,7 +110,8 @@ class Backend:
     def generation_request(self, input_ids: list[int], max_new_tokens: int, adapter: Adapter | None,
                            tokenizer: ModelTokenizer, sampling: pb.SamplingParameters, ignore_eos: bool = False,
                            top_n_tokens: int = 0, prefill_logprobs: bool = False,
-                           min_new_tokens: int = 0, grammar: str = "") -> GenerationRequest:
+                           min_new_tokens: int = 0, grammar: str = "", stop_token_ids: list[int] = (),
+                           priority: int = 0, prefill_top_n: int = 0) -> GenerationRequest:
         return GenerationRequest(
             input_ids=input_ids,
             max_new_tokens=max_new_tokens,
@@ -122,9 +123,19 @@ class Backend:
             ignore_eos=ignore_eos,
             top_n_tokens=top_n_tokens,
             prefill_logprobs=prefill_logprobs,
+            prefill_top_n=prefill_top_n,
             min_new_tokens=min_new_tokens,
             grammar=grammar,
+            extra_stop_ids=frozenset(stop_token_ids),
+            priority=priority,
         )
+
+    def check_token_ids(self, ids, param: str) -> None:
+        """Token ids a request names (a prompt, stop_token_ids, logit_bias keys) must be in the vocabulary."""
+        bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise bad_request(f"`{param}` holds token id {bad}, outside the vocabulary [0, {self.vocab_size})",
+                              param=param)
 
     async def off_loop(self, fn, *args):
         """Tokenizers and grammar checks can take milliseconds: run them in a thread, off the event loop."""
@@ -134,7 +145,8 @@ class Backend:
 def sampling_parameters(temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
                         min_p: float | None = None, typical_p: float | None = None,
                         repetition_penalty: float | None = None, frequency_penalty: float | None = None,
-                        presence_penalty: float | None = None, seed: int | None = None) -> pb.SamplingParameters:
+                        presence_penalty: float | None = None, seed: int | None = None,
+                        logit_bias: dict[int, float] | None = None) -> pb.SamplingParameters:
     """Unset fields take their neutral value; temperature 0 (or unset) means greedy."""
     p = pb.SamplingParameters(
         temperature=temperature or 0.0,
@@ -145,6 +157,7 @@ def sampling_parameters(temperature: float | None = None, top_k: int | None = No
         repetition_penalty=1.0 if repetition_penalty is None else repetition_penalty,
         frequency_penalty=frequency_penalty or 0.0,
         presence_penalty=presence_penalty or 0.0,
+        logit_bias=logit_bias or {},
     )
     if seed is not None:
         p.seed = seed % (1 << 64)
@@ -211,7 +224,11 @@ def _check_values(data) -> None:
 
 async def parse_body(request: Request, model: type[BaseModel]) -> BaseModel:
     """Reads a JSON body into `model`; any problem is a 400 that names the field."""
-    data = decode_json(await request.body())
+    return validate(decode_json(await request.body()), model)
+
+
+def validate(data, model: type[BaseModel]) -> BaseModel:
+    """A decoded JSON body as `model`; any problem is a 400 that names the field."""
     if not isinstance(data, dict):
         raise bad_request("request body must be a JSON object")
     try:

@@ -94,13 +94,13 @@ class ChatMessage(StrictModel):
         if calls:
             # Chat templates render arguments with `tojson`: hand them the object, not its JSON text.
             message["tool_calls"] = [{"id": c.id, "type": "function", "function": {
-                "name": c.function.name, "arguments": _json_or_text(c.function.arguments)}} for c in calls]
+                "name": c.function.name, "arguments": json_or_text(c.function.arguments)}} for c in calls]
         if self.reasoning_content:  # templates of reasoning models (Qwen3) read it
             message["reasoning_content"] = self.reasoning_content
         return message
 
 
-def _json_or_text(text: str):
+def json_or_text(text: str):
     try:
         return json.loads(text)
     except json.JSONDecodeError:

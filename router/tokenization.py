@@ -82,18 +82,22 @@ class ModelTokenizer:
         """One token's own text, special tokens included: what logprobs and token details show."""
         return self.hf.decode([token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
-    def decode_raw(self, ids: list[int]) -> str:
+    def decode_raw(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         """`decode` without transformers' clean_up_tokenization pass (the detokenizer applies it itself)."""
-        return self.hf.backend_tokenizer.decode(ids, skip_special_tokens=True)
+        return self.hf.backend_tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def clean_up(self, text: str) -> str:
         return self.hf.clean_up_tokenization(text)
 
     def render_chat(
-        self, messages: list[dict], tools: list[dict] | None = None, add_generation_prompt: bool = True
+        self, messages: list[dict], tools: list[dict] | None = None, add_generation_prompt: bool = True,
+        continue_final_message: bool = False, chat_template: str | None = None, template_kwargs: dict | None = None,
     ) -> str:
-        """The prompt text of a conversation; raises ChatTemplateError for a missing or failing template."""
-        if not self.has_chat_template:
+        """The prompt text of a conversation; raises ChatTemplateError for a missing or failing template.
+
+        `chat_template` (a request's own, untrusted like an adapter's) replaces the model's for this call and is
+        rendered the same way; `template_kwargs` are extra variables the template sees (`enable_thinking`)."""
+        if chat_template is None and not self.has_chat_template:
             raise ChatTemplateError(
                 "the model has no chat template; use /v1/completions with a plain prompt instead, "
                 "or serve a model or adapter whose tokenizer_config.json or chat_template.jinja defines one"
@@ -102,9 +106,11 @@ class ModelTokenizer:
             return self.hf.apply_chat_template(
                 messages,
                 tools=tools,
-                chat_template=_pick_template(self.chat_template, tools),
+                chat_template=chat_template if chat_template is not None else _pick_template(self.chat_template, tools),
                 add_generation_prompt=add_generation_prompt,
+                continue_final_message=continue_final_message,
                 tokenize=False,
+                **(template_kwargs or {}),
             )
         except jinja2.TemplateError as e:  # includes the template's own raise_exception(...)
             raise ChatTemplateError(f"chat template error: {e}") from e
