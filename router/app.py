@@ -18,7 +18,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from proto import generate_pb2 as pb
-from router import adapter_api, native_api, openai_api, tokenize_api
+from router import adapter_api, native_api, openai_api, responses_api, tokenize_api
 from router.adapters import AdapterRegistry
 from router.backend import Backend
 from router.config import RouterConfig
@@ -90,6 +90,8 @@ ROUTES = [
     Route("/v1/chat/completions", openai_api.chat_completions, methods=["POST"]),
     Route("/v1/completions", openai_api.completions, methods=["POST"]),
     Route("/v1/models", openai_api.models, methods=["GET"]),
+    Route("/v1/responses", responses_api.create, methods=["POST"]),
+    Route("/v1/responses/{response_id}", responses_api.retrieve, methods=["GET"]),
     Route("/generate", native_api.generate, methods=["POST"]),
     Route("/generate_stream", native_api.generate_stream, methods=["POST"]),
     Route("/", native_api.compat_generate, methods=["POST"]),
@@ -372,4 +374,5 @@ def create_app(config: RouterConfig) -> Starlette:
                                            max_request_bytes=config.max_request_bytes)],
                     exception_handlers={HTTPException: _http_exception})
     app.state.metrics = metrics
+    app.state.responses = responses_api.ResponseStore()
     return app

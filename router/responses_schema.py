@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Discriminator, Field, Tag, model_validator
 
 from common.limits import MAX_NAME_CHARS, MAX_PARALLEL_TOOL_CALLS, MAX_RESPONSE_ID_CHARS, PRIORITY_BOUND
 from router.backend import ModelId, StrictModel
@@ -54,6 +54,11 @@ class FunctionCallItem(StrictModel):
     arguments: str
     id: Name | None = None
     status: Status = None
+    # Fields of OpenAI's item that Loom never sets, as the SDK's model_dump() sends them back (null).
+    namespace: None = None
+    caller: None = None
+    async_: None = None
+    async_alias: None = Field(None, alias="async")
 
 
 class FunctionCallOutputItem(StrictModel):
@@ -78,8 +83,14 @@ class ReasoningItem(StrictModel):
     status: Status = None
 
 
-InputItem = Annotated[MessageItem | FunctionCallItem | FunctionCallOutputItem | ReasoningItem,
-                      Field(discriminator="type")]
+def _item_kind(value) -> str:
+    """An item's `type`; a message may leave it out (OpenAI's "easy" input message)."""
+    return value.get("type", "message") if isinstance(value, dict) else getattr(value, "type", "message")
+
+
+InputItem = Annotated[Annotated[MessageItem, Tag("message")] | Annotated[FunctionCallItem, Tag("function_call")]
+                      | Annotated[FunctionCallOutputItem, Tag("function_call_output")]
+                      | Annotated[ReasoningItem, Tag("reasoning")], Discriminator(_item_kind)]
 
 
 class FunctionTool(StrictModel):
