@@ -65,6 +65,11 @@ class IncrementalDetokenizer:
         self._emitted += len(piece)
         return self._cleanup.feed(piece) if self._cleanup else piece
 
+    @property
+    def holding(self) -> bool:
+        """Text of tokens already pushed is held back (an incomplete character, or a cleanup pattern)."""
+        return self._read_offset < len(self._ids) or bool(self._cleanup and self._cleanup.held)
+
     def flush(self) -> str:
         """Everything not yet returned. One full decode, so the total is exact whatever the window saw."""
         text = self._tok.decode_raw(self._ids, self._skip)
@@ -82,6 +87,10 @@ class _StreamCleanup:
     def __init__(self, clean: Callable[[str], str]):
         self._clean = clean
         self._held = ""
+
+    @property
+    def held(self) -> bool:
+        return bool(self._held)
 
     def feed(self, text: str) -> str:
         held = self._held + text

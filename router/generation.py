@@ -60,6 +60,7 @@ class GenerationStats:
     first_token: float | None = None
     finished: float | None = None
     generated: int = 0
+    max_new_tokens: int = 0  # what it was allowed to generate
     # length | eos_token | stop_token | stop_sequence | cancelled | error | shard_error | queue_timeout
     finish_reason: str | None = None
 

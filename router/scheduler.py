@@ -134,7 +134,8 @@ class Scheduler:
         self._waiting.insert(at, seq)
 
     def _sequence(self, request: GenerationRequest) -> Sequence:
-        stats = GenerationStats(request.adapter_id, len(request.input_ids), time.perf_counter())
+        stats = GenerationStats(request.adapter_id, len(request.input_ids), time.perf_counter(),
+                                max_new_tokens=request.max_new_tokens)
         seq = Sequence(id=next(self._ids), request=request, stats=stats, token_ids=list(request.input_ids))
         try:
             seq.proto = seq.to_proto()

@@ -68,6 +68,10 @@ class StopMatcher:
         self._held = text[len(text) - keep :]
         return text[: len(text) - keep], False
 
+    @property
+    def holding(self) -> bool:
+        return bool(self._held)
+
     def flush(self) -> str:
         """The held-back text: at the end of generation it can no longer become a stop string."""
         held, self._held = self._held, ""

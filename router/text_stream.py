@@ -16,6 +16,7 @@ class TextChunk:
     text: str  # new text, safe to show (never part of a stop string)
     token: TokenEvent
     finish_reason: str | None = None  # "length" | "eos_token" | "stop_token" | "stop_sequence"
+    held: bool = False  # text of this or earlier tokens is still held back (it comes with a later chunk)
 
 
 async def generate_text(generation: Generation, tokenizer: ModelTokenizer, stop: list[str],
@@ -39,4 +40,4 @@ async def generate_text(generation: Generation, tokenizer: ModelTokenizer, stop:
             if event.finish_reason:
                 yield TextChunk(text + stops.flush(), event, event.finish_reason)
                 return
-            yield TextChunk(text, event)
+            yield TextChunk(text, event, held=detokenizer.holding or stops.holding)
