@@ -131,7 +131,8 @@ class Completion:
     def finish_reason(self, choice: Choice) -> str | None:
         if choice.finish is None:
             return None
-        return "tool_calls" if choice.answer is not None and choice.answer.calls else FINISH_REASONS[choice.finish]
+        called = choice.answer is not None and choice.answer.calls and choice.finish != "length"
+        return "tool_calls" if called else FINISH_REASONS[choice.finish]
 
     def envelope(self, choices: list[dict], stream: bool, usage: dict | None) -> dict:
         obj = "chat.completion" if self.kind == "chat" else "text_completion"

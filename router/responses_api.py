@@ -219,7 +219,7 @@ async def create(request: Request):
             finish = chunk.finish_reason or finish
             yield
         output.close()
-        incomplete = "max_output_tokens" if FINISH_REASONS.get(finish) == "length" and not answer.calls else None
+        incomplete = "max_output_tokens" if FINISH_REASONS.get(finish) == "length" else None
         final = _response(body, response_id, model, created, "incomplete" if incomplete else "completed",
                           output.items, _usage(len(prompt.input_ids), tokens), incomplete)
         if body.store:
