@@ -23,7 +23,7 @@ class AnswerFormat:
     @classmethod
     def of(cls, template, prompt: str, tools: list[dict], constrained: bool, tool_call_parser: str | None,
            reasoning_parser: str | None, parallel_tool_calls: bool | None) -> "AnswerFormat":
-        """`template`: the chat template the prompt was rendered with; `constrained`: a grammar shapes the
+        """`template`: the chat template the prompt was rendered with; `constrained`: a JSON grammar shapes the
         answer from its first token (it cannot think first)."""
         thinking = not constrained and thinks(template, reasoning_parser)
         names = frozenset(t["function"]["name"] for t in tools)

@@ -203,7 +203,9 @@ async def chat_completions(request: Request):
     top_logprobs = (body.top_logprobs or 0) if body.logprobs else None
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     cfg = backend.config
-    answer_format = AnswerFormat.of(body.chat_template or tokenizer.chat_template, prompt.text, tools, bool(grammar),
+    # A JSON answer (a forced call, a schema) starts at its first token; a regex, choice or grammar may think first.
+    json_answer = bool(grammar) and not param.endswith(("regex", "choice", "grammar"))
+    answer_format = AnswerFormat.of(body.chat_template or tokenizer.chat_template, prompt.text, tools, json_answer,
                                     cfg.tool_call_parser, cfg.reasoning_parser, body.parallel_tool_calls)
     # vLLM's chat echo: the answer continues the last message when it is the assistant's.
     last = body.messages[-1]

@@ -124,13 +124,14 @@ def test_litellm(ops_server, url, llama_dir):
     assert call.function.name == "get_weather" and Weather.model_validate_json(call.function.arguments)
 
 
-def instructor_answer(url: str, mode: str, schema: type[BaseModel]) -> BaseModel:
+def instructor_answer(url: str, mode: str, schema: type[BaseModel], ask: str = ASK,
+                      max_tokens: int = 60) -> BaseModel:
     import instructor
 
     client = instructor.from_openai(OpenAI(api_key="EMPTY", base_url=url, max_retries=0),
                                     mode=getattr(instructor.Mode, mode))
-    return client.chat.completions.create(model="", response_model=schema, max_retries=0, max_tokens=60,
-                                          messages=[{"role": "user", "content": ASK}])
+    return client.chat.completions.create(model="", response_model=schema, max_retries=0, max_tokens=max_tokens,
+                                          messages=[{"role": "user", "content": ask}])
 
 
 @pytest.mark.parametrize("mode", ["TOOLS", "JSON_SCHEMA"])
@@ -156,10 +157,12 @@ def real_server(smollm2_gguf, real_model):
 def test_json_object_modes(real_server):
     """json_object constrains JSON, not its keys or length: a model that knows how to stop, not random weights."""
     url = f"{real_server.url}/v1"
-    out = langchain(url, max_tokens=60).with_structured_output(Loose, method="json_mode").invoke(
-        f"{ASK} Answer in JSON.")
-    assert isinstance(out, Loose)
-    assert isinstance(instructor_answer(url, "JSON", Loose), Loose)
+    ask = 'Reply with a JSON object like {"city": "Rome"} naming the city in: What is the weather in Paris?'
+    llm = langchain(url, max_tokens=150)
+    raw = llm.bind(response_format={"type": "json_object"}).invoke(ask)
+    assert raw.response_metadata["finish_reason"] == "stop", raw.content
+    assert isinstance(llm.with_structured_output(Loose, method="json_mode").invoke(ask), Loose)
+    assert isinstance(instructor_answer(url, "JSON", Loose, ask, 300), Loose)
 
 
 @pytest.mark.parametrize("kind", ["responses", "chat_completions"])

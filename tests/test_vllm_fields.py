@@ -137,3 +137,23 @@ def test_continuous_usage_stats(openai_client):
         stream_options={"include_usage": True, "continuous_usage_stats": True}))
     counts = [c.usage.completion_tokens for c in chunks]
     assert counts == sorted(counts) and counts[-1] == 6 and all(c.usage.prompt_tokens for c in chunks)
+
+
+THINKING_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                     "{% if add_generation_prompt %}<|im_start|>assistant\n{% if enable_thinking is defined and not "
+                     "enable_thinking %}<think>\n\n</think>\n\n{% endif %}{% endif %}")
+
+
+def test_reasoning_content_for_a_thinking_template(server, openai_client):
+    """A template that writes <think> splits the answer: thinking as reasoning_content, streamed as deltas too."""
+    answer = "<think>\nThe user asks about ships.\n</think>\n\nShips float."
+    body = {"chat_template": THINKING_TEMPLATE, "guided_choice": [answer]}
+    message = chat(server, max_tokens=60, **body)["choices"][0]["message"]
+    assert message["reasoning_content"] == "\nThe user asks about ships.\n" and message["content"] == "Ships float."
+    chunks = list(openai_client.chat.completions.create(model="", messages=USER, max_tokens=60, stream=True,
+                                                        extra_body=body))
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    assert "".join(getattr(d, "reasoning_content", None) or "" for d in deltas) == message["reasoning_content"]
+    assert "".join(d.content or "" for d in deltas) == "Ships float."
+    off = tokenize_chat(server, chat_template=THINKING_TEMPLATE, chat_template_kwargs={"enable_thinking": False})
+    assert off[-8:] != tokenize_chat(server, chat_template=THINKING_TEMPLATE)[-8:]
