@@ -228,5 +228,5 @@ def test_vllm_request_and_token_families(logged):
         assert any(n == series and dict(k).get("model_name") == model for n, k in after), series
     shipped = json.loads((Path(__file__).parent.parent / "deploy/grafana/loom.json").read_text())
     exprs = [t["expr"] for p in shipped["panels"] for t in p["targets"]]
-    for series in {m for e in exprs for m in re.findall(r"\b(?:vllm:|loom_)[a-z_:]+", e)}:
+    for series in {m for e in exprs for m in re.findall(r"\b(?:vllm:|loom_)[a-z0-9_:]+", e)}:
         assert series in names, series

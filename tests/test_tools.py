@@ -151,9 +151,9 @@ def test_json_objects_never_repeat_a_key(openai_client):
 def test_parallel_required_calls(openai_client):
     resp = openai_client.chat.completions.create(model="", messages=ASK, tools=[WEATHER, TIME], max_tokens=120,
                                                  tool_choice="required", parallel_tool_calls=True)
-    calls = resp.choices[0].message.tool_calls
-    assert calls and resp.choices[0].finish_reason == "tool_calls"
-    for call in calls[:-1] if resp.usage.completion_tokens == 120 else calls:
+    calls, finish = resp.choices[0].message.tool_calls, resp.choices[0].finish_reason
+    assert calls and finish in ("tool_calls", "length")  # a random model may run out of tokens in a later call
+    for call in calls[:-1] if finish == "length" else calls:
         check_call(call, WEATHER if call.function.name == "get_weather" else TIME)
 
 
