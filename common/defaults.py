@@ -30,3 +30,9 @@ DEFAULT_ADAPTER_PAGE_RANK = 8  # LoRA ranks of every layer in one adapter pool p
 # `--kv-cache-mb` when not given: this share of free GPU memory after the weights, or this budget per rank on CPU.
 DEFAULT_GPU_MEMORY_FRACTION = 0.9
 DEFAULT_CPU_KV_BYTES = 1 << 30
+
+# The Responses API's store of answers for `previous_response_id` (router/responses_api.py): the newest this
+# many, holding at most this many characters of conversation, each for this long.
+RESPONSES_STORE_ENTRIES = 1024
+RESPONSES_STORE_CHARS = 64 * 1024 * 1024
+RESPONSES_STORE_TTL_S = 3600.0

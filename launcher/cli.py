@@ -30,6 +30,8 @@ from common.defaults import (
 )
 from common.logs import log_handler
 from launcher.model_source import ModelSourceError, max_position_embeddings, resolve_model
+from router.reasoning import REASONING_PARSERS
+from router.tool_parsers import TOOL_CALL_FAMILIES
 
 log = logging.getLogger("loom")
 
@@ -155,6 +157,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--enforce-eager", action="store_true",
                    help="Run every step eagerly: no CUDA graphs for decode steps (vLLM's flag). Graphs are opt-in "
                    "with LOOM_CUDA_GRAPHS=1 until verified on a GPU (README, \"What has and has not run on a GPU\").")
+    p.add_argument("--tool-call-parser", choices=TOOL_CALL_FAMILIES, default=None,
+                   help="How tool calls are read from generated text (vLLM's names). Default: from the chat "
+                   "template ([TOOL_CALLS]: mistral, <|python_tag|>: llama3_json, else hermes).")
+    p.add_argument("--reasoning-parser", choices=REASONING_PARSERS, default=None,
+                   help="Split <think> reasoning into reasoning_content (vLLM's names; none: never). Default: "
+                   "when the chat template writes <think>.")
     p.add_argument("--json-output", action="store_true", help="Log as JSON lines; the shards and router see LOOM_LOG_FORMAT=json in their environment.")
     return p
 
@@ -316,6 +324,8 @@ def main(argv: list[str] | None = None) -> int:
         enable_adapter_api=args.enable_adapter_api,
         preloaded_adapter_ids=list(dict.fromkeys(args.preloaded_adapter_ids)),
         public_metrics=args.public_metrics,
+        tool_call_parser=args.tool_call_parser,
+        reasoning_parser=args.reasoning_parser,
     )
     return launch(config, device=device, dtype=dtype, num_shard=num_shard, shard_flags=shard_flags(args))
 

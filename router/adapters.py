@@ -359,7 +359,8 @@ def _check_name(name: str, param: str) -> None:
 
 
 def _hub_api_error(e: HubError, param: str) -> APIError:
+    """A malformed id is a 400; any other miss is a 404, whether or not the hub could be reached (as vLLM
+    answers an unknown adapter): the message says which."""
     if e.invalid:
         return APIError(400, str(e), param=param)
-    return APIError(404 if e.not_found else 502, str(e), param=param,
-                    code="model_not_found" if e.not_found else "hub_error")
+    return APIError(404, str(e), param=param, code="model_not_found")

@@ -18,9 +18,9 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from proto import generate_pb2 as pb
-from router import adapter_api, native_api, openai_api
+from router import adapter_api, native_api, openai_api, responses_api, tokenize_api
 from router.adapters import AdapterRegistry
-from router.backend import Backend, StrictModel, parse_body
+from router.backend import Backend
 from router.config import RouterConfig
 from router.connections import OVER_CAPACITY, quiet_accept_errors
 from router.errors import APIError
@@ -77,18 +77,14 @@ async def info(request: Request):
     })
 
 
-class TokenizeRequest(StrictModel):
-    inputs: str
+async def version(request: Request):
+    """vLLM's probe: the server's version."""
+    return JSONResponse({"version": VERSION})
 
 
-async def tokenize(request: Request):
-    """Bounded like a prompt: the character bound before tokenizing, --max-input-length after."""
-    backend: Backend = request.app.state.backend
-    body = await parse_body(request, TokenizeRequest)
-    backend.check_chars(body.inputs, backend.tokenizer, "inputs")
-    pieces = await backend.off_loop(backend.tokenizer.tokenize_with_offsets, body.inputs)
-    backend.check_input_length(len(pieces), "inputs")
-    return JSONResponse([{"id": i, "text": text, "start": start, "stop": stop} for i, text, start, stop in pieces])
+async def ping(request: Request):
+    """vLLM's liveness probe: /health's answer, on GET and POST."""
+    return await health(request)
 
 
 async def metrics(request: Request):
@@ -99,13 +95,18 @@ ROUTES = [
     Route("/v1/chat/completions", openai_api.chat_completions, methods=["POST"]),
     Route("/v1/completions", openai_api.completions, methods=["POST"]),
     Route("/v1/models", openai_api.models, methods=["GET"]),
+    Route("/v1/responses", responses_api.create, methods=["POST"]),
+    Route("/v1/responses/{response_id}", responses_api.retrieve, methods=["GET"]),
     Route("/generate", native_api.generate, methods=["POST"]),
     Route("/generate_stream", native_api.generate_stream, methods=["POST"]),
     Route("/", native_api.compat_generate, methods=["POST"]),
     Route("/health", health, methods=["GET"]),
     Route("/info", info, methods=["GET"]),
     Route("/metrics", metrics, methods=["GET"]),
-    Route("/tokenize", tokenize, methods=["POST"]),
+    Route("/tokenize", tokenize_api.tokenize, methods=["POST"]),
+    Route("/detokenize", tokenize_api.detokenize, methods=["POST"]),
+    Route("/version", version, methods=["GET"]),
+    Route("/ping", ping, methods=["GET", "POST"]),
     *adapter_api.ROUTES,
 ]
 
@@ -195,7 +196,7 @@ class GuardMiddleware:
         line.log()
 
 
-UNLOGGED = {"/metrics", "/health"}  # polled by monitors and the launcher: no metrics, no log lines
+UNLOGGED = {"/metrics", "/health", "/ping"}  # polled by monitors and the launcher: no metrics, no log lines
 ROUTE_PATHS = {route.path for route in ROUTES}
 CLIENT_GONE = 499  # nginx's "client closed request"
 # A generation's own failure wins over the HTTP status, which is 200 once a stream has started.
@@ -389,9 +390,10 @@ def _prefill_budget(config: RouterConfig, warm: pb.WarmupResponse) -> int:
 
 
 def _open_paths(config: RouterConfig) -> frozenset[str]:
-    """Routes without the API key: /health for probes; /metrics with --public-metrics, for the inference
-    extension's endpoint picker and Prometheus, which scrape without credentials."""
-    return frozenset({"/health", "/metrics"} if config.public_metrics else {"/health"})
+    """Routes without the API key: /health and /ping for probes; /metrics with --public-metrics, for the
+    inference extension's endpoint picker and Prometheus, which scrape without credentials."""
+    probes = {"/health", "/ping"}
+    return frozenset(probes | {"/metrics"} if config.public_metrics else probes)
 
 
 def create_app(config: RouterConfig) -> Starlette:
@@ -417,4 +419,5 @@ def create_app(config: RouterConfig) -> Starlette:
                                            max_request_bytes=config.max_request_bytes)],
                     exception_handlers={HTTPException: _http_exception})
     app.state.metrics = metrics
+    app.state.responses = responses_api.ResponseStore()
     return app

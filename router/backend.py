@@ -25,7 +25,7 @@ from router.generation import GenerationRequest
 from router.scheduler import Scheduler
 from router.structured import GrammarChecker
 from router.templates import TemplateRenderError, TemplateRenderer
-from router.tokenization import ChatTemplateError, ModelTokenizer
+from router.tokenization import ChatTemplateError, ModelTokenizer, continued
 
 
 class StrictModel(BaseModel):
@@ -90,7 +90,8 @@ class Backend:
 
     async def render_chat(self, adapter: Adapter | None, tokenizer: ModelTokenizer, messages: list[dict],
                           tools: list[dict] | None = None, add_generation_prompt: bool = True,
-                          chat_template: str | None = None, template_kwargs: dict | None = None) -> str:
+                          chat_template: str | None = None, template_kwargs: dict | None = None,
+                          continue_final_message: bool = False) -> str:
         """The prompt text of a conversation, rendered in the template sandbox's worker processes under its
         limits (router/templates.py): the adapter's template (else the base model's), or `chat_template`, a
         request's own (at most MAX_TEMPLATE_BYTES characters). Any failure is a 400 on `messages` that names the
@@ -106,9 +107,10 @@ class Backend:
             owner, param = "", "messages"
         try:
             source, variables = tokenizer.chat_inputs(messages, tools, add_generation_prompt, chat_template,
-                                                      template_kwargs)
+                                                      template_kwargs, continue_final_message)
             limit = tokenizer.max_prompt_chars(self.config.max_input_length)
-            return await self.templates.render(source, variables, limit)
+            text = await self.templates.render(source, variables, limit)
+            return continued(text) if continue_final_message else text
         except (ChatTemplateError, TemplateRenderError) as e:
             raise APIError(400, f"{owner}{e}", param=param) from None
 
@@ -153,7 +155,8 @@ class Backend:
     def generation_request(self, input_ids: list[int], max_new_tokens: int, adapter: Adapter | None,
                            tokenizer: ModelTokenizer, sampling: pb.SamplingParameters, ignore_eos: bool = False,
                            top_n_tokens: int = 0, prefill_logprobs: bool = False,
-                           min_new_tokens: int = 0, grammar: str = "") -> GenerationRequest:
+                           min_new_tokens: int = 0, grammar: str = "", stop_token_ids: list[int] = (),
+                           priority: int = 0, prefill_top_n: int = 0) -> GenerationRequest:
         return GenerationRequest(
             input_ids=input_ids,
             max_new_tokens=max_new_tokens,
@@ -165,9 +168,19 @@ class Backend:
             ignore_eos=ignore_eos,
             top_n_tokens=top_n_tokens,
             prefill_logprobs=prefill_logprobs,
+            prefill_top_n=prefill_top_n,
             min_new_tokens=min_new_tokens,
             grammar=grammar,
+            extra_stop_ids=frozenset(stop_token_ids),
+            priority=priority,
         )
+
+    def check_token_ids(self, ids, param: str) -> None:
+        """Token ids a request names (a prompt, stop_token_ids, logit_bias keys) must be in the vocabulary."""
+        bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise bad_request(f"`{param}` holds token id {bad}, outside the vocabulary [0, {self.vocab_size})",
+                              param=param)
 
     async def off_loop(self, fn, *args):
         """Tokenizers and grammar checks can take milliseconds: run them in a thread, off the event loop."""
@@ -177,7 +190,8 @@ class Backend:
 def sampling_parameters(temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
                         min_p: float | None = None, typical_p: float | None = None,
                         repetition_penalty: float | None = None, frequency_penalty: float | None = None,
-                        presence_penalty: float | None = None, seed: int | None = None) -> pb.SamplingParameters:
+                        presence_penalty: float | None = None, seed: int | None = None,
+                        logit_bias: dict[int, float] | None = None) -> pb.SamplingParameters:
     """Unset fields take their neutral value; temperature 0 (or unset) means greedy."""
     p = pb.SamplingParameters(
         temperature=temperature or 0.0,
@@ -188,6 +202,7 @@ def sampling_parameters(temperature: float | None = None, top_k: int | None = No
         repetition_penalty=1.0 if repetition_penalty is None else repetition_penalty,
         frequency_penalty=frequency_penalty or 0.0,
         presence_penalty=presence_penalty or 0.0,
+        logit_bias=logit_bias or {},
     )
     if seed is not None:
         p.seed = seed % (1 << 64)
@@ -254,7 +269,11 @@ def _check_values(data) -> None:
 
 async def parse_body(request: Request, model: type[BaseModel]) -> BaseModel:
     """Reads a JSON body into `model`; any problem is a 400 that names the field."""
-    data = decode_json(await request.body())
+    return validate(decode_json(await request.body()), model)
+
+
+def validate(data, model: type[BaseModel]) -> BaseModel:
+    """A decoded JSON body as `model`; any problem is a 400 that names the field."""
     if not isinstance(data, dict):
         raise bad_request("request body must be a JSON object")
     try:

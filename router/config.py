@@ -50,6 +50,8 @@ class RouterConfig:
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES  # larger bodies get 413 (`--max-request-bytes`)
     max_connections: int = DEFAULT_MAX_CONNECTIONS  # open HTTP connections (`--max-connections`)
     header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S  # to send a request head (`--header-timeout`)
+    tool_call_parser: str | None = None  # `--tool-call-parser`; None: from the chat template
+    reasoning_parser: str | None = None  # `--reasoning-parser`; None: from the chat template
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

@@ -11,6 +11,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from proto import generate_pb2 as pb
 from router.generation import GenerationStats
 from router.scheduler import Scheduler
+from router.vllm_metrics import VllmMetrics
 
 # Latency buckets from a few ms (one decode step on a GPU) to minutes (a long generation in a queue).
 SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
@@ -74,11 +75,13 @@ class Metrics:
                                            registry=r)
         for reason in FAILURE_REASONS:  # so that dashboards see zeros, not missing series
             self.request_failures.labels(reason)
+        self.vllm = VllmMetrics(r)  # vLLM's request and token families, for vLLM's dashboards
 
     def watch(self, scheduler: Scheduler, model_name: str, label: Callable[[str], str | None]) -> None:
         """Gauges read the scheduler at scrape time, so the step loop pays nothing for them. `label` names an
         adapter id in labels (None: not to be named)."""
         self.registry.register(InferenceExtensionCollector(scheduler, model_name, label))
+        self.vllm.bind(model_name)
         self.running.set_function(lambda: scheduler.num_running)
         self.waiting.set_function(lambda: scheduler.num_waiting)
         blocks = scheduler.blocks
@@ -105,6 +108,7 @@ class Metrics:
             self.ttft.observe(ttft)
         if (tpot := stats.tpot_s) is not None:
             self.tpot.observe(tpot)
+        self.vllm.observe(stats)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -139,6 +143,8 @@ class InferenceExtensionCollector:
         yield self._gauge("vllm:num_requests_running", "Requests in the running batch", s.num_running, self.labels)
         yield self._gauge("vllm:kv_cache_usage_perc", "KV cache usage, 0-1: blocks held by running requests over "
                           "all blocks", s.kv_cache_usage(), self.labels)
+        yield self._gauge("vllm:gpu_cache_usage_perc", "vllm:kv_cache_usage_perc under vLLM's older name (its "
+                          "published dashboard reads it)", s.kv_cache_usage(), self.labels)
         yield self._gauge("vllm:lora_requests_info", "Adapters running and queued; the value is when the labels "
                           "were computed (Unix time)", time.time(), {
                               "max_lora": str(s.adapters.max_running),

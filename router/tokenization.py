@@ -98,19 +98,22 @@ class ModelTokenizer:
         """One token's own text, special tokens included: what logprobs and token details show."""
         return self.hf.decode([token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
-    def decode_raw(self, ids: list[int]) -> str:
+    def decode_raw(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         """`decode` without transformers' clean_up_tokenization pass (the detokenizer applies it itself)."""
-        return self.hf.backend_tokenizer.decode(ids, skip_special_tokens=True)
+        return self.hf.backend_tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def clean_up(self, text: str) -> str:
         return self.hf.clean_up_tokenization(text)
 
     def chat_inputs(self, messages: list[dict], tools: list[dict] | None = None,
                     add_generation_prompt: bool = True, chat_template: str | None = None,
-                    template_kwargs: dict | None = None) -> tuple[str, dict[str, Any]]:
+                    template_kwargs: dict | None = None,
+                    continue_final_message: bool = False) -> tuple[str, dict[str, Any]]:
         """(template, variables) for a conversation, as transformers' apply_chat_template builds them: messages
         without their None fields, reasoning under every name templates read, the special tokens, and
-        `template_kwargs` (a request's own). `chat_template` (a request's own) replaces the model's."""
+        `template_kwargs` (a request's own). `chat_template` (a request's own) replaces the model's.
+        `continue_final_message`: the last message's text carries CONTINUE_TAG, where `continued` cuts the
+        rendered prompt."""
         if chat_template is None:
             if not self.has_chat_template:
                 raise ChatTemplateError(
@@ -119,6 +122,8 @@ class ModelTokenizer:
                 )
             chat_template = _pick_template(self.chat_template, tools)
         conversation = [_with_reasoning_aliases({k: v for k, v in m.items() if v is not None}) for m in messages]
+        if continue_final_message:
+            conversation[-1] = _tagged(conversation[-1])
         variables = {**self.special_tokens, **(template_kwargs or {}), "messages": conversation, "tools": tools,
                      "documents": None, "add_generation_prompt": add_generation_prompt}
         return chat_template, variables
@@ -128,15 +133,18 @@ class ModelTokenizer:
         return min(max_input_length * self.max_token_chars, MAX_PROMPT_CHARS)
 
     def render_chat(
-        self, messages: list[dict], tools: list[dict] | None = None, add_generation_prompt: bool = True
+        self, messages: list[dict], tools: list[dict] | None = None, add_generation_prompt: bool = True,
+        continue_final_message: bool = False, chat_template: str | None = None, template_kwargs: dict | None = None,
     ) -> str:
         """The prompt text of a conversation, rendered in this process; raises ChatTemplateError for a missing
-        or failing template (the server renders through router/templates.py instead)."""
-        source, variables = self.chat_inputs(messages, tools, add_generation_prompt)
+        or failing template (the server renders through router/templates.py instead, `Backend.render_chat`)."""
+        source, variables = self.chat_inputs(messages, tools, add_generation_prompt, chat_template, template_kwargs,
+                                             continue_final_message)
         try:
-            return render_template(source, variables, MAX_PROMPT_CHARS, MAX_TEMPLATE_SECONDS)
+            text = render_template(source, variables, MAX_PROMPT_CHARS, MAX_TEMPLATE_SECONDS)
         except (TemplateFailure, TemplateLimitError) as e:
             raise ChatTemplateError(str(e)) from None
+        return continued(text) if continue_final_message else text
 
     def apply_chat_template(
         self, messages: list[dict], tools: list[dict] | None = None, add_generation_prompt: bool = True
@@ -252,3 +260,30 @@ def _generation_eos_ids(path: Path) -> set[int]:
 
 def _read_json(path: Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+# transformers' marker for continue_final_message: appended to the final message's text, and the rendered prompt
+# is cut where it lands, so that the answer continues that text instead of following a closed turn.
+CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
+
+
+def _tagged(message: dict) -> dict:
+    content = message.get("content")
+    if isinstance(content, str):
+        return {**message, "content": content + CONTINUE_TAG}
+    parts = list(content or [])
+    for i in reversed(range(len(parts))):
+        if isinstance(parts[i], dict) and "text" in parts[i]:
+            parts[i] = {**parts[i], "text": parts[i]["text"] + CONTINUE_TAG}
+            return {**message, "content": parts}
+    raise ChatTemplateError("continue_final_message is set but the final message has no text to continue")
+
+
+def continued(rendered: str) -> str:
+    """A prompt rendered with a tagged final message, cut where its text ends (as transformers cuts it)."""
+    at = rendered.rfind(CONTINUE_TAG.strip())
+    if at < 0:
+        raise ChatTemplateError("continue_final_message is set but the chat template does not show the final "
+                                "message's text")
+    return rendered[:at] if rendered[at:at + len(CONTINUE_TAG)] == CONTINUE_TAG else rendered[:at].rstrip()
+

@@ -290,13 +290,18 @@ class Engine:
     def _new_sequence(self, req: SequenceRequest) -> None:
         row = SamplerRow(req.sampling, [*req.input_ids, *req.generated_ids], len(req.input_ids), req.top_n_tokens,
                          matcher=self.grammars.matcher(req.grammar) if req.grammar else None,
+                         json_keys=self.grammars.key_guard(req.grammar) if req.grammar else None,
                          min_new_tokens=req.min_new_tokens, stop_token_ids=list(req.stop_token_ids))
-        if row.matcher is not None:  # a resumed sequence: its grammar state after the tokens it already has
-            for token_id in req.generated_ids:
+        for token_id in req.generated_ids:  # a resumed sequence: its grammar state after the tokens it has
+            if row.matcher is not None:
                 row.matcher.consume_token(token_id)
+            if row.json_keys is not None:
+                row.json_keys.consume(token_id)
         if req.adapter_id:
             self.adapters.pin(req.adapter_id)
-        self.sequences[req.id] = Sequence(row, [], req.adapter_id, [0.0] if req.prefill_logprobs else None)
+        self.sequences[req.id] = Sequence(row, [], req.adapter_id, [0.0] if req.prefill_logprobs else None,
+                                          req.prefill_top_n if req.prefill_logprobs else 0,
+                                          [([], 0)] if req.prefill_logprobs and req.prefill_top_n else [])
 
     def _extend(self, chunk: Chunk) -> str:
         """Appends the chunk's new blocks to its sequence's table and checks that the chunk fits it."""
@@ -339,6 +344,7 @@ class Engine:
             seq = self.sequences[chunk.id]
             if seq.prompt_logprobs is not None:
                 result.prefill_logprobs, seq.prompt_logprobs = seq.prompt_logprobs, None
+                result.prefill_top_tokens, seq.prompt_top = seq.prompt_top, []
             results.append(result)
         return results
 
@@ -365,8 +371,10 @@ class Engine:
         sampled, row = [], 0
         for chunk, seq, n in zip(chunks, seqs, lengths):
             if seq.prompt_logprobs is not None:
-                seq.prompt_logprobs += self._prompt_logprobs(hidden[row:row + chunk.num_tokens], chunk.start,
-                                                             seq.row.token_ids[:seq.row.num_prompt])
+                logprobs, top = self._prompt_logprobs(hidden[row:row + chunk.num_tokens], chunk.start,
+                                                      seq.row.token_ids[:seq.row.num_prompt], seq.prompt_top_n)
+                seq.prompt_logprobs += logprobs
+                seq.prompt_top += top
             row += chunk.num_tokens
             if chunk.start + chunk.num_tokens == n:
                 sampled.append((chunk, hidden[row - 1]))
@@ -398,17 +406,25 @@ class Engine:
             out.token_ids = tokens.tolist()
         return out
 
-    def _prompt_logprobs(self, hidden: torch.Tensor, start: int, prompt: list[int]) -> list[float]:
+    def _prompt_logprobs(self, hidden: torch.Tensor, start: int, prompt: list[int], top_n: int = 0,
+                         ) -> tuple[list[float], list[tuple[list[tuple[int, float]], int]]]:
         """logprobs (raw logits) of the prompt tokens that the chunk's rows predict: row i (position start + i)
-        predicts prompt[start + i + 1]. Logits are computed PROMPT_LOGPROBS_CHUNK rows at a time: a long
-        prompt's float32 logits over a large vocabulary would be gigabytes."""
+        predicts prompt[start + i + 1]; with `top_n`, also each position's `top_n` most likely tokens and the
+        prompt token's rank there. Logits are computed PROMPT_LOGPROBS_CHUNK rows at a time: a long prompt's
+        float32 logits over a large vocabulary would be gigabytes."""
         count = min(hidden.shape[0], len(prompt) - 1 - start)
         if count <= 0:
-            return []
+            return [], []
         targets = torch.tensor(prompt[start + 1:start + 1 + count], device=hidden.device)
-        parts = []
+        parts, tops = [], []
         for lo in range(0, count, PROMPT_LOGPROBS_CHUNK):
             hi = min(lo + PROMPT_LOGPROBS_CHUNK, count)
             lp = self.model.compute_logits(hidden[lo:hi]).log_softmax(-1)
-            parts.append(lp.gather(1, targets[lo:hi, None])[:, 0])
-        return torch.cat(parts).tolist()
+            chosen = lp.gather(1, targets[lo:hi, None])
+            parts.append(chosen[:, 0])
+            if top_n:
+                values, ids = lp.topk(min(top_n, lp.shape[1]), dim=-1)
+                ranks = (lp > chosen).sum(-1) + 1
+                for row_ids, row_values, rank in zip(ids.tolist(), values.tolist(), ranks.tolist()):
+                    tops.append((list(zip(row_ids, row_values)), rank))
+        return torch.cat(parts).tolist(), tops

@@ -53,6 +53,7 @@ def sampling_from_proto(p: pb.SamplingParameters) -> SamplingParams:
         frequency_penalty=p.frequency_penalty,
         presence_penalty=p.presence_penalty,
         seed=p.seed if p.HasField("seed") else None,
+        logit_bias=dict(p.logit_bias) or None,
     )
 
 
@@ -64,6 +65,7 @@ def request_from_proto(r: pb.Request) -> SequenceRequest:
         adapter_id=r.adapter_id,
         top_n_tokens=r.top_n_tokens,
         prefill_logprobs=r.prefill_logprobs,
+        prefill_top_n=r.prefill_top_n,
         grammar=r.grammar,
         min_new_tokens=r.min_new_tokens,
         stop_token_ids=list(r.stop_token_ids),
@@ -92,6 +94,8 @@ def generation_to_proto(t: TokenResult) -> pb.Generation:
         top_tokens=[pb.TopToken(token_id=i, logprob=lp) for i, lp in t.top_tokens],
         prefill_logprobs=t.prefill_logprobs,
         error=t.error,
+        prefill_top_tokens=[pb.PromptToken(top=[pb.TopToken(token_id=i, logprob=lp) for i, lp in top], rank=rank)
+                            for top, rank in t.prefill_top_tokens],
     )
 
 

@@ -143,7 +143,7 @@ def run_worst_steps(engine: Engine, limits: WarmupLimits) -> None:
     count, pages = _zero_adapter_shape(engine, limits, len(prompts) + len(singles))
     with engine.adapters.zero_adapters(count, pages) as adapter_ids:
         requests = [SequenceRequest(c.id, [0] * c.num_tokens, WARMUP_SAMPLING, top_n_tokens=MAX_TOP_LOGPROBS,
-                                    prefill_logprobs=i < len(prompts),
+                                    prefill_logprobs=i < len(prompts), prefill_top_n=MAX_TOP_LOGPROBS,
                                     adapter_id=adapter_ids[i % count] if count else "")
                     for i, c in enumerate(prompts + singles)]
         try:
