@@ -220,6 +220,19 @@ def ops_server(llama_dir, ops_adapters, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def small_engine(llama_dir, ops_adapters):
+    """An engine of the tiny llama with a small KV cache (4 MB) and 8 adapter-pool pages, the first two
+    `ops_adapters` registered by their paths: for the router's scheduler in this process (tests/inprocess.py)."""
+    from shard.engine import Engine
+
+    engine = Engine(str(llama_dir), kv_cache_bytes=4 << 20, adapter_pool_pages=8)
+    engine.warmup(256)
+    for path in ops_adapters[:2]:
+        engine.load_adapter(str(path), str(path))
+    return engine
+
+
+@pytest.fixture(scope="module")
 def cpu_kernel():
     """The C kernels (shard/kernels/cpu.py), built; skips where this machine has no C compiler."""
     from shard.kernels import cpu

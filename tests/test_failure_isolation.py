@@ -18,12 +18,8 @@ TOKENS = 24
 
 
 @pytest.fixture(scope="module")
-def engine(llama_dir, ops_adapters) -> Engine:
-    engine = Engine(str(llama_dir), kv_cache_bytes=4 << 20, adapter_pool_pages=8)
-    engine.warmup(256)
-    for path in ops_adapters[:2]:
-        engine.load_adapter(str(path), str(path))
-    return engine
+def engine(small_engine) -> Engine:
+    return small_engine
 
 
 @pytest.fixture(scope="module")
