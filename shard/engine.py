@@ -102,7 +102,8 @@ class Engine:
         self.adapters = AdapterCache(layout, dtype, self.device, adapter_host_cache_bytes)
         # Triton SGMV instead of the torch LoRA path: CUDA only, opt-in until checked on a GPU.
         self.triton_lora = self.device.type == "cuda" and os.environ.get("LOOM_TRITON_LORA") == "1"
-        self.decode_kernel = decode_kernel(self.device, dtype)  # built now, never while serving
+        # Built now, never while serving.
+        self.decode_kernel = decode_kernel(self.device, dtype) if self.model.paged_decode_kernel else None
         self.grammars = Grammars(model_dir, config.vocab_size)
 
     @property
