@@ -26,6 +26,8 @@ DEMO_CONFIG = dict(
     num_key_value_heads=4,
     max_position_embeddings=4096,
 )
+# (model_type, quant_method) of quantized checkpoints the shards dequantize exactly on load.
+DEQUANTIZED_ON_LOAD = {("gpt_oss", "mxfp4")}
 # Everything the router and shards read; skips pickled *.bin / *.pt weights and other large extras.
 HUB_ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.model", "*.txt", "*.tiktoken"]
 
@@ -67,13 +69,26 @@ def check_model_dir(path: Path, model_id: str) -> Path:
     if not any(path.glob("*.safetensors")):
         raise ModelSourceError(f"model {model_id!r}: {path} has no *.safetensors weights "
                                "(Loom loads safetensors, or a .gguf file)")
-    quantization = json.loads((path / "config.json").read_text()).get("quantization_config")
-    if quantization is not None:
+    config = json.loads((path / "config.json").read_text())
+    check_served(config.get("model_type"), model_id)
+    quantization = config.get("quantization_config")
+    method = quantization.get("quant_method", "?") if isinstance(quantization, dict) else "?"
+    if quantization is not None and (config.get("model_type"), method) not in DEQUANTIZED_ON_LOAD:
         # Quantized tensors loaded as dense weights would compute garbage; refuse instead of guessing.
-        method = quantization.get("quant_method", "?") if isinstance(quantization, dict) else "?"
         raise ModelSourceError(f"model {model_id!r}: config.json has quantization_config (quant_method {method!r}); "
-                               "Loom serves unquantized safetensors or GGUF files (dequantized on load)")
+                               "Loom serves unquantized safetensors, gpt-oss' MXFP4 experts or GGUF files (the "
+                               "last two dequantized on load)")
     return path
+
+
+def check_served(model_type: object, model_id: str) -> None:
+    """A model of a type no family serves fails here, in one line, before any shard starts."""
+    from shard.models import check_model_type
+
+    try:
+        check_model_type(str(model_type))
+    except ValueError as e:
+        raise ModelSourceError(f"model {model_id!r}: {e}") from None
 
 
 def lone_gguf(path: Path) -> Path | None:

@@ -143,8 +143,9 @@ def model_config(family: str, vocab_size: int, **overrides):
                       num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True, mlp_only_layers=[1])
         cls = Qwen3MoeConfig
     elif family == "qwen2_moe":
+        # Layer 0 dense, layer 1 sparse (decoder_sparse_step 2); the top 2 not renormalised.
         common.update(tie_word_embeddings=False, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
-                      shared_expert_intermediate_size=48, norm_topk_prob=False)
+                      shared_expert_intermediate_size=48, norm_topk_prob=False, decoder_sparse_step=2)
         cls = Qwen2MoeConfig
     elif family == "mixtral":
         common.update(intermediate_size=32, num_local_experts=4, num_experts_per_tok=2, sliding_window=MOE_WINDOW,

@@ -79,16 +79,17 @@ def _open_checkpoint(path: Path):
 
 
 class _ExpertPieces:
-    """The per-expert checkpoint tensors (`experts.N.gate_proj.weight`, ...) that fill the model's fused expert
-    parameters: a fused parameter is there once all its pieces are, and a piece comes once."""
+    """The checkpoint tensors that each fill part of an expert parameter (one module per expert:
+    `experts.N.gate_proj.weight`; MXFP4's blocks and scales): a parameter is there once all its pieces are, and a
+    piece comes once."""
 
     def __init__(self, model: CausalLM):
-        self.pieces: dict[str, tuple[str, str, str, int]] = {}  # name -> (module, fused parameter, part, expert)
-        self.left: dict[str, int] = {}  # fused parameter's name -> pieces it still lacks
+        self.pieces: dict[str, tuple[str, str, tuple]] = {}  # name -> (module, parameter, the module's piece key)
+        self.left: dict[str, int] = {}  # parameter's name -> pieces it still lacks
         for path, module in model.named_modules():
             if isinstance(module, Experts):
-                for name, (param, part, expert) in module.checkpoint_pieces(path).items():
-                    self.pieces[name] = (path, param, part, expert)
+                for name, (param, piece) in module.checkpoint_pieces(path).items():
+                    self.pieces[name] = (path, param, piece)
                     self.left[f"{path}.{param}"] = self.left.get(f"{path}.{param}", 0) + 1
 
     def __contains__(self, name: str) -> bool:
@@ -100,11 +101,11 @@ class _ExpertPieces:
         piece = self.pieces.pop(name, None)
         if piece is None:
             return False
-        path, param, part, expert = piece
+        path, param, key = piece
         fused = f"{path}.{param}"
         if fused not in missing:
             raise ValueError("the checkpoint holds these experts fused too")
-        model.get_submodule(path).load_expert(part, expert, src)
+        model.get_submodule(path).load_piece(param, key, src)
         self.left[fused] -= 1
         if not self.left[fused]:
             missing.discard(fused)

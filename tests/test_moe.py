@@ -8,7 +8,7 @@ expert tensors) and "all" (all-linear: attention, the router or the shared exper
 for Qwen3-MoE and Mixtral also an adapter as peft wrote it for transformers 4 models (one LoRA module per expert,
 Mixtral's under block_sparse_moe), which peft converts on load. One continuous batch mixes the base model with every
 adapter, requests joining mid-decode and prompts past the sliding windows, in-process at 1 rank (both layouts) and
-at 2 gloo ranks; Qwen3-MoE also preempted under the router's scheduler and over HTTP at 2 ranks.
+at 2 gloo ranks; Qwen3-MoE also preempted under the router's scheduler and over HTTP.
 """
 
 from __future__ import annotations
@@ -63,6 +63,29 @@ def save_fused(src: Path, dst: Path) -> Path:
     return dst
 
 
+def mxfp4_checkpoint(src: Path, dst: Path, seed: int) -> Path:
+    """`src` (gpt-oss) with its experts replaced by random MXFP4 blocks and scales, as published gpt-oss checkpoints
+    hold them."""
+    shutil.copytree(src, dst)
+    config = json.loads((src / "config.json").read_text())
+    experts, hidden, inter = config["num_local_experts"], config["hidden_size"], config["intermediate_size"]
+    tensors = load_file(src / "model.safetensors")
+    g = torch.Generator().manual_seed(seed)
+    for layer in range(config["num_hidden_layers"]):
+        for param, (out, fan_in) in {"gate_up_proj": (2 * inter, hidden), "down_proj": (hidden, inter)}.items():
+            name = f"model.layers.{layer}.mlp.experts.{param}"
+            del tensors[name]
+            tensors[f"{name}_blocks"] = torch.randint(0, 256, (experts, out, fan_in // 32, 16), generator=g,
+                                                      dtype=torch.uint8)
+            tensors[f"{name}_scales"] = torch.randint(122, 126, (experts, out, fan_in // 32), generator=g,
+                                                      dtype=torch.uint8)
+    save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
+    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    (dst / "config.json").write_text(json.dumps(config))
+    return dst
+
+
 def legacy_expert_adapter(path: Path, base: Path, family: str, seed: int) -> Path:
     """An adapter as peft wrote it for the transformers 4 model: q/v and one LoRA module per expert projection."""
     block, modules = LEGACY_EXPERTS[family]
@@ -87,7 +110,8 @@ def legacy_expert_adapter(path: Path, base: Path, family: str, seed: int) -> Pat
     return to_legacy_adapter(path)
 
 
-def hf_greedy(base: Path, adapter: Path | None, prompts: list[list[int]]) -> list[list[int]]:
+def hf_greedy(base: Path, adapter: Path | None, prompts: list[list[int]], tokens: int = NEW_TOKENS
+              ) -> list[list[int]]:
     """transformers (+ peft) greedy continuations of `prompts`, the model loaded once."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -97,7 +121,7 @@ def hf_greedy(base: Path, adapter: Path | None, prompts: list[list[int]]) -> lis
         model = PeftModel.from_pretrained(model, adapter)
     with torch.inference_mode():
         outs = [model.eval().generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
-                                      do_sample=False, max_new_tokens=NEW_TOKENS, eos_token_id=None) for p in prompts]
+                                      do_sample=False, max_new_tokens=tokens, eos_token_id=None) for p in prompts]
     return [out[0, len(p):].tolist() for out, p in zip(outs, prompts)]
 
 
@@ -140,7 +164,13 @@ def one_thread():
 @pytest.fixture(scope="module")
 def cases(tmp_path_factory, one_thread) -> dict[str, Case]:
     root = tmp_path_factory.mktemp("moe")
-    return {family: build_case(family, root, 10 * i) for i, family in enumerate(MOE_FAMILIES)}
+    found = {family: build_case(family, root, 10 * i) for i, family in enumerate(MOE_FAMILIES)}
+    # gpt-oss with MXFP4 experts (dequantized on load by transformers and by Loom): the same jobs and adapters.
+    gpt = found["gpt_oss"]
+    path = mxfp4_checkpoint(gpt.layouts["fused"], root / "gpt_oss-mxfp4", 99)
+    expected = [hf_greedy(path, gpt.adapters.get(kind), [p])[0] for (kind, _, _), p in zip(gpt.jobs, gpt.prompts)]
+    found["gpt_oss-mxfp4"] = Case("gpt_oss-mxfp4", {"mxfp4": path}, gpt.adapters, gpt.jobs, gpt.prompts, expected)
+    return found
 
 
 def make_engine(model_dir: Path, adapters: dict[str, Path], tp_rank: int = 0, tp_size: int = 1) -> EngineDriver:
@@ -170,6 +200,7 @@ def run_jobs(engine: EngineDriver, jobs: list[tuple[str, int, int]], prompts: li
 
 
 LAYOUT_CASES = [(f, layout) for f in MOE_FAMILIES for layout in ("modules", "fused") if (f, layout) != ("gpt_oss", "modules")]
+LAYOUT_CASES.append(("gpt_oss-mxfp4", "mxfp4"))
 
 
 @pytest.mark.parametrize("family,layout", LAYOUT_CASES)
@@ -179,3 +210,149 @@ def test_mixed_batch_matches_transformers_and_peft(cases, family, layout):
     got = run_jobs(engine, case.jobs, case.prompts)
     for (kind, n, join), g, want in zip(case.jobs, got, case.expected):
         assert g == want, f"{family} ({layout}): adapter {kind or 'base'!r}, prompt of {n} tokens joining at {join}"
+
+
+def _two_rank_worker(rank: int, init_file: str, jobs: list[tuple[str, str, dict[str, str], list, list]],
+                     out_file: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    results = {name: run_jobs(make_engine(Path(base), {k: Path(p) for k, p in adapters.items()}, rank, 2),
+                              [tuple(j) for j in case_jobs], prompts)
+               for name, base, adapters, case_jobs, prompts in jobs}
+    if rank == 0:
+        Path(out_file).write_text(json.dumps(results))
+    dist.destroy_process_group()
+
+
+def test_two_ranks_match_transformers_and_peft(cases, tmp_path):
+    """Every family and layout at --num-shard 2 (gloo): each expert split by intermediate size (gpt-oss' interleaved
+    gate/up columns too), one all-reduce per sparse block; expert LoRA B rows split like the base rows."""
+    import torch.multiprocessing as mp
+
+    jobs = [(f"{c.family}-{layout}", str(path), {k: str(p) for k, p in c.adapters.items()}, c.jobs, c.prompts)
+            for c in cases.values() for layout, path in c.layouts.items()]
+    out_file = tmp_path / "tokens.json"
+    mp.spawn(_two_rank_worker, args=(str(tmp_path / "init"), jobs, str(out_file)), nprocs=2)
+    results = json.loads(out_file.read_text())
+    for c in cases.values():
+        for layout in c.layouts:
+            assert results[f"{c.family}-{layout}"] == c.expected, f"{c.family} ({layout})"
+
+
+def test_preempted_requests_resume_exactly(cases, tmp_path):
+    """Under the router's scheduler with a KV cache far too small, requests of every adapter kind are preempted
+    and resumed by recompute; each output is still transformers' / peft's."""
+    from tests.inprocess import request
+    from tests.test_preemption import engine_with_blocks, serve
+
+    case = cases["qwen3_moe"]
+    engine = engine_with_blocks(case.layouts["fused"], 10)
+    pages = {kind: engine.load_adapter(kind, str(path)).pages for kind, path in case.adapters.items()}
+    kinds = ["", "attn", "experts", "all", "legacy", "", "experts", "all"]
+    rng = random.Random(5)
+    prompts = [[rng.randrange(300) for _ in range(rng.randint(12, 30))] for _ in kinds]
+    tokens = 24
+    requests = [request(p, tokens, kind, pages.get(kind, 0)) for p, kind in zip(prompts, kinds)]
+    outputs, preemptions = serve(engine, requests, tmp_path)
+    assert preemptions >= 2
+    for kind in dict.fromkeys(kinds):
+        mine = [i for i, k in enumerate(kinds) if k == kind]
+        want = hf_greedy(case.layouts["modules"], case.adapters.get(kind), [prompts[i] for i in mine], tokens)
+        assert [[e.token_id for e in outputs[i]] for i in mine] == want, kind
+
+
+def test_http(cases):
+    """Qwen3-MoE served over HTTP: prompts as text, adapters by path, requests arriving together."""
+    from transformers import AutoTokenizer
+
+    from tests.conftest import LoomServer
+    from tests.test_families import _generate_all
+
+    case = cases["qwen3_moe"]
+    srv = LoomServer(case.layouts["fused"], "--local-adapter-root", str(case.adapters["attn"].parent),
+                     "--max-batch-total-tokens", "4096")
+    try:
+        srv.start()
+        tokenizer = AutoTokenizer.from_pretrained(case.layouts["fused"])
+        jobs = [(f"ship {i} sails far " * (2 + 2 * i), kind) for i, kind in enumerate(["", "attn", "experts", "all"])]
+        got = asyncio.run(_generate_all(srv.url, [(p, case.adapters.get(k)) for p, k in jobs]))
+        for (prompt, kind), tokens in zip(jobs, got):
+            want = hf_greedy(case.layouts["modules"], case.adapters.get(kind), [tokenizer(prompt)["input_ids"]], 12)
+            assert tokens == want[0], f"adapter {kind or 'base'!r}"
+    finally:
+        srv.stop()
+
+
+def test_adapter_pages_cover_experts_only_when_targeted(cases):
+    """Attention-only adapters take the pages of their rank in the ordinary layout, whatever the experts; an
+    adapter on the experts takes expert pages on top (every expert of every sparse layer at its rank)."""
+    case = cases["qwen3_moe"]
+    engine = Engine(str(case.layouts["fused"]))
+    layout = engine.adapters.layout
+    experts = layout.experts
+    assert experts.layers == (0, 2) and experts.num_experts == 4  # layer 1 is dense (mlp_only_layers)
+    assert not any(p.startswith("experts") for p in layout.shapes)
+    assert engine.read_adapter("attn", str(case.adapters["attn"])).pages.shape[0] == layout.pages_for(8)
+    host = engine.read_adapter("experts", str(case.adapters["experts"]))
+    assert host.expert_pages == experts.pages_for(4) and host.pages.shape[0] == host.expert_pages
+    assert host.targets == {"experts.gate_up_proj", "experts.down_proj"}
+
+
+def test_unsupported_moe_variant_is_a_one_line_start_error(cases, tmp_path):
+    """DeepSeek-V3 (multi-head latent attention) stops `loom` before any shard starts, in one line naming it."""
+    from tests.conftest import hermetic_env, run_loom
+
+    path = shutil.copytree(cases["qwen3_moe"].layouts["fused"], tmp_path / "deepseek")
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps(config | {"model_type": "deepseek_v3"}))
+    result = run_loom("--model-id", str(path), env=hermetic_env(tmp_path))
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if "ERROR" in line]
+    assert len(errors) == 1 and "unsupported model_type 'deepseek_v3' (multi-head latent attention" in errors[0]
+    assert "Traceback" not in result.stderr
+    with pytest.raises(ValueError, match="deepseek_v3"):
+        Engine(str(path))
+
+
+def test_checkpoint_expert_errors_are_named(cases, tmp_path):
+    """A per-expert checkpoint missing one expert's tensor, or holding an expert fused and per module, fails
+    naming it."""
+    base = cases["mixtral"].layouts["modules"]
+    path = shutil.copytree(base, tmp_path / "missing")
+    tensors = load_file(path / "model.safetensors")
+    tensors.pop("model.layers.1.block_sparse_moe.experts.3.w2.weight")
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"lacks tensors: model\.layers\.1\.mlp\.experts\.down_proj$"):
+        Engine(str(path))
+    fused = load_file(cases["mixtral"].layouts["fused"] / "model.safetensors")
+    tensors = load_file(base / "model.safetensors") | {"model.layers.0.mlp.experts.down_proj":
+                                                       fused["model.layers.0.mlp.experts.down_proj"]}
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"experts\.\d\.w2\.weight'|experts\.down_proj'"):
+        Engine(str(path))
+
+
+@pytest.mark.parametrize("family, sizes", [("qwen2_moe", {"moe_intermediate_size": 30}),
+                                           ("qwen2_moe", {"shared_expert_intermediate_size": 20}),
+                                           ("mixtral", {"intermediate_size": 36})])
+def test_launcher_shard_counts_agree_with_the_experts(tmp_path, family, sizes):
+    """The launcher's --num-shard rule splits the experts' and the shared expert's sizes too, exactly as the
+    model's layers can be built."""
+    from transformers import AutoConfig
+
+    from launcher.cli import tensor_parallel_sizes
+    from launcher.tiny_model import model_config
+    from shard.models import model_class
+
+    model_config(family, 384, num_attention_heads=8, num_key_value_heads=8, **sizes).save_pretrained(tmp_path)
+    config = AutoConfig.from_pretrained(tmp_path)
+    buildable = []
+    for n in range(1, 9):
+        try:
+            model_class(config)(config, torch.float32, "meta", tp_rank=0, tp_size=n)
+            buildable.append(n)
+        except ValueError:
+            pass
+    assert tensor_parallel_sizes(tmp_path, 8) == buildable and buildable != [1, 2, 4, 8]

@@ -97,11 +97,11 @@ class ReplicatedLinear(nn.Module):
 
     def load(self, param_name: str, src, parts: tuple[str, ...] | None = None) -> None:
         dst = getattr(self, param_name).data
-        _check_shape(dst.shape, src, param_name)
+        check_shape(dst.shape, src, param_name)
         dst.copy_(src[:])
 
 
-def _check_shape(expected, src, name: str) -> None:
+def check_shape(expected, src, name: str) -> None:
     shape = tuple(src.get_shape()) if hasattr(src, "get_shape") else tuple(src.shape)
     if shape != tuple(expected):
         raise ValueError(f"tensor {name}: checkpoint has shape {shape}, expected {tuple(expected)}")
@@ -144,9 +144,10 @@ class Experts(nn.Module):
 
     # ---- loading -------------------------------------------------------------------------------------------
 
-    def checkpoint_pieces(self, path: str) -> dict[str, tuple[str, str, int]]:
-        """Per-expert checkpoint tensor name -> (the fused parameter it is part of, its module name, its expert)."""
-        return {f"{path}.{e}.{module}.weight": (param, module, e)
+    def checkpoint_pieces(self, path: str) -> dict[str, tuple[str, tuple]]:
+        """Checkpoint tensors that each fill part of a parameter -> (that parameter, which part: `load_piece`'s
+        key). Here one module per expert: (its module name, its expert)."""
+        return {f"{path}.{e}.{module}.weight": (param, (module, e))
                 for module, (param, _) in self.checkpoint_modules.items() for e in range(self.num_experts)}
 
     def load(self, param_name: str, src, parts: tuple[str, ...] | None = None) -> None:
@@ -154,16 +155,16 @@ class Experts(nn.Module):
         dst = getattr(self, param_name).data
         i, h, lo, n = self.intermediate, self.hidden, self.start, self.local
         if param_name == "down_proj_bias":
-            _check_shape((self.num_experts, h), src, param_name)
+            check_shape((self.num_experts, h), src, param_name)
             dst.copy_(src[:])
         elif param_name == "down_proj":
-            _check_shape((self.num_experts, *self._oriented(h, i)), src, param_name)
+            check_shape((self.num_experts, *self._oriented(h, i)), src, param_name)
             dst.copy_(src[:, lo:lo + n, :] if self.transposed else src[:, :, lo:lo + n])
         elif param_name == "gate_up_proj_bias":
-            _check_shape((self.num_experts, 2 * i), src, param_name)
+            check_shape((self.num_experts, 2 * i), src, param_name)
             dst.copy_(self._gate_up_rows(src, weight=False))
         else:
-            _check_shape((self.num_experts, *self._oriented(2 * i, h)), src, param_name)
+            check_shape((self.num_experts, *self._oriented(2 * i, h)), src, param_name)
             dst.copy_(self._gate_up_rows(src, weight=True))
 
     def _gate_up_rows(self, src, weight: bool) -> torch.Tensor:
@@ -176,16 +177,17 @@ class Experts(nn.Module):
             return torch.cat([src[:, lo:lo + n, :], src[:, i + lo:i + lo + n, :]], dim=1)
         return torch.cat([src[:, lo:lo + n], src[:, i + lo:i + lo + n]], dim=1)
 
-    def load_expert(self, module: str, expert: int, src) -> None:
+    def load_piece(self, param_name: str, piece: tuple, src) -> None:
         """One expert's [out, in] weight from a per-expert checkpoint module (never `transposed` families)."""
-        param_name, part = self.checkpoint_modules[module]
+        module, expert = piece
+        part = self.checkpoint_modules[module][1]
         dst = getattr(self, param_name).data[expert]
         lo, n = self.start, self.local
         if param_name == "down_proj":
-            _check_shape((self.hidden, self.intermediate), src, module)
+            check_shape((self.hidden, self.intermediate), src, module)
             dst.copy_(src[:, lo:lo + n])
         else:
-            _check_shape((self.intermediate, self.hidden), src, module)
+            check_shape((self.intermediate, self.hidden), src, module)
             offset = 0 if part == "gate" else n
             dst[offset:offset + n].copy_(src[lo:lo + n, :])
 
