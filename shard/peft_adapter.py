@@ -185,8 +185,12 @@ def _check_targets(name: str, target_modules: str | list[str] | None, layout: Pa
         hit = [p for p in _UNSUPPORTED_PATHS if patterns.fullmatch(compiled, p, "target_modules")]
         if hit:
             raise AdapterError(f"adapter {name}: unsupported target module {hit[0]!r} (supported: {supported})")
-        paths = (f"model.layers.{i}.{s.parent}.{p}" for i in range(layout.num_layers) for p, s in layout.shapes.items())
-        if not any(patterns.fullmatch(compiled, p, "target_modules") for p in paths):
+        paths = [f"model.layers.{i}.{s.parent}.{p}" for i in range(layout.num_layers)
+                 for p, s in layout.shapes.items()]
+        if layout.experts is not None:  # one expert stands for all (transformers 4 adapters named them per expert)
+            paths += [f"model.layers.{i}.mlp.experts.0.{m}" for i in layout.experts.layers
+                      for m in layout.experts.modules]
+        if not has_parameters and not any(patterns.fullmatch(compiled, p, "target_modules") for p in paths):
             raise AdapterError(f"adapter {name}: target_modules matches no supported target ({supported})")
         return
     if not target_modules:

@@ -356,3 +356,45 @@ def test_launcher_shard_counts_agree_with_the_experts(tmp_path, family, sizes):
         except ValueError:
             pass
     assert tensor_parallel_sizes(tmp_path, 8) == buildable and buildable != [1, 2, 4, 8]
+
+
+def test_moe_demo_model(tmp_path, monkeypatch):
+    """`loom --model-id demo-moe` serves a small random Qwen3-MoE, built once into the user cache."""
+    from launcher.model_source import DEMO_MOE_DIR_NAME, resolve_model
+
+    monkeypatch.setenv("LOOM_CACHE", str(tmp_path))
+    model = resolve_model("demo-moe")
+    assert model.name == "demo-moe" and model.path == tmp_path / DEMO_MOE_DIR_NAME
+    assert json.loads((model.path / "config.json").read_text())["model_type"] == "qwen3_moe"
+    prompt = list(range(5, 30))
+    engine = make_engine(model.path, {})
+    got = run_jobs(engine, [("", len(prompt), 0)], [prompt])
+    assert got == hf_greedy(model.path, None, [prompt])
+
+
+def test_bad_expert_adapters_are_refused_naming_the_field(cases, tmp_path):
+    """Expert tensors get every check other adapter tensors get: shapes and targets from the header, finite weights
+    within bounds; the error names the tensor or field."""
+    from shard.lora import AdapterError
+
+    engine = Engine(str(cases["gpt_oss"].layouts["fused"]))
+
+    def variant(name: str, config_changes: dict | None = None, tensor_change=None) -> str:
+        path = shutil.copytree(cases["gpt_oss"].adapters["experts"], tmp_path / name)
+        config = json.loads((path / "adapter_config.json").read_text())
+        (path / "adapter_config.json").write_text(json.dumps(config | (config_changes or {})))
+        if tensor_change is not None:
+            tensors = load_file(path / "adapter_model.safetensors")
+            tensor_change(tensors)
+            save_file(tensors, path / "adapter_model.safetensors", metadata={"format": "pt"})
+        return str(path)
+
+    key = "base_model.model.model.layers.1.mlp.experts.lora_A.weight"  # down_proj's (the outer wrapper)
+    with pytest.raises(AdapterError, match="unsupported target parameter 'mlp.router.weight'"):
+        engine.read_adapter("router", variant("router", {"target_parameters": ["mlp.router.weight"]}))
+    with pytest.raises(AdapterError, match=r"layers\.1\.mlp\.experts\.down_proj has lora_A \[16, 16\]"):
+        engine.read_adapter("shape", variant("shape", tensor_change=lambda t: t.update({key: t[key][:, :16].contiguous()})))
+    with pytest.raises(AdapterError, match=r"layers\.1\.mlp\.experts\.down_proj.*not finite"):
+        engine.read_adapter("nan", variant("nan", tensor_change=lambda t: t[key].view(-1).__setitem__(3, float("nan"))))
+    with pytest.raises(AdapterError, match="target_parameters does not name"):
+        engine.read_adapter("unnamed", variant("unnamed", {"target_parameters": ["experts.gate_up_proj"]}))
