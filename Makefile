@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install serve test proto bench bench-kv lock
+.PHONY: install serve test proto bench bench-kv lock gpu-wheels gpu-check
 
 # Idempotent: re-installs only when pyproject.toml or a lock changes. Versions come from the locks, the
 # same ones the Dockerfile installs: requirements.lock (runtime, torch==2.13.0 included: an unpinned torch
@@ -41,3 +41,13 @@ bench: install
 # The KV cache scenarios (README, "Benchmarks"): reservation vs on-demand, prefix cache, chunked prefill.
 bench-kv: install
 	$(BIN)/python -m bench.kv
+
+# The GPU kit (README, "What has and has not run on a GPU"). gpu-wheels runs here, where a package index is
+# reachable: the wheels the GPU machine's image lacks or has too old, into .whl/. gpu-check runs on the GPU
+# machine, which has no .venv (PYTHON, default python3, runs it there), and writes its report under OUT (default
+# bench/gpu/); GPU_CHECK_DRY=1 runs it on CPU with tiny sizes (after make install).
+gpu-wheels: install
+	$(BIN)/python -m bench.gpu_check.wheels
+
+gpu-check:
+	$(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON)) -m bench.gpu_check $(if $(OUT),--out $(OUT))

@@ -18,16 +18,67 @@ def projection_shapes(spec: ModelSpec) -> list[tuple[int, int]]:
             (spec.hidden_size, 2 * spec.intermediate_size), (spec.intermediate_size, spec.hidden_size)]
 
 
+def lora_shapes(spec: ModelSpec) -> list[tuple[int, int]]:
+    """(in, out) of the 7 projections PEFT targets: q, k, v, o, gate, up, down."""
+    kv = spec.num_key_value_heads * (spec.hidden_size // spec.num_attention_heads)
+    return [(spec.hidden_size, spec.hidden_size), (spec.hidden_size, kv), (spec.hidden_size, kv),
+            (spec.hidden_size, spec.hidden_size), (spec.hidden_size, spec.intermediate_size),
+            (spec.hidden_size, spec.intermediate_size), (spec.intermediate_size, spec.hidden_size)]
+
+
 def flops_per_token(spec: ModelSpec, lora: bool) -> float:
     """Matmul FLOPs of one token through the layers (with rank-`spec.rank` LoRA on all 7 projections)."""
     base = sum(2 * i * o for i, o in projection_shapes(spec))
-    head = spec.hidden_size // spec.num_attention_heads
-    kv = spec.num_key_value_heads * head
-    seven = [(spec.hidden_size, spec.hidden_size), (spec.hidden_size, kv), (spec.hidden_size, kv),
-             (spec.hidden_size, spec.hidden_size), (spec.hidden_size, spec.intermediate_size),
-             (spec.hidden_size, spec.intermediate_size), (spec.intermediate_size, spec.hidden_size)]
-    adapter = sum(2 * spec.rank * (i + o) for i, o in seven) if lora else 0
+    adapter = sum(2 * spec.rank * (i + o) for i, o in lora_shapes(spec)) if lora else 0
     return spec.num_hidden_layers * (base + adapter)
+
+
+# ---- the GPU kit's rooflines (bench/gpu_check): bytes over the measured copy bandwidth, FLOPs over the
+# measured matmul rate ----------------------------------------------------------------------------------
+
+
+def decode_bytes(spec: ModelSpec, vocab: int, batch: int, context: int, adapters: int, itemsize: int) -> int:
+    """Bytes a decode step must read at least: every layer's weights and the LM head's [vocab, hidden] once,
+    each row's context K/V, and the rank-`spec.rank` rows (all 7 projections) of each distinct adapter."""
+    weights = spec.num_hidden_layers * sum(i * o for i, o in projection_shapes(spec)) + vocab * spec.hidden_size
+    kv = 2 * spec.num_hidden_layers * spec.num_key_value_heads * (spec.hidden_size // spec.num_attention_heads)
+    adapter = spec.num_hidden_layers * spec.rank * sum(i + o for i, o in lora_shapes(spec))
+    return itemsize * (weights + batch * context * kv + min(adapters, batch) * adapter)
+
+
+def prefill_flops(spec: ModelSpec, vocab: int, prompts: int, length: int, lora: bool) -> float:
+    """FLOPs of prefilling `prompts` prompts of `length` tokens: the matmuls of every token, causal attention
+    (scores and values over the lower triangle) and the logits of each prompt's last token."""
+    attention = 4 * spec.hidden_size * length * (length + 1) / 2 * spec.num_hidden_layers
+    return prompts * (length * flops_per_token(spec, lora) + attention + 2 * spec.hidden_size * vocab)
+
+
+def device_rates(device: str, repeats: int = 10) -> dict:
+    """The measured ceilings: copy bandwidth (bytes read + written per second, a large device-to-device copy)
+    and matmul rate (bf16 on CUDA, float32 on CPU), each the best of `repeats` after a warm-up."""
+    import torch
+
+    cuda = device == "cuda"
+    size, dtype = (8192, torch.bfloat16) if cuda else (512, torch.float32)
+    src = torch.empty(1 << (30 if cuda else 26), dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
+
+    def best(fn) -> float:
+        fn()
+        times = []
+        for _ in range(repeats):
+            if cuda:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            fn()
+            if cuda:
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    return {"copy_bytes_per_s": 2 * src.numel() / best(lambda: dst.copy_(src)),
+            "matmul_flops_per_s": 2 * size ** 3 / best(lambda: a @ b), "matmul_dtype": str(dtype)}
 
 
 def matmul_rate(spec: ModelSpec, repeats: int = 10) -> float:

@@ -15,27 +15,33 @@ WARM = 3  # decode steps before the timed ones
 MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::baddbmm_")
 
 
-def _fill(engine, adapters: list[str], batch: int, context: int, steps: int) -> list:
-    """Prefills `batch` sequences of `context` tokens, each with blocks for `steps` more; returns their first
-    decode chunks."""
+def fill(engine, adapters: list[str], batch: int, context: int, steps: int, prefill_tokens: int = 0) -> list:
+    """Prefills `batch` sequences of `context` tokens (adapters round-robin), as many per step as
+    `prefill_tokens` holds (0: one), each with blocks for `steps` more; returns their first decode chunks."""
     from shard.engine import Chunk, SequenceRequest
 
     blocks = -(-(context + steps) // engine.block_size)
     if batch * blocks > engine.num_blocks:
         raise ValueError(f"{batch} rows of {context + steps} tokens need {batch * blocks} KV blocks; the engine "
                          f"has {engine.num_blocks}")
-    for i in range(batch):
-        ids = [(7 * i + j) % 200 + 3 for j in range(context)]
-        request = SequenceRequest(i, ids, adapter_id=adapters[i % len(adapters)] if adapters else "")
-        engine.step([request], [Chunk(i, 0, context, list(range(i * blocks, (i + 1) * blocks)))], [])
+    per_step = max(1, prefill_tokens // context)
+    for first in range(0, batch, per_step):
+        rows = range(first, min(batch, first + per_step))
+        requests = [SequenceRequest(i, [(7 * i + j) % 200 + 3 for j in range(context)],
+                                    adapter_id=adapters[i % len(adapters)] if adapters else "") for i in rows]
+        chunks = [Chunk(i, 0, context, list(range(i * blocks, (i + 1) * blocks))) for i in rows]
+        if any(r.error for r in engine.step(requests, chunks, [])):
+            raise RuntimeError("a prefill step failed")
     return [Chunk(i, context, 1) for i in range(batch)]
 
 
-def _decode(engine, chunks: list) -> None:
+def decode(engine, chunks: list) -> list:
+    """One decode step of `chunks`, which move on to the next position; returns its results."""
     from shard.engine import Chunk
 
-    engine.step([], chunks, [])
+    results = engine.step([], chunks, [])
     chunks[:] = [Chunk(c.id, c.start + 1, 1) for c in chunks]
+    return results
 
 
 def _operands(op: str, shapes: list[list[int]]) -> list:
@@ -74,11 +80,11 @@ def measure(engine, adapters: list[str], batch: int = 64, context: int = 76, rou
     from torch.profiler import ProfilerActivity, profile
 
     engine.clear()
-    chunks = _fill(engine, adapters, batch, context, WARM + 1 + rounds * steps)
+    chunks = fill(engine, adapters, batch, context, WARM + 1 + rounds * steps)
     for _ in range(WARM):
-        _decode(engine, chunks)
+        decode(engine, chunks)
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
-        _decode(engine, chunks)
+        decode(engine, chunks)
     events = prof.key_averages(group_by_input_shape=True)
     calls = [(e.key, e.input_shapes, e.count) for e in events if e.key in MATMUL_OPS]
     pairs = []
@@ -86,7 +92,7 @@ def measure(engine, adapters: list[str], batch: int = 64, context: int = 76, rou
         times = []
         for _ in range(steps):
             start = time.perf_counter()
-            _decode(engine, chunks)
+            decode(engine, chunks)
             times.append(time.perf_counter() - start)
         pairs.append((statistics.median(times) * 1e3, matmuls_alone(calls, repeats=3) * 1e3))
     engine.clear()

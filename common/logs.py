@@ -44,11 +44,22 @@ def escape_controls(text: str) -> str:
 
 
 class TextFormatter(logging.Formatter):
-    """One record, one line: control characters in the message are escaped; a traceback keeps its lines."""
+    """One record, one line: control characters in the message are escaped. A traceback (or stack) keeps its
+    lines, each escaped and indented, so that no text in it (an exception's message) can start a line."""
 
     def formatMessage(self, record: logging.LogRecord) -> str:
         record.message = escape_controls(record.message)
         return super().formatMessage(record)
+
+    def formatException(self, ei) -> str:
+        return _indented(super().formatException(ei))
+
+    def formatStack(self, stack_info: str) -> str:
+        return _indented(super().formatStack(stack_info))
+
+
+def _indented(text: str) -> str:
+    return "\n".join("    " + escape_controls(line) for line in text.split("\n"))
 
 
 def log_handler(process: str) -> logging.Handler:

@@ -25,9 +25,13 @@ from common.defaults import (
     DEFAULT_MAX_QUEUE_TIME_S,
     DEFAULT_MAX_REQUEST_BYTES,
     DEFAULT_MAX_TOTAL_TOKENS,
+    MIN_MEASURED_PREFILL_BUDGET,
+    PREFILL_STEP_DECODES,
 )
 from common.logs import log_handler
 from launcher.model_source import ModelSourceError, max_position_embeddings, resolve_model
+from router.reasoning import REASONING_PARSERS
+from router.tool_parsers import TOOL_CALL_FAMILIES
 
 log = logging.getLogger("loom")
 
@@ -98,8 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "capped at the model's max_position_embeddings.")
     p.add_argument("--max-batch-prefill-tokens", metavar="N", type=positive_int, default=None,
                    help="Most prompt tokens computed in one batch step, beside the running decodes; longer prompts "
-                   f"are prefilled in chunks over several steps. Default: {DEFAULT_MAX_BATCH_PREFILL_TOKENS}, "
-                   "at least --max-input-length.")
+                   "are prefilled in chunks over several steps. Default: sized at warmup from the measured cost of a "
+                   "prompt token against a decode step, so that a step with a chunk costs about "
+                   f"{PREFILL_STEP_DECODES} decode steps; at least {MIN_MEASURED_PREFILL_BUDGET}, at most "
+                   f"max(--max-input-length, {DEFAULT_MAX_BATCH_PREFILL_TOKENS}) (and --max-batch-total-tokens).")
     p.add_argument("--max-batch-total-tokens", metavar="N", type=positive_int, default=None,
                    help="Most tokens (prompt + generated) of all running requests together. "
                    "Default: whatever fits in the shards' KV cache.")
@@ -133,11 +139,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-request-bytes", metavar="N", type=positive_int, default=DEFAULT_MAX_REQUEST_BYTES,
                    help="Larger request bodies are answered with 413 (default: %(default)s).")
     p.add_argument("--max-connections", metavar="N", type=positive_int, default=DEFAULT_MAX_CONNECTIONS,
-                   help="Open HTTP connections; past it the oldest idle one is closed. Lowered to fit the "
-                   "open-file limit (default: %(default)s).")
+                   help="Open HTTP connections; past it the oldest one not being served makes room, and when all "
+                   "are being served a new request gets 503. Lowered to fit the open-file limit (default: "
+                   "%(default)s).")
     p.add_argument("--header-timeout", metavar="SECONDS", type=positive_float, default=DEFAULT_HEADER_TIMEOUT_S,
                    help="A connection that has not sent a complete request head this long after opening (or "
-                   "after its last response) is closed (default: %(default)s).")
+                   "after its last response) is closed; a request body must then arrive within as long again, "
+                   "counted afresh per 64 KiB received, else 408 (default: %(default)s).")
     p.add_argument("--api-key", metavar="KEY", default=os.environ.get("LOOM_API_KEY"),
                    help="When set, every route but /health needs 'Authorization: Bearer KEY'. Default: $LOOM_API_KEY.")
     p.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
@@ -146,6 +154,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--public-metrics", action="store_true",
                    help="Answer /metrics without the API key (for the inference extension's endpoint picker and "
                    "Prometheus, which scrape without credentials).")
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="Run every step eagerly: no CUDA graphs for decode steps (vLLM's flag). Graphs are opt-in "
+                   "with LOOM_CUDA_GRAPHS=1 until verified on a GPU (README, \"What has and has not run on a GPU\").")
+    p.add_argument("--tool-call-parser", choices=TOOL_CALL_FAMILIES, default=None,
+                   help="How tool calls are read from generated text (vLLM's names). Default: from the chat "
+                   "template ([TOOL_CALLS]: mistral, <|python_tag|>: llama3_json, else hermes).")
+    p.add_argument("--reasoning-parser", choices=REASONING_PARSERS, default=None,
+                   help="Split <think> reasoning into reasoning_content (vLLM's names; none: never). Default: "
+                   "when the chat template writes <think>.")
     p.add_argument("--json-output", action="store_true", help="Log as JSON lines; the shards and router see LOOM_LOG_FORMAT=json in their environment.")
     return p
 
@@ -154,13 +171,15 @@ def build_parser() -> argparse.ArgumentParser:
 class Limits:
     max_input_length: int
     max_total_tokens: int
-    max_batch_prefill_tokens: int
+    max_batch_prefill_tokens: int  # with measure_prefill_budget, the most the measured budget may be
     max_batch_total_tokens: int  # 0: whatever the shards' KV cache holds
+    measure_prefill_budget: bool  # --max-batch-prefill-tokens not given: sized at warmup
 
 
 def derive_limits(args: argparse.Namespace, max_positions: int | None) -> Limits:
-    """Fills the unset token limits from LoRAX's defaults, shrunk to fit the model and the explicit flags;
-    raises FlagError naming the flag when explicit values contradict each other or the model."""
+    """Fills the unset token limits from LoRAX's defaults, shrunk to fit the model and the explicit flags (an
+    unset prefill budget is measured at warmup, up to LoRAX's default); raises FlagError naming the flag when
+    explicit values contradict each other or the model."""
     batch_total = args.max_batch_total_tokens or 0
     total = args.max_total_tokens
     if total is None:
@@ -181,7 +200,7 @@ def derive_limits(args: argparse.Namespace, max_positions: int | None) -> Limits
         raise FlagError(f"--max-batch-total-tokens ({batch_total}) must be >= --max-total-tokens ({total})")
     if batch_total and prefill > batch_total:
         raise FlagError(f"--max-batch-prefill-tokens ({prefill}) must be <= --max-batch-total-tokens ({batch_total})")
-    return Limits(max_input, total, prefill, batch_total)
+    return Limits(max_input, total, prefill, batch_total, args.max_batch_prefill_tokens is None)
 
 
 def resolve_device(args: argparse.Namespace) -> tuple[str, str, int]:
@@ -295,6 +314,7 @@ def main(argv: list[str] | None = None) -> int:
         max_total_tokens=limits.max_total_tokens,
         max_batch_prefill_tokens=limits.max_batch_prefill_tokens,
         max_batch_total_tokens=limits.max_batch_total_tokens,
+        measure_prefill_budget=limits.measure_prefill_budget,
         max_concurrent_requests=args.max_concurrent_requests,
         max_active_adapters=args.max_active_adapters,
         adapter_cycle_time_s=args.adapter_cycle_time_s,
@@ -310,16 +330,20 @@ def main(argv: list[str] | None = None) -> int:
         enable_adapter_api=args.enable_adapter_api,
         preloaded_adapter_ids=list(dict.fromkeys(args.preloaded_adapter_ids)),
         public_metrics=args.public_metrics,
+        tool_call_parser=args.tool_call_parser,
+        reasoning_parser=args.reasoning_parser,
     )
     return launch(config, device=device, dtype=dtype, num_shard=num_shard, shard_flags=shard_flags(args))
 
 
 def shard_flags(args: argparse.Namespace) -> list[str]:
-    """Memory settings every shard gets on its command line."""
+    """Memory and execution settings every shard gets on its command line."""
     flags = ["--adapter-memory-fraction", str(args.adapter_memory_fraction),
              "--adapter-host-cache-bytes", str(args.adapter_host_cache_mb << 20)]
     if args.adapter_pool_pages:
         flags += ["--adapter-pool-pages", str(args.adapter_pool_pages)]
     if args.kv_cache_mb:
         flags += ["--kv-cache-bytes", str(args.kv_cache_mb << 20)]
+    if args.enforce_eager:
+        flags.append("--enforce-eager")
     return flags

@@ -237,3 +237,40 @@ def build_tiny_adapter(
                 param.normal_(0.0, init_scale)
     model.save_pretrained(path)
     return path
+
+
+LORA_TARGETS = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
+                "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+
+
+def write_lora_adapter(path: str | Path, config: dict, rank: int, targets: list[str], seed: int, alpha: float = 8.0,
+                       hidden_size: int | None = None, dtype=None) -> Path:
+    """A PEFT LoRA dir of a Llama-style model (`config`: its config.json) written with safetensors directly,
+    much faster than through peft, random weights in `dtype` (default float32); `hidden_size` overrides the
+    model's, to break it."""
+    import torch
+    from safetensors.torch import save_file
+
+    path, dtype = Path(path), dtype or torch.float32
+    hidden = hidden_size or config["hidden_size"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    q, kv = config["num_attention_heads"] * head_dim, config["num_key_value_heads"] * head_dim
+    inter = config["intermediate_size"]
+    dims = {"q_proj": (hidden, q), "k_proj": (hidden, kv), "v_proj": (hidden, kv), "o_proj": (q, hidden),
+            "gate_proj": (hidden, inter), "up_proj": (hidden, inter), "down_proj": (inter, hidden)}
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for layer in range(config["num_hidden_layers"]):
+        for proj in targets:
+            fan_in, fan_out = dims[proj]
+            key = f"base_model.model.model.layers.{layer}.{LORA_TARGETS[proj]}.{proj}"
+            a = (torch.rand(rank, fan_in, generator=g) * 2 - 1) / fan_in ** 0.5
+            tensors[f"{key}.lora_A.weight"] = a.to(dtype)
+            tensors[f"{key}.lora_B.weight"] = (torch.randn(fan_out, rank, generator=g) * 0.1).to(dtype)
+    path.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, path / "adapter_model.safetensors", metadata={"format": "pt"})
+    (path / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": alpha, "lora_dropout": 0.0,
+        "target_modules": targets, "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
+    }))
+    return path

@@ -24,13 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14proto/generate.proto\x12\x10loom.generate.v1\"\r\n\x0bInfoRequest\"\xc6\x01\n\x0cInfoResponse\x12\x12\n\nmodel_type\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\x0c\n\x04rank\x18\x04 \x01(\r\x12\x12\n\nworld_size\x18\x05 \x01(\r\x12\x12\n\nvocab_size\x18\x06 \x01(\r\x12\x1f\n\x17max_position_embeddings\x18\x07 \x01(\r\x12\x12\n\nblock_size\x18\x08 \x01(\r\x12\x18\n\x10prefix_cacheable\x18\t \x01(\x08\"\x0f\n\rHealthRequest\"\x10\n\x0eHealthResponse\"\xc3\x01\n\rWarmupRequest\x12\x18\n\x10max_input_length\x18\x01 \x01(\r\x12 \n\x18max_batch_prefill_tokens\x18\x02 \x01(\r\x12\x18\n\x10max_total_tokens\x18\x03 \x01(\r\x12\x1e\n\x16max_batch_total_tokens\x18\x04 \x01(\r\x12\x1f\n\x17max_concurrent_requests\x18\x05 \x01(\r\x12\x1b\n\x13max_active_adapters\x18\x06 \x01(\r\"\xaa\x01\n\x0eWarmupResponse\x12\x12\n\nnum_blocks\x18\x01 \x01(\r\x12\x12\n\nblock_size\x18\x02 \x01(\r\x12\"\n\x1amax_supported_total_tokens\x18\x03 \x01(\r\x12\x15\n\radapter_pages\x18\x04 \x01(\r\x12\x19\n\x11\x61\x64\x61pter_page_rank\x18\x05 \x01(\r\x12\x1a\n\x12\x61\x64\x61pter_page_bytes\x18\x06 \x01(\x04\"\xd6\x01\n\x12SamplingParameters\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05min_p\x18\x04 \x01(\x02\x12\x11\n\ttypical_p\x18\x05 \x01(\x02\x12\x1a\n\x12repetition_penalty\x18\x06 \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x07 \x01(\x02\x12\x18\n\x10presence_penalty\x18\x08 \x01(\x02\x12\x11\n\x04seed\x18\t \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_seed\"\xfc\x01\n\x07Request\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x11\n\tinput_ids\x18\x02 \x03(\r\x12\x36\n\x08sampling\x18\x03 \x01(\x0b\x32$.loom.generate.v1.SamplingParameters\x12\x12\n\nadapter_id\x18\x04 \x01(\t\x12\x14\n\x0ctop_n_tokens\x18\x05 \x01(\r\x12\x18\n\x10prefill_logprobs\x18\x06 \x01(\x08\x12\x0f\n\x07grammar\x18\x07 \x01(\t\x12\x16\n\x0emin_new_tokens\x18\x08 \x01(\r\x12\x16\n\x0estop_token_ids\x18\t \x03(\r\x12\x15\n\rgenerated_ids\x18\n \x03(\r\"J\n\x05\x43hunk\x12\n\n\x02id\x18\x01 \x01(\x04\x12\r\n\x05start\x18\x02 \x01(\r\x12\x12\n\nnum_tokens\x18\x03 \x01(\r\x12\x12\n\nnew_blocks\x18\x04 \x03(\r\"}\n\x0bStepRequest\x12\x0c\n\x04step\x18\x04 \x01(\x04\x12&\n\x03new\x18\x01 \x03(\x0b\x32\x19.loom.generate.v1.Request\x12\'\n\x06\x63hunks\x18\x02 \x03(\x0b\x32\x17.loom.generate.v1.Chunk\x12\x0f\n\x07release\x18\x03 \x03(\x04\"-\n\x08TopToken\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"\x9c\x01\n\nGeneration\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12\x10\n\x08token_id\x18\x02 \x01(\r\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12.\n\ntop_tokens\x18\x04 \x03(\x0b\x32\x1a.loom.generate.v1.TopToken\x12\x18\n\x10prefill_logprobs\x18\x05 \x03(\x02\x12\r\n\x05\x65rror\x18\x06 \x01(\t\"[\n\x0cStepResponse\x12\x31\n\x0bgenerations\x18\x01 \x03(\x0b\x32\x1c.loom.generate.v1.Generation\x12\x12\n\nforward_ms\x18\x03 \x01(\x02J\x04\x08\x02\x10\x03\"\x0e\n\x0c\x43learRequest\"\x0f\n\rClearResponse\"I\n\x12LoadAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x11\n\tpreloaded\x18\x03 \x01(\x08\"A\n\x13LoadAdapterResponse\x12\r\n\x05\x65rror\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\r\x12\r\n\x05pages\x18\x03 \x01(\r\"*\n\x14UnloadAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\"&\n\x15UnloadAdapterResponse\x12\r\n\x05\x65rror\x18\x01 \x01(\t\"(\n\x15PrepareGrammarRequest\x12\x0f\n\x07grammar\x18\x01 \x01(\t\"\'\n\x16PrepareGrammarResponse\x12\r\n\x05\x65rror\x18\x01 \x01(\t2\x9c\x05\n\x05Shard\x12\x45\n\x04Info\x12\x1d.loom.generate.v1.InfoRequest\x1a\x1e.loom.generate.v1.InfoResponse\x12K\n\x06Health\x12\x1f.loom.generate.v1.HealthRequest\x1a .loom.generate.v1.HealthResponse\x12K\n\x06Warmup\x12\x1f.loom.generate.v1.WarmupRequest\x1a .loom.generate.v1.WarmupResponse\x12\x45\n\x04Step\x12\x1d.loom.generate.v1.StepRequest\x1a\x1e.loom.generate.v1.StepResponse\x12H\n\x05\x43lear\x12\x1e.loom.generate.v1.ClearRequest\x1a\x1f.loom.generate.v1.ClearResponse\x12Z\n\x0bLoadAdapter\x12$.loom.generate.v1.LoadAdapterRequest\x1a%.loom.generate.v1.LoadAdapterResponse\x12`\n\rUnloadAdapter\x12&.loom.generate.v1.UnloadAdapterRequest\x1a\'.loom.generate.v1.UnloadAdapterResponse\x12\x63\n\x0ePrepareGrammar\x12\'.loom.generate.v1.PrepareGrammarRequest\x1a(.loom.generate.v1.PrepareGrammarResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14proto/generate.proto\x12\x10loom.generate.v1\"\r\n\x0bInfoRequest\"\xc6\x01\n\x0cInfoResponse\x12\x12\n\nmodel_type\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\x0c\n\x04rank\x18\x04 \x01(\r\x12\x12\n\nworld_size\x18\x05 \x01(\r\x12\x12\n\nvocab_size\x18\x06 \x01(\r\x12\x1f\n\x17max_position_embeddings\x18\x07 \x01(\r\x12\x12\n\nblock_size\x18\x08 \x01(\r\x12\x18\n\x10prefix_cacheable\x18\t \x01(\x08\"\x0f\n\rHealthRequest\"\x10\n\x0eHealthResponse\"\xdf\x01\n\rWarmupRequest\x12\x18\n\x10max_input_length\x18\x01 \x01(\r\x12 \n\x18max_batch_prefill_tokens\x18\x02 \x01(\r\x12\x18\n\x10max_total_tokens\x18\x03 \x01(\r\x12\x1e\n\x16max_batch_total_tokens\x18\x04 \x01(\r\x12\x1f\n\x17max_concurrent_requests\x18\x05 \x01(\r\x12\x1b\n\x13max_active_adapters\x18\x06 \x01(\r\x12\x1a\n\x12measure_step_costs\x18\x07 \x01(\x08\"\xdb\x01\n\x0eWarmupResponse\x12\x12\n\nnum_blocks\x18\x01 \x01(\r\x12\x12\n\nblock_size\x18\x02 \x01(\r\x12\"\n\x1amax_supported_total_tokens\x18\x03 \x01(\r\x12\x15\n\radapter_pages\x18\x04 \x01(\r\x12\x19\n\x11\x61\x64\x61pter_page_rank\x18\x05 \x01(\r\x12\x16\n\x0e\x64\x65\x63ode_step_ms\x18\x06 \x01(\x01\x12\x17\n\x0fprompt_token_ms\x18\x07 \x01(\x01\x12\x1a\n\x12\x61\x64\x61pter_page_bytes\x18\x08 \x01(\x04\"\xd1\x02\n\x12SamplingParameters\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05min_p\x18\x04 \x01(\x02\x12\x11\n\ttypical_p\x18\x05 \x01(\x02\x12\x1a\n\x12repetition_penalty\x18\x06 \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x07 \x01(\x02\x12\x18\n\x10presence_penalty\x18\x08 \x01(\x02\x12\x11\n\x04seed\x18\t \x01(\x04H\x00\x88\x01\x01\x12G\n\nlogit_bias\x18\n \x03(\x0b\x32\x33.loom.generate.v1.SamplingParameters.LogitBiasEntry\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x07\n\x05_seed\"\x93\x02\n\x07Request\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x11\n\tinput_ids\x18\x02 \x03(\r\x12\x36\n\x08sampling\x18\x03 \x01(\x0b\x32$.loom.generate.v1.SamplingParameters\x12\x12\n\nadapter_id\x18\x04 \x01(\t\x12\x14\n\x0ctop_n_tokens\x18\x05 \x01(\r\x12\x18\n\x10prefill_logprobs\x18\x06 \x01(\x08\x12\x0f\n\x07grammar\x18\x07 \x01(\t\x12\x16\n\x0emin_new_tokens\x18\x08 \x01(\r\x12\x16\n\x0estop_token_ids\x18\t \x03(\r\x12\x15\n\rgenerated_ids\x18\n \x03(\r\x12\x15\n\rprefill_top_n\x18\x0b \x01(\r\"J\n\x05\x43hunk\x12\n\n\x02id\x18\x01 \x01(\x04\x12\r\n\x05start\x18\x02 \x01(\r\x12\x12\n\nnum_tokens\x18\x03 \x01(\r\x12\x12\n\nnew_blocks\x18\x04 \x03(\r\"}\n\x0bStepRequest\x12\x0c\n\x04step\x18\x04 \x01(\x04\x12&\n\x03new\x18\x01 \x03(\x0b\x32\x19.loom.generate.v1.Request\x12\'\n\x06\x63hunks\x18\x02 \x03(\x0b\x32\x17.loom.generate.v1.Chunk\x12\x0f\n\x07release\x18\x03 \x03(\x04\"-\n\x08TopToken\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"D\n\x0bPromptToken\x12\'\n\x03top\x18\x01 \x03(\x0b\x32\x1a.loom.generate.v1.TopToken\x12\x0c\n\x04rank\x18\x02 \x01(\r\"\xd7\x01\n\nGeneration\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12\x10\n\x08token_id\x18\x02 \x01(\r\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12.\n\ntop_tokens\x18\x04 \x03(\x0b\x32\x1a.loom.generate.v1.TopToken\x12\x18\n\x10prefill_logprobs\x18\x05 \x03(\x02\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12\x39\n\x12prefill_top_tokens\x18\x07 \x03(\x0b\x32\x1d.loom.generate.v1.PromptToken\"[\n\x0cStepResponse\x12\x31\n\x0bgenerations\x18\x01 \x03(\x0b\x32\x1c.loom.generate.v1.Generation\x12\x12\n\nforward_ms\x18\x03 \x01(\x02J\x04\x08\x02\x10\x03\"\x0e\n\x0c\x43learRequest\"\x0f\n\rClearResponse\"I\n\x12LoadAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x11\n\tpreloaded\x18\x03 \x01(\x08\"A\n\x13LoadAdapterResponse\x12\r\n\x05\x65rror\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\r\x12\r\n\x05pages\x18\x03 \x01(\r\"*\n\x14UnloadAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\"&\n\x15UnloadAdapterResponse\x12\r\n\x05\x65rror\x18\x01 \x01(\t\"(\n\x15PrepareGrammarRequest\x12\x0f\n\x07grammar\x18\x01 \x01(\t\"\'\n\x16PrepareGrammarResponse\x12\r\n\x05\x65rror\x18\x01 \x01(\t2\x9c\x05\n\x05Shard\x12\x45\n\x04Info\x12\x1d.loom.generate.v1.InfoRequest\x1a\x1e.loom.generate.v1.InfoResponse\x12K\n\x06Health\x12\x1f.loom.generate.v1.HealthRequest\x1a .loom.generate.v1.HealthResponse\x12K\n\x06Warmup\x12\x1f.loom.generate.v1.WarmupRequest\x1a .loom.generate.v1.WarmupResponse\x12\x45\n\x04Step\x12\x1d.loom.generate.v1.StepRequest\x1a\x1e.loom.generate.v1.StepResponse\x12H\n\x05\x43lear\x12\x1e.loom.generate.v1.ClearRequest\x1a\x1f.loom.generate.v1.ClearResponse\x12Z\n\x0bLoadAdapter\x12$.loom.generate.v1.LoadAdapterRequest\x1a%.loom.generate.v1.LoadAdapterResponse\x12`\n\rUnloadAdapter\x12&.loom.generate.v1.UnloadAdapterRequest\x1a\'.loom.generate.v1.UnloadAdapterResponse\x12\x63\n\x0ePrepareGrammar\x12\'.loom.generate.v1.PrepareGrammarRequest\x1a(.loom.generate.v1.PrepareGrammarResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'proto.generate_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_SAMPLINGPARAMETERS_LOGITBIASENTRY']._loaded_options = None
+  _globals['_SAMPLINGPARAMETERS_LOGITBIASENTRY']._serialized_options = b'8\001'
   _globals['_INFOREQUEST']._serialized_start=42
   _globals['_INFOREQUEST']._serialized_end=55
   _globals['_INFORESPONSE']._serialized_start=58
@@ -40,39 +42,43 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_HEALTHRESPONSE']._serialized_start=275
   _globals['_HEALTHRESPONSE']._serialized_end=291
   _globals['_WARMUPREQUEST']._serialized_start=294
-  _globals['_WARMUPREQUEST']._serialized_end=489
-  _globals['_WARMUPRESPONSE']._serialized_start=492
-  _globals['_WARMUPRESPONSE']._serialized_end=662
-  _globals['_SAMPLINGPARAMETERS']._serialized_start=665
-  _globals['_SAMPLINGPARAMETERS']._serialized_end=879
-  _globals['_REQUEST']._serialized_start=882
-  _globals['_REQUEST']._serialized_end=1134
-  _globals['_CHUNK']._serialized_start=1136
-  _globals['_CHUNK']._serialized_end=1210
-  _globals['_STEPREQUEST']._serialized_start=1212
-  _globals['_STEPREQUEST']._serialized_end=1337
-  _globals['_TOPTOKEN']._serialized_start=1339
-  _globals['_TOPTOKEN']._serialized_end=1384
-  _globals['_GENERATION']._serialized_start=1387
-  _globals['_GENERATION']._serialized_end=1543
-  _globals['_STEPRESPONSE']._serialized_start=1545
-  _globals['_STEPRESPONSE']._serialized_end=1636
-  _globals['_CLEARREQUEST']._serialized_start=1638
-  _globals['_CLEARREQUEST']._serialized_end=1652
-  _globals['_CLEARRESPONSE']._serialized_start=1654
-  _globals['_CLEARRESPONSE']._serialized_end=1669
-  _globals['_LOADADAPTERREQUEST']._serialized_start=1671
-  _globals['_LOADADAPTERREQUEST']._serialized_end=1744
-  _globals['_LOADADAPTERRESPONSE']._serialized_start=1746
-  _globals['_LOADADAPTERRESPONSE']._serialized_end=1811
-  _globals['_UNLOADADAPTERREQUEST']._serialized_start=1813
-  _globals['_UNLOADADAPTERREQUEST']._serialized_end=1855
-  _globals['_UNLOADADAPTERRESPONSE']._serialized_start=1857
-  _globals['_UNLOADADAPTERRESPONSE']._serialized_end=1895
-  _globals['_PREPAREGRAMMARREQUEST']._serialized_start=1897
-  _globals['_PREPAREGRAMMARREQUEST']._serialized_end=1937
-  _globals['_PREPAREGRAMMARRESPONSE']._serialized_start=1939
-  _globals['_PREPAREGRAMMARRESPONSE']._serialized_end=1978
-  _globals['_SHARD']._serialized_start=1981
-  _globals['_SHARD']._serialized_end=2649
+  _globals['_WARMUPREQUEST']._serialized_end=517
+  _globals['_WARMUPRESPONSE']._serialized_start=520
+  _globals['_WARMUPRESPONSE']._serialized_end=739
+  _globals['_SAMPLINGPARAMETERS']._serialized_start=742
+  _globals['_SAMPLINGPARAMETERS']._serialized_end=1079
+  _globals['_SAMPLINGPARAMETERS_LOGITBIASENTRY']._serialized_start=1022
+  _globals['_SAMPLINGPARAMETERS_LOGITBIASENTRY']._serialized_end=1070
+  _globals['_REQUEST']._serialized_start=1082
+  _globals['_REQUEST']._serialized_end=1357
+  _globals['_CHUNK']._serialized_start=1359
+  _globals['_CHUNK']._serialized_end=1433
+  _globals['_STEPREQUEST']._serialized_start=1435
+  _globals['_STEPREQUEST']._serialized_end=1560
+  _globals['_TOPTOKEN']._serialized_start=1562
+  _globals['_TOPTOKEN']._serialized_end=1607
+  _globals['_PROMPTTOKEN']._serialized_start=1609
+  _globals['_PROMPTTOKEN']._serialized_end=1677
+  _globals['_GENERATION']._serialized_start=1680
+  _globals['_GENERATION']._serialized_end=1895
+  _globals['_STEPRESPONSE']._serialized_start=1897
+  _globals['_STEPRESPONSE']._serialized_end=1988
+  _globals['_CLEARREQUEST']._serialized_start=1990
+  _globals['_CLEARREQUEST']._serialized_end=2004
+  _globals['_CLEARRESPONSE']._serialized_start=2006
+  _globals['_CLEARRESPONSE']._serialized_end=2021
+  _globals['_LOADADAPTERREQUEST']._serialized_start=2023
+  _globals['_LOADADAPTERREQUEST']._serialized_end=2096
+  _globals['_LOADADAPTERRESPONSE']._serialized_start=2098
+  _globals['_LOADADAPTERRESPONSE']._serialized_end=2163
+  _globals['_UNLOADADAPTERREQUEST']._serialized_start=2165
+  _globals['_UNLOADADAPTERREQUEST']._serialized_end=2207
+  _globals['_UNLOADADAPTERRESPONSE']._serialized_start=2209
+  _globals['_UNLOADADAPTERRESPONSE']._serialized_end=2247
+  _globals['_PREPAREGRAMMARREQUEST']._serialized_start=2249
+  _globals['_PREPAREGRAMMARREQUEST']._serialized_end=2289
+  _globals['_PREPAREGRAMMARRESPONSE']._serialized_start=2291
+  _globals['_PREPAREGRAMMARRESPONSE']._serialized_end=2330
+  _globals['_SHARD']._serialized_start=2333
+  _globals['_SHARD']._serialized_end=3001
 # @@protoc_insertion_point(module_scope)

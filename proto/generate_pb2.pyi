@@ -41,39 +41,52 @@ class HealthResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class WarmupRequest(_message.Message):
-    __slots__ = ("max_input_length", "max_batch_prefill_tokens", "max_total_tokens", "max_batch_total_tokens", "max_concurrent_requests", "max_active_adapters")
+    __slots__ = ("max_input_length", "max_batch_prefill_tokens", "max_total_tokens", "max_batch_total_tokens", "max_concurrent_requests", "max_active_adapters", "measure_step_costs")
     MAX_INPUT_LENGTH_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_PREFILL_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_TOTAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_TOTAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_CONCURRENT_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     MAX_ACTIVE_ADAPTERS_FIELD_NUMBER: _ClassVar[int]
+    MEASURE_STEP_COSTS_FIELD_NUMBER: _ClassVar[int]
     max_input_length: int
     max_batch_prefill_tokens: int
     max_total_tokens: int
     max_batch_total_tokens: int
     max_concurrent_requests: int
     max_active_adapters: int
-    def __init__(self, max_input_length: _Optional[int] = ..., max_batch_prefill_tokens: _Optional[int] = ..., max_total_tokens: _Optional[int] = ..., max_batch_total_tokens: _Optional[int] = ..., max_concurrent_requests: _Optional[int] = ..., max_active_adapters: _Optional[int] = ...) -> None: ...
+    measure_step_costs: bool
+    def __init__(self, max_input_length: _Optional[int] = ..., max_batch_prefill_tokens: _Optional[int] = ..., max_total_tokens: _Optional[int] = ..., max_batch_total_tokens: _Optional[int] = ..., max_concurrent_requests: _Optional[int] = ..., max_active_adapters: _Optional[int] = ..., measure_step_costs: _Optional[bool] = ...) -> None: ...
 
 class WarmupResponse(_message.Message):
-    __slots__ = ("num_blocks", "block_size", "max_supported_total_tokens", "adapter_pages", "adapter_page_rank", "adapter_page_bytes")
+    __slots__ = ("num_blocks", "block_size", "max_supported_total_tokens", "adapter_pages", "adapter_page_rank", "decode_step_ms", "prompt_token_ms", "adapter_page_bytes")
     NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_SUPPORTED_TOTAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_PAGES_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_PAGE_RANK_FIELD_NUMBER: _ClassVar[int]
+    DECODE_STEP_MS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKEN_MS_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_PAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     num_blocks: int
     block_size: int
     max_supported_total_tokens: int
     adapter_pages: int
     adapter_page_rank: int
+    decode_step_ms: float
+    prompt_token_ms: float
     adapter_page_bytes: int
-    def __init__(self, num_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., max_supported_total_tokens: _Optional[int] = ..., adapter_pages: _Optional[int] = ..., adapter_page_rank: _Optional[int] = ..., adapter_page_bytes: _Optional[int] = ...) -> None: ...
+    def __init__(self, num_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., max_supported_total_tokens: _Optional[int] = ..., adapter_pages: _Optional[int] = ..., adapter_page_rank: _Optional[int] = ..., decode_step_ms: _Optional[float] = ..., prompt_token_ms: _Optional[float] = ..., adapter_page_bytes: _Optional[int] = ...) -> None: ...
 
 class SamplingParameters(_message.Message):
-    __slots__ = ("temperature", "top_k", "top_p", "min_p", "typical_p", "repetition_penalty", "frequency_penalty", "presence_penalty", "seed")
+    __slots__ = ("temperature", "top_k", "top_p", "min_p", "typical_p", "repetition_penalty", "frequency_penalty", "presence_penalty", "seed", "logit_bias")
+    class LogitBiasEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: float
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[float] = ...) -> None: ...
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     TOP_P_FIELD_NUMBER: _ClassVar[int]
@@ -83,6 +96,7 @@ class SamplingParameters(_message.Message):
     FREQUENCY_PENALTY_FIELD_NUMBER: _ClassVar[int]
     PRESENCE_PENALTY_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    LOGIT_BIAS_FIELD_NUMBER: _ClassVar[int]
     temperature: float
     top_k: int
     top_p: float
@@ -92,10 +106,11 @@ class SamplingParameters(_message.Message):
     frequency_penalty: float
     presence_penalty: float
     seed: int
-    def __init__(self, temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., min_p: _Optional[float] = ..., typical_p: _Optional[float] = ..., repetition_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., presence_penalty: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
+    logit_bias: _containers.ScalarMap[int, float]
+    def __init__(self, temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., min_p: _Optional[float] = ..., typical_p: _Optional[float] = ..., repetition_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., presence_penalty: _Optional[float] = ..., seed: _Optional[int] = ..., logit_bias: _Optional[_Mapping[int, float]] = ...) -> None: ...
 
 class Request(_message.Message):
-    __slots__ = ("id", "input_ids", "sampling", "adapter_id", "top_n_tokens", "prefill_logprobs", "grammar", "min_new_tokens", "stop_token_ids", "generated_ids")
+    __slots__ = ("id", "input_ids", "sampling", "adapter_id", "top_n_tokens", "prefill_logprobs", "grammar", "min_new_tokens", "stop_token_ids", "generated_ids", "prefill_top_n")
     ID_FIELD_NUMBER: _ClassVar[int]
     INPUT_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
@@ -106,6 +121,7 @@ class Request(_message.Message):
     MIN_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     STOP_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     GENERATED_IDS_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_TOP_N_FIELD_NUMBER: _ClassVar[int]
     id: int
     input_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling: SamplingParameters
@@ -116,7 +132,8 @@ class Request(_message.Message):
     min_new_tokens: int
     stop_token_ids: _containers.RepeatedScalarFieldContainer[int]
     generated_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, id: _Optional[int] = ..., input_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParameters, _Mapping]] = ..., adapter_id: _Optional[str] = ..., top_n_tokens: _Optional[int] = ..., prefill_logprobs: _Optional[bool] = ..., grammar: _Optional[str] = ..., min_new_tokens: _Optional[int] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., generated_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    prefill_top_n: int
+    def __init__(self, id: _Optional[int] = ..., input_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParameters, _Mapping]] = ..., adapter_id: _Optional[str] = ..., top_n_tokens: _Optional[int] = ..., prefill_logprobs: _Optional[bool] = ..., grammar: _Optional[str] = ..., min_new_tokens: _Optional[int] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., generated_ids: _Optional[_Iterable[int]] = ..., prefill_top_n: _Optional[int] = ...) -> None: ...
 
 class Chunk(_message.Message):
     __slots__ = ("id", "start", "num_tokens", "new_blocks")
@@ -150,21 +167,31 @@ class TopToken(_message.Message):
     logprob: float
     def __init__(self, token_id: _Optional[int] = ..., logprob: _Optional[float] = ...) -> None: ...
 
+class PromptToken(_message.Message):
+    __slots__ = ("top", "rank")
+    TOP_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    top: _containers.RepeatedCompositeFieldContainer[TopToken]
+    rank: int
+    def __init__(self, top: _Optional[_Iterable[_Union[TopToken, _Mapping]]] = ..., rank: _Optional[int] = ...) -> None: ...
+
 class Generation(_message.Message):
-    __slots__ = ("request_id", "token_id", "logprob", "top_tokens", "prefill_logprobs", "error")
+    __slots__ = ("request_id", "token_id", "logprob", "top_tokens", "prefill_logprobs", "error", "prefill_top_tokens")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     LOGPROB_FIELD_NUMBER: _ClassVar[int]
     TOP_TOKENS_FIELD_NUMBER: _ClassVar[int]
     PREFILL_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_TOP_TOKENS_FIELD_NUMBER: _ClassVar[int]
     request_id: int
     token_id: int
     logprob: float
     top_tokens: _containers.RepeatedCompositeFieldContainer[TopToken]
     prefill_logprobs: _containers.RepeatedScalarFieldContainer[float]
     error: str
-    def __init__(self, request_id: _Optional[int] = ..., token_id: _Optional[int] = ..., logprob: _Optional[float] = ..., top_tokens: _Optional[_Iterable[_Union[TopToken, _Mapping]]] = ..., prefill_logprobs: _Optional[_Iterable[float]] = ..., error: _Optional[str] = ...) -> None: ...
+    prefill_top_tokens: _containers.RepeatedCompositeFieldContainer[PromptToken]
+    def __init__(self, request_id: _Optional[int] = ..., token_id: _Optional[int] = ..., logprob: _Optional[float] = ..., top_tokens: _Optional[_Iterable[_Union[TopToken, _Mapping]]] = ..., prefill_logprobs: _Optional[_Iterable[float]] = ..., error: _Optional[str] = ..., prefill_top_tokens: _Optional[_Iterable[_Union[PromptToken, _Mapping]]] = ...) -> None: ...
 
 class StepResponse(_message.Message):
     __slots__ = ("generations", "forward_ms")

@@ -9,13 +9,14 @@ from router.generation import GenerationRequest
 
 class AdapterSlots:
     """Reference counts of the adapters in the running batch; an adapter's pool pages count from its first
-    running request to its last."""
+    running request to its last, and exactly the pages counted in are counted out."""
 
     def __init__(self, max_active: int, pages: int):
         self.max_active = max_active
         self.pages = pages  # pool pages admission may share out
         self.pages_used = 0
         self._refs: dict[str, int] = {}  # adapter id -> running requests using it
+        self._pages: dict[str, int] = {}  # adapter id -> the pages counted when it joined
         self.on_active: Callable[[], None] | None = None  # an adapter joined the running batch
 
     def fits(self, request: GenerationRequest) -> bool:
@@ -29,6 +30,7 @@ class AdapterSlots:
         if not adapter:
             return
         if adapter not in self._refs:
+            self._pages[adapter] = request.adapter_pages
             self.pages_used += request.adapter_pages
             if self.on_active is not None:
                 self.on_active()
@@ -41,7 +43,7 @@ class AdapterSlots:
         self._refs[adapter] -= 1
         if not self._refs[adapter]:
             del self._refs[adapter]
-            self.pages_used -= request.adapter_pages
+            self.pages_used -= self._pages.pop(adapter)
 
     @property
     def active(self) -> list[str]:

@@ -12,20 +12,21 @@ import uuid
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from proto import generate_pb2 as pb
-from router import adapter_api, native_api, openai_api
+from router import adapter_api, native_api, openai_api, responses_api, tokenize_api
 from router.adapters import AdapterRegistry
-from router.backend import Backend, StrictModel, parse_body
+from router.backend import Backend
 from router.config import RouterConfig
-from router.connections import quiet_accept_errors
+from router.connections import OVER_CAPACITY, quiet_accept_errors
 from router.errors import APIError
 from router.logs import RequestLine
 from router.metrics import Metrics
+from router.prefill_budget import measured_prefill_budget
 from router.generation import (
     Generation,
     GenerationStats,
@@ -38,6 +39,7 @@ from router.scheduler import Scheduler
 from router.shard_client import ShardClient
 from router.structured import GrammarChecker
 from router.sse import DONE, sse_event
+from router.templates import TemplateRenderer
 from router.tokenization import ModelTokenizer
 
 log = logging.getLogger("loom.router")
@@ -62,31 +64,27 @@ async def info(request: Request):
         "num_shard": len(cfg.shard_sockets),
         "max_input_length": cfg.max_input_length,
         "max_total_tokens": cfg.max_total_tokens,
-        "max_batch_prefill_tokens": cfg.max_batch_prefill_tokens,
+        "max_batch_prefill_tokens": backend.scheduler.max_batch_prefill_tokens,
         "max_batch_total_tokens": backend.max_supported_total_tokens,
         "max_concurrent_requests": cfg.max_concurrent_requests,
         # What really runs at once: --max-active-adapters, capped by the pool (each adapter takes a page).
         "max_active_adapters": backend.scheduler.adapters.max_running,
-        "adapter_pool_pages": request.app.state.adapter_pool.adapter_pages,
-        "adapter_page_rank": request.app.state.adapter_pool.adapter_page_rank,
+        "adapter_pool_pages": request.app.state.warmup.adapter_pages,
+        "adapter_page_rank": request.app.state.warmup.adapter_page_rank,
         "block_size": backend.scheduler.blocks.block_size,
         "prefix_caching": backend.scheduler.blocks.prefix_caching,
         "version": VERSION,
     })
 
 
-class TokenizeRequest(StrictModel):
-    inputs: str
+async def version(request: Request):
+    """vLLM's probe: the server's version."""
+    return JSONResponse({"version": VERSION})
 
 
-async def tokenize(request: Request):
-    """Bounded like a prompt: the character bound before tokenizing, --max-input-length after."""
-    backend: Backend = request.app.state.backend
-    body = await parse_body(request, TokenizeRequest)
-    backend.check_chars(body.inputs, backend.tokenizer, "inputs")
-    pieces = await backend.off_loop(backend.tokenizer.tokenize_with_offsets, body.inputs)
-    backend.check_input_length(len(pieces), "inputs")
-    return JSONResponse([{"id": i, "text": text, "start": start, "stop": stop} for i, text, start, stop in pieces])
+async def ping(request: Request):
+    """vLLM's liveness probe: /health's answer, on GET and POST."""
+    return await health(request)
 
 
 async def metrics(request: Request):
@@ -97,13 +95,18 @@ ROUTES = [
     Route("/v1/chat/completions", openai_api.chat_completions, methods=["POST"]),
     Route("/v1/completions", openai_api.completions, methods=["POST"]),
     Route("/v1/models", openai_api.models, methods=["GET"]),
+    Route("/v1/responses", responses_api.create, methods=["POST"]),
+    Route("/v1/responses/{response_id}", responses_api.retrieve, methods=["GET"]),
     Route("/generate", native_api.generate, methods=["POST"]),
     Route("/generate_stream", native_api.generate_stream, methods=["POST"]),
     Route("/", native_api.compat_generate, methods=["POST"]),
     Route("/health", health, methods=["GET"]),
     Route("/info", info, methods=["GET"]),
     Route("/metrics", metrics, methods=["GET"]),
-    Route("/tokenize", tokenize, methods=["POST"]),
+    Route("/tokenize", tokenize_api.tokenize, methods=["POST"]),
+    Route("/detokenize", tokenize_api.detokenize, methods=["POST"]),
+    Route("/version", version, methods=["GET"]),
+    Route("/ping", ping, methods=["GET", "POST"]),
     *adapter_api.ROUTES,
 ]
 
@@ -129,9 +132,12 @@ class GuardMiddleware:
         context = request_generations.set(generations)
         start = time.perf_counter()
         try:
+            self._admit(scope)
             self._authorize(scope)
             exchange.check_declared_length(scope)
             await exchange.run(self.app, scope)
+        except ClientDisconnect:  # gone while sending its body (or cut for being too slow): nobody to answer
+            exchange.gone = True
         except asyncio.CancelledError:
             # The server is shutting down and gave up waiting (the drain): a stream still going ends with an
             # error event (and [DONE] on /v1/*) rather than a cut connection.
@@ -158,6 +164,13 @@ class GuardMiddleware:
             if path not in UNLOGGED:
                 self._account(scope, exchange, [g.stats for g in generations], time.perf_counter() - start)
 
+    @staticmethod
+    def _admit(scope: Scope) -> None:
+        """A connection past --max-connections is answered 503 (and closed), except for /health."""
+        if scope.get("state", {}).get(OVER_CAPACITY) and scope["path"] != "/health":
+            raise APIError(503, "the server has too many open connections; retry the request",
+                           headers={"Retry-After": "1", "Connection": "close"})
+
     def _authorize(self, scope: Scope) -> None:
         if not self.api_key or scope["path"] in self.open_paths:
             return
@@ -183,7 +196,7 @@ class GuardMiddleware:
         line.log()
 
 
-UNLOGGED = {"/metrics", "/health"}  # polled by monitors and the launcher: no metrics, no log lines
+UNLOGGED = {"/metrics", "/health", "/ping"}  # polled by monitors and the launcher: no metrics, no log lines
 ROUTE_PATHS = {route.path for route in ROUTES}
 CLIENT_GONE = 499  # nginx's "client closed request"
 # A generation's own failure wins over the HTTP status, which is 200 once a stream has started.
@@ -320,8 +333,9 @@ async def _start_backend(app: Starlette, config: RouterConfig) -> None:
         max_batch_total_tokens=config.max_batch_total_tokens,
         max_concurrent_requests=config.max_concurrent_requests,
         max_active_adapters=config.max_active_adapters,
+        measure_step_costs=config.measure_prefill_budget,
     ))
-    app.state.adapter_pool = warm
+    app.state.warmup = warm
     capacity = warm.max_supported_total_tokens
     if capacity < config.max_total_tokens:
         raise RuntimeError(f"the KV cache holds {capacity} tokens, fewer than --max-total-tokens="
@@ -338,13 +352,14 @@ async def _start_backend(app: Starlette, config: RouterConfig) -> None:
     if config.prefix_caching and not prefix_caching:
         log.info("prefix caching off: this model's KV depends on more than the prefix (it is recomputed past a "
                  "length)")
-    scheduler = Scheduler(client, warm.num_blocks, warm.block_size, config.max_batch_prefill_tokens,
+    scheduler = Scheduler(client, warm.num_blocks, warm.block_size, _prefill_budget(config, warm),
                           config.max_concurrent_requests, config.max_active_adapters, adapters.pool_pages,
                           config.max_queue_time_s, prefix_caching,
                           adapter_cycle_time_s=config.adapter_cycle_time_s)
     app.state.backend = Backend(config, tokenizer, scheduler, capacity, app.state.shard_info.vocab_size, adapters,
-                                GrammarChecker(tokenizer, client))
-    app.state.metrics.watch(scheduler, config.model_id)
+                                GrammarChecker(tokenizer, client), TemplateRenderer())
+    app.state.backend.templates.warm()
+    app.state.metrics.watch(scheduler, config.model_id, adapters.label)
     log.info("KV cache: %d blocks of %d tokens (%d tokens), prefix caching %s", warm.num_blocks, warm.block_size,
              capacity, "on" if prefix_caching else "off")
     log.info("%s", adapter_pool_line(warm, scheduler.adapters.max_running, config.max_active_adapters))
@@ -360,10 +375,25 @@ def adapter_pool_line(warm: pb.WarmupResponse, running: int, max_active: int) ->
             f"adapters run in one batch ({cap})")
 
 
+def _prefill_budget(config: RouterConfig, warm: pb.WarmupResponse) -> int:
+    """--max-batch-prefill-tokens, or when not given the budget sized from the step costs the shards measured."""
+    if not config.measure_prefill_budget:
+        log.info("prefill budget: %d prompt tokens per step (--max-batch-prefill-tokens)",
+                 config.max_batch_prefill_tokens)
+        return config.max_batch_prefill_tokens
+    budget = measured_prefill_budget(warm.prompt_token_ms / 1000, warm.decode_step_ms / 1000,
+                                     config.max_batch_prefill_tokens)
+    log.info("prefill budget: %d prompt tokens per step, sized from a one-row decode step of %.2f ms and %.4f ms "
+             "per prompt token (at most %d; --max-batch-prefill-tokens sets it)", budget, warm.decode_step_ms,
+             warm.prompt_token_ms, config.max_batch_prefill_tokens)
+    return budget
+
+
 def _open_paths(config: RouterConfig) -> frozenset[str]:
-    """Routes without the API key: /health for probes; /metrics with --public-metrics, for the inference
-    extension's endpoint picker and Prometheus, which scrape without credentials."""
-    return frozenset({"/health", "/metrics"} if config.public_metrics else {"/health"})
+    """Routes without the API key: /health and /ping for probes; /metrics with --public-metrics, for the
+    inference extension's endpoint picker and Prometheus, which scrape without credentials."""
+    probes = {"/health", "/ping"}
+    return frozenset(probes | {"/metrics"} if config.public_metrics else probes)
 
 
 def create_app(config: RouterConfig) -> Starlette:
@@ -380,6 +410,7 @@ def create_app(config: RouterConfig) -> Starlette:
             loop_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await loop_task
+            await app.state.backend.templates.close()
             await app.state.backend.scheduler.client.close()
 
     app = Starlette(routes=ROUTES, lifespan=lifespan,
@@ -388,4 +419,5 @@ def create_app(config: RouterConfig) -> Starlette:
                                            max_request_bytes=config.max_request_bytes)],
                     exception_handlers={HTTPException: _http_exception})
     app.state.metrics = metrics
+    app.state.responses = responses_api.ResponseStore()
     return app

@@ -17,13 +17,15 @@ from starlette.requests import Request
 
 from common.limits import MAX_JSON_DEPTH, MAX_MODEL_ID_CHARS, MAX_STOP_CHARS, MAX_STOP_SEQUENCES
 from proto import generate_pb2 as pb
+from router.adapter_files import MAX_TEMPLATE_BYTES
 from router.adapters import Adapter, AdapterRegistry
 from router.config import RouterConfig
-from router.errors import bad_request
+from router.errors import APIError, bad_request
 from router.generation import GenerationRequest
 from router.scheduler import Scheduler
 from router.structured import GrammarChecker
-from router.tokenization import ModelTokenizer
+from router.templates import TemplateRenderError, TemplateRenderer
+from router.tokenization import ChatTemplateError, ModelTokenizer, continued
 
 
 class StrictModel(BaseModel):
@@ -47,6 +49,7 @@ class Backend:
     vocab_size: int  # the model's (embedding rows), which can exceed the tokenizer's
     adapters: AdapterRegistry
     grammars: GrammarChecker
+    templates: TemplateRenderer
     started: int = field(default_factory=lambda: int(time.time()))
 
     async def resolve_model(self, name: str | None, source: str | None = None, api_token: str | None = None,
@@ -55,19 +58,61 @@ class Backend:
         adapter = await self.adapters.resolve(name, source, api_token, param)
         return adapter, (adapter.tokenizer if adapter else self.tokenizer)
 
-    def check_chars(self, text: str, tokenizer: ModelTokenizer, param: str) -> None:
+    def check_chars(self, text: str | list | dict, tokenizer: ModelTokenizer, param: str) -> None:
         """A cheap bound before tokenizing: no token covers more than `max_token_chars` characters, so a text
-        longer than max_input_length of them cannot fit, and is refused without being tokenized."""
+        longer than max_input_length of them cannot fit, and is refused without being tokenized (or rendered:
+        `text` may be a JSON value such as a conversation, whose strings count)."""
+        chars, stack = 0, [text]
+        while stack:
+            item = stack.pop()
+            if isinstance(item, str):
+                chars += len(item)
+            elif isinstance(item, (list, dict)):
+                stack.extend(item.values() if isinstance(item, dict) else item)
         limit = self.config.max_input_length * tokenizer.max_token_chars
-        if len(text) > limit:
-            raise bad_request(f"`{param}` has {len(text)} characters, more than the {limit} that "
+        if chars > limit:
+            raise bad_request(f"`{param}` has {chars} characters, more than the {limit} that "
                               f"--max-input-length={self.config.max_input_length} tokens can hold", param=param)
 
     async def encode(self, tokenizer: ModelTokenizer, text: str, param: str,
                      add_special_tokens: bool = True) -> list[int]:
-        """`text`'s token ids (checked against the character bound first), tokenized off the event loop."""
+        """`text`'s token ids (checked against the character bound first), tokenized off the event loop.
+
+        An adapter's own tokenizer can give ids the model has no row for: that is refused without naming the
+        id, which would tell a caller something about text it did not write (a template's)."""
         self.check_chars(text, tokenizer, param)
-        return await self.off_loop(tokenizer.encode, text, add_special_tokens)
+        ids = await self.off_loop(tokenizer.encode, text, add_special_tokens)
+        if ids and max(ids) >= self.vocab_size:
+            whose = "the model's" if tokenizer is self.tokenizer else "the adapter's"
+            raise bad_request(f"{whose} tokenizer turns `{param}` into token ids outside the model's vocabulary: "
+                              "it does not fit this model", param=param)
+        return ids
+
+    async def render_chat(self, adapter: Adapter | None, tokenizer: ModelTokenizer, messages: list[dict],
+                          tools: list[dict] | None = None, add_generation_prompt: bool = True,
+                          chat_template: str | None = None, template_kwargs: dict | None = None,
+                          continue_final_message: bool = False) -> str:
+        """The prompt text of a conversation, rendered in the template sandbox's worker processes under its
+        limits (router/templates.py): the adapter's template (else the base model's), or `chat_template`, a
+        request's own (at most MAX_TEMPLATE_BYTES characters). Any failure is a 400 on `messages` that names the
+        adapter (on `chat_template`, for a request's own) and never quotes the template."""
+        self.check_chars(messages, tokenizer, "messages")
+        if chat_template is not None and len(chat_template) > MAX_TEMPLATE_BYTES:
+            raise bad_request(f"`chat_template` is longer than {MAX_TEMPLATE_BYTES} characters", param="chat_template")
+        if chat_template is not None:
+            owner, param = "`chat_template`: ", "chat_template"
+        elif adapter is not None and tokenizer is not self.tokenizer:
+            owner, param = f"adapter '{adapter.id}': ", "messages"
+        else:
+            owner, param = "", "messages"
+        try:
+            source, variables = tokenizer.chat_inputs(messages, tools, add_generation_prompt, chat_template,
+                                                      template_kwargs, continue_final_message)
+            limit = tokenizer.max_prompt_chars(self.config.max_input_length)
+            text = await self.templates.render(source, variables, limit)
+            return continued(text) if continue_final_message else text
+        except (ChatTemplateError, TemplateRenderError) as e:
+            raise APIError(400, f"{owner}{e}", param=param) from None
 
     def check_input_length(self, n: int, param: str) -> None:
         if n > self.config.max_input_length:
@@ -110,7 +155,8 @@ class Backend:
     def generation_request(self, input_ids: list[int], max_new_tokens: int, adapter: Adapter | None,
                            tokenizer: ModelTokenizer, sampling: pb.SamplingParameters, ignore_eos: bool = False,
                            top_n_tokens: int = 0, prefill_logprobs: bool = False,
-                           min_new_tokens: int = 0, grammar: str = "") -> GenerationRequest:
+                           min_new_tokens: int = 0, grammar: str = "", stop_token_ids: list[int] = (),
+                           priority: int = 0, prefill_top_n: int = 0) -> GenerationRequest:
         return GenerationRequest(
             input_ids=input_ids,
             max_new_tokens=max_new_tokens,
@@ -122,9 +168,19 @@ class Backend:
             ignore_eos=ignore_eos,
             top_n_tokens=top_n_tokens,
             prefill_logprobs=prefill_logprobs,
+            prefill_top_n=prefill_top_n,
             min_new_tokens=min_new_tokens,
             grammar=grammar,
+            extra_stop_ids=frozenset(stop_token_ids),
+            priority=priority,
         )
+
+    def check_token_ids(self, ids, param: str) -> None:
+        """Token ids a request names (a prompt, stop_token_ids, logit_bias keys) must be in the vocabulary."""
+        bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise bad_request(f"`{param}` holds token id {bad}, outside the vocabulary [0, {self.vocab_size})",
+                              param=param)
 
     async def off_loop(self, fn, *args):
         """Tokenizers and grammar checks can take milliseconds: run them in a thread, off the event loop."""
@@ -134,7 +190,8 @@ class Backend:
 def sampling_parameters(temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
                         min_p: float | None = None, typical_p: float | None = None,
                         repetition_penalty: float | None = None, frequency_penalty: float | None = None,
-                        presence_penalty: float | None = None, seed: int | None = None) -> pb.SamplingParameters:
+                        presence_penalty: float | None = None, seed: int | None = None,
+                        logit_bias: dict[int, float] | None = None) -> pb.SamplingParameters:
     """Unset fields take their neutral value; temperature 0 (or unset) means greedy."""
     p = pb.SamplingParameters(
         temperature=temperature or 0.0,
@@ -145,6 +202,7 @@ def sampling_parameters(temperature: float | None = None, top_k: int | None = No
         repetition_penalty=1.0 if repetition_penalty is None else repetition_penalty,
         frequency_penalty=frequency_penalty or 0.0,
         presence_penalty=presence_penalty or 0.0,
+        logit_bias=logit_bias or {},
     )
     if seed is not None:
         p.seed = seed % (1 << 64)
@@ -211,7 +269,11 @@ def _check_values(data) -> None:
 
 async def parse_body(request: Request, model: type[BaseModel]) -> BaseModel:
     """Reads a JSON body into `model`; any problem is a 400 that names the field."""
-    data = decode_json(await request.body())
+    return validate(decode_json(await request.body()), model)
+
+
+def validate(data, model: type[BaseModel]) -> BaseModel:
+    """A decoded JSON body as `model`; any problem is a 400 that names the field."""
     if not isinstance(data, dict):
         raise bad_request("request body must be a JSON object")
     try:

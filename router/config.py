@@ -29,7 +29,9 @@ class RouterConfig:
     port: int = 8080
     max_input_length: int = DEFAULT_MAX_INPUT_LENGTH
     max_total_tokens: int = DEFAULT_MAX_TOTAL_TOKENS
+    # Prompt tokens per step: `--max-batch-prefill-tokens`, or the most a budget measured at warmup may be.
     max_batch_prefill_tokens: int = DEFAULT_MAX_BATCH_PREFILL_TOKENS
+    measure_prefill_budget: bool = True  # the flag was not given: sized from the shards' step costs
     max_batch_total_tokens: int = 0  # 0: whatever the shards' KV cache holds
     max_concurrent_requests: int = DEFAULT_MAX_CONCURRENT_REQUESTS
     max_active_adapters: int = DEFAULT_MAX_ACTIVE_ADAPTERS
@@ -48,6 +50,8 @@ class RouterConfig:
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES  # larger bodies get 413 (`--max-request-bytes`)
     max_connections: int = DEFAULT_MAX_CONNECTIONS  # open HTTP connections (`--max-connections`)
     header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S  # to send a request head (`--header-timeout`)
+    tool_call_parser: str | None = None  # `--tool-call-parser`; None: from the chat template
+    reasoning_parser: str | None = None  # `--reasoning-parser`; None: from the chat template
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

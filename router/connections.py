@@ -1,23 +1,34 @@
-"""HTTP connections: a deadline for every request head, a cap on open connections, quiet accept errors.
+"""HTTP connections: deadlines for every request head and body, a cap on open connections, quiet accept errors.
 
-uvicorn closes a kept-alive connection that stays idle, but not one that never sends a request, and it
-accepts connections until the process runs out of file descriptors; then every accept fails (and is
-logged), /health included. Here each connection must send a complete request head within
-`--header-timeout` seconds of opening (or of its last response), and past `--max-connections` the oldest
-connection that is serving no request is closed to make room (the new one, when every one is busy).
+uvicorn closes a kept-alive connection that stays idle, but not one that never sends a request (or sends its
+body a byte at a time), and it accepts connections until the process runs out of file descriptors; then every
+accept fails (and is logged), /health included. Here each connection must send a complete request head within
+`--header-timeout` seconds of opening (or of its last response), and then its body within as long again
+(counted afresh after each BODY_PROGRESS_BYTES that arrive: a slow but real upload goes on); past it, a 408.
+Past `--max-connections`, the oldest connection that is not being served (idle, or still sending its head or
+body) makes room, with a 503 if it had begun a request; when every one is being served, the new connection is
+kept just long enough to answer its request with a 503 (/health is still served), up to SHED_ALLOWANCE such
+connections. No request is answered by a reset.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import resource
 import time
 
+from router.errors import APIError
+
 log = logging.getLogger("loom.connections")
 
 FD_RESERVE = 128  # descriptors kept for everything but client connections: shard channels, files, logs
+SHED_ALLOWANCE = 32  # connections past the cap kept only to answer 503 (inside FD_RESERVE)
+BODY_PROGRESS_BYTES = 64 << 10  # a body that sends this much more earns another deadline
 ACCEPT_LOG_INTERVAL_S = 10.0
+# Set in a request's scope["state"] when its connection is past the cap: the app answers 503 (not /health).
+OVER_CAPACITY = "loom_over_capacity"
 
 
 def raise_open_file_limit() -> int:
@@ -73,56 +84,115 @@ def quiet_accept_errors(loop: asyncio.AbstractEventLoop) -> None:
 
 
 def guarded_protocol(max_connections: int, header_timeout_s: float) -> type | str:
-    """uvicorn's httptools protocol with the head deadline and the connection cap ("auto" without httptools)."""
+    """uvicorn's httptools protocol with the head and body deadlines and the connection cap ("auto" without
+    httptools)."""
     try:
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
     except ImportError:
-        log.warning("httptools is not installed: no request-head deadline or connection cap")
+        log.warning("httptools is not installed: no request deadlines or connection cap")
         return "auto"
     open_connections: dict[HttpToolsProtocol, None] = {}  # oldest first
-    shed = _RateLimitedLog(f"at --max-connections={max_connections}: closed a connection")
+    shed = _RateLimitedLog(f"at --max-connections={max_connections}: made room")
 
     class GuardedProtocol(HttpToolsProtocol):
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
-            self._head_timer: asyncio.TimerHandle | None = None
+            self._timer: asyncio.TimerHandle | None = None
+            self._body_bytes = 0  # received since the body deadline was last armed
+            self._began = False  # some of a request has arrived
+            self._over_capacity = False
             open_connections[self] = None
-            self._arm_head_timer()
+            self._arm(self._head_timeout)
             if len(open_connections) > max_connections:
-                victim = next((c for c in open_connections if c is not self and c._idle()), self)
-                shed.hit("an idle one" if victim is not self else "the new one (every connection is busy)")
-                victim.transport.close()
+                self._make_room()
+
+        def _make_room(self) -> None:
+            victim = next((c for c in open_connections if c is not self and not c._serving()), None)
+            if victim is not None:
+                shed.hit("closed a connection that was not being served")
+                victim._refuse(503, "the server has too many open connections; retry the request")
+            elif len(open_connections) > max_connections + SHED_ALLOWANCE:
+                shed.hit("closed the new connection (every one is being served)")
+                self.transport.close()
+            else:
+                shed.hit("answering the new connection's request with 503 (every one is being served)")
+                self._over_capacity = True
 
         def connection_lost(self, exc: Exception | None) -> None:
             open_connections.pop(self, None)
-            self._disarm_head_timer()
+            self._disarm()
             super().connection_lost(exc)
 
+        def data_received(self, data: bytes) -> None:
+            self._began = True
+            super().data_received(data)
+
         def on_headers_complete(self) -> None:
-            self._disarm_head_timer()
+            if self._over_capacity:
+                self.scope["state"][OVER_CAPACITY] = True
+            self._body_bytes = 0
+            self._arm(self._body_timeout)
             super().on_headers_complete()
+
+        def on_body(self, body: bytes) -> None:
+            self._body_bytes += len(body)
+            if self._body_bytes >= BODY_PROGRESS_BYTES:
+                self._body_bytes = 0
+                self._arm(self._body_timeout)
+            super().on_body(body)
+
+        def on_message_complete(self) -> None:
+            self._disarm()
+            super().on_message_complete()
 
         def on_response_complete(self) -> None:
             super().on_response_complete()
             if not self.transport.is_closing():
-                self._arm_head_timer()  # the next request's head, on a kept-alive connection
+                self._began = False
+                self._arm(self._head_timeout)  # the next request's head, on a kept-alive connection
 
-        def _idle(self) -> bool:
-            """Serving no request: nothing received, a head still incomplete, or kept alive after a response."""
-            return not self.pipeline and (self.cycle is None or self.cycle.response_complete)
+        def _serving(self) -> bool:
+            """The app has a complete request and has not finished its answer (or answers are queued)."""
+            if self.pipeline:
+                return True
+            cycle = self.cycle
+            return cycle is not None and not cycle.response_complete and \
+                (not cycle.more_body or cycle.response_started)
 
-        def _arm_head_timer(self) -> None:
-            self._disarm_head_timer()
-            self._head_timer = self.loop.call_later(header_timeout_s, self._head_timeout)
+        def _refuse(self, status: int, message: str) -> None:
+            """Answers the request under way (if one began and no answer started) with `status`, then closes."""
+            self._disarm()
+            if self.transport.is_closing():
+                return
+            cycle = self.cycle
+            begun = self._began and not (cycle is not None and (cycle.response_complete or cycle.response_started))
+            if begun:
+                scope = getattr(self, "scope", None) or {}
+                body = json.dumps(APIError(status, message).body_for(scope.get("path", "/"))).encode()
+                reason = {408: b"Request Timeout", 503: b"Service Unavailable"}[status]
+                self.transport.write(b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
+                                     b"retry-after: 1\r\nconnection: close\r\n\r\n%s"
+                                     % (status, reason, len(body), body))
+            self.transport.close()
 
-        def _disarm_head_timer(self) -> None:
-            if getattr(self, "_head_timer", None) is not None:
-                self._head_timer.cancel()
-                self._head_timer = None
+        def _arm(self, callback) -> None:
+            self._disarm()
+            self._timer = self.loop.call_later(header_timeout_s, callback)
+
+        def _disarm(self) -> None:
+            if getattr(self, "_timer", None) is not None:
+                self._timer.cancel()
+                self._timer = None
 
         def _head_timeout(self) -> None:
-            self._head_timer = None
-            if self._idle() and not self.transport.is_closing():
-                self.transport.close()
+            self._timer = None
+            if not self._serving() and not self.transport.is_closing():
+                self._refuse(408, f"the request head was not received within --header-timeout={header_timeout_s:g} s")
+
+        def _body_timeout(self) -> None:
+            self._timer = None
+            if not self._serving() and not self.transport.is_closing():
+                self._refuse(408, "the request body was not received within --header-timeout="
+                             f"{header_timeout_s:g} s")
 
     return GuardedProtocol

@@ -12,8 +12,10 @@ _LORAX_TYPES = {400: "validation", 401: "authentication", 404: "not_found", 409:
 _OPENAI_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
                  409: "conflict_error", 413: "invalid_request_error", 422: "invalid_request_error",
                  429: "rate_limit_error", 500: "server_error", 503: "server_error"}
-# An absolute path in a message from the shards or a library: only its last part reaches a client.
-_ABSOLUTE_PATH = re.compile(r"(?<![\w.:/])/(?:[^\s/'\"]+/)+(?=[^\s/'\"]*)")
+# An absolute path in a message from the shards or a library: only its last part reaches a client. A path's
+# folders may hold spaces and quotes, so everything from a `/` that starts a path to the line's last `/` goes
+# (over-cutting a message beats showing part of a path).
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.:/~-])/(?:[^/\n]*/)+")
 
 
 class APIError(Exception):

@@ -23,10 +23,14 @@ class GenerationRequest:
     sampling: pb.SamplingParameters = field(default_factory=pb.SamplingParameters)
     adapter_id: str = ""
     adapter_pages: int = 0
-    stop_token_ids: frozenset[int] = frozenset()
+    stop_token_ids: frozenset[int] = frozenset()  # the model's EOS ids
     ignore_eos: bool = False
+    extra_stop_ids: frozenset[int] = frozenset()  # the request's own stop_token_ids: they stop even with ignore_eos
+    # Lower runs first (vLLM's meaning): the queue is ordered by it, and preemption takes the highest first.
+    priority: int = 0
     top_n_tokens: int = 0
     prefill_logprobs: bool = False
+    prefill_top_n: int = 0  # with prefill_logprobs: alternatives per prompt position
     min_new_tokens: int = 0
     grammar: str = ""
     # Whose KV a cached prefix may be reused under: "" for the base model, else the adapter's load identity
@@ -41,6 +45,8 @@ class TokenEvent:
     top_tokens: list[tuple[int, float]]
     finish_reason: str | None = None  # "length" | "eos_token"
     prefill_logprobs: list[float] | None = None
+    # With prefill_top_n: per prompt position, (its most likely tokens, the prompt token's rank); first: ([], 0).
+    prefill_top_tokens: list[tuple[list[tuple[int, float]], int]] | None = None
 
 
 @dataclass(slots=True)
@@ -54,7 +60,8 @@ class GenerationStats:
     first_token: float | None = None
     finished: float | None = None
     generated: int = 0
-    # length | eos_token | stop_sequence | cancelled | error | shard_error | queue_timeout
+    max_new_tokens: int = 0  # what it was allowed to generate
+    # length | eos_token | stop_token | stop_sequence | cancelled | error | shard_error | queue_timeout
     finish_reason: str | None = None
 
     @property
@@ -139,9 +146,10 @@ class Sequence:
             adapter_id=r.adapter_id,
             top_n_tokens=r.top_n_tokens,
             prefill_logprobs=r.prefill_logprobs,
+            prefill_top_n=r.prefill_top_n,
             min_new_tokens=r.min_new_tokens,
             grammar=r.grammar,
-            stop_token_ids=sorted(r.stop_token_ids) if r.min_new_tokens else [],
+            stop_token_ids=sorted(r.stop_token_ids | r.extra_stop_ids) if r.min_new_tokens else [],
         )
 
     def accept(self, gen: pb.Generation) -> TokenEvent:
@@ -153,7 +161,9 @@ class Sequence:
         if self.stats.first_token is None:
             self.stats.first_token = time.perf_counter()
         finish = None
-        if gen.token_id in self.request.stop_token_ids and not self.request.ignore_eos:
+        if gen.token_id in self.request.extra_stop_ids:
+            finish = "stop_token"
+        elif gen.token_id in self.request.stop_token_ids and not self.request.ignore_eos:
             finish = "eos_token"
         elif self.generated >= self.request.max_new_tokens:
             finish = "length"
@@ -163,6 +173,8 @@ class Sequence:
             top_tokens=[(t.token_id, t.logprob) for t in gen.top_tokens],
             finish_reason=finish,
             prefill_logprobs=list(gen.prefill_logprobs) if gen.prefill_logprobs else None,
+            prefill_top_tokens=[([(t.token_id, t.logprob) for t in p.top], p.rank) for p in gen.prefill_top_tokens]
+            if gen.prefill_top_tokens else None,
         )
 
     def resume_proto(self) -> pb.Request:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -11,6 +11,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from proto import generate_pb2 as pb
 from router.generation import GenerationStats
 from router.scheduler import Scheduler
+from router.vllm_metrics import VllmMetrics
 
 # Latency buckets from a few ms (one decode step on a GPU) to minutes (a long generation in a queue).
 SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
@@ -74,10 +75,13 @@ class Metrics:
                                            registry=r)
         for reason in FAILURE_REASONS:  # so that dashboards see zeros, not missing series
             self.request_failures.labels(reason)
+        self.vllm = VllmMetrics(r)  # vLLM's request and token families, for vLLM's dashboards
 
-    def watch(self, scheduler: Scheduler, model_name: str) -> None:
-        """Gauges read the scheduler at scrape time, so the step loop pays nothing for them."""
-        self.registry.register(InferenceExtensionCollector(scheduler, model_name))
+    def watch(self, scheduler: Scheduler, model_name: str, label: Callable[[str], str | None]) -> None:
+        """Gauges read the scheduler at scrape time, so the step loop pays nothing for them. `label` names an
+        adapter id in labels (None: not to be named)."""
+        self.registry.register(InferenceExtensionCollector(scheduler, model_name, label))
+        self.vllm.bind(model_name)
         self.running.set_function(lambda: scheduler.num_running)
         self.waiting.set_function(lambda: scheduler.num_waiting)
         blocks = scheduler.blocks
@@ -104,6 +108,7 @@ class Metrics:
             self.ttft.observe(ttft)
         if (tpot := stats.tpot_s) is not None:
             self.tpot.observe(tpot)
+        self.vllm.observe(stats)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -115,12 +120,17 @@ class InferenceExtensionCollector:
 
     The picker parses these as gauges (an untyped sample reads as 0), takes the newest series of each, and for
     `vllm:lora_requests_info` the series with the largest value, so that one carries the time its labels were
-    computed. vLLM's `model_name` and `engine` labels are kept for dashboards built on vLLM's names.
+    computed. vLLM's `model_name` and `engine` labels are kept for dashboards built on vLLM's names. Adapters
+    are named by `label` (escaped, so that no id reads as two; private adapters not at all).
     """
 
-    def __init__(self, scheduler: Scheduler, model_name: str):
+    def __init__(self, scheduler: Scheduler, model_name: str, label: Callable[[str], str | None]):
         self.scheduler = scheduler
         self.labels = {"model_name": model_name, "engine": "0"}
+        self.label = label
+
+    def _adapter_list(self, adapter_ids: list[str]) -> str:
+        return ",".join(name for name in map(self.label, adapter_ids) if name is not None)
 
     def _gauge(self, name: str, documentation: str, value: float, labels: dict[str, str]) -> GaugeMetricFamily:
         family = GaugeMetricFamily(name, documentation, labels=list(labels))
@@ -133,11 +143,13 @@ class InferenceExtensionCollector:
         yield self._gauge("vllm:num_requests_running", "Requests in the running batch", s.num_running, self.labels)
         yield self._gauge("vllm:kv_cache_usage_perc", "KV cache usage, 0-1: blocks held by running requests over "
                           "all blocks", s.kv_cache_usage(), self.labels)
+        yield self._gauge("vllm:gpu_cache_usage_perc", "vllm:kv_cache_usage_perc under vLLM's older name (its "
+                          "published dashboard reads it)", s.kv_cache_usage(), self.labels)
         yield self._gauge("vllm:lora_requests_info", "Adapters running and queued; the value is when the labels "
                           "were computed (Unix time)", time.time(), {
                               "max_lora": str(s.adapters.max_running),
-                              "running_lora_adapters": ",".join(s.adapters.active),
-                              "waiting_lora_adapters": ",".join(s.waiting_adapters)})
+                              "running_lora_adapters": self._adapter_list(s.adapters.active),
+                              "waiting_lora_adapters": self._adapter_list(s.waiting_adapters)})
         yield self._gauge("vllm:cache_config_info", "KV cache layout", 1, {
             "block_size": str(s.blocks.block_size), "num_gpu_blocks": str(s.blocks.num_blocks), "engine": "0"})
         yield self._counter("vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache",

@@ -210,14 +210,33 @@ async def _generate_response(native: _Native) -> dict:
     return out
 
 
+async def token_texts(chunks, special_ids: frozenset[int]):
+    """(chunk, the text its event carries). Events whose text is held back wait for the chunk that releases it,
+    so that text held at the end (an incomplete character before a special EOS token) goes to the last token it
+    belongs to, not to the special token, whose text clients drop: the texts of the non-special tokens join to
+    exactly `generated_text`."""
+    waiting: list[list] = []
+    async for chunk in chunks:
+        entry = [chunk, chunk.text]
+        if chunk.finish_reason and chunk.text and chunk.token.token_id in special_ids:
+            owner = next((w for w in reversed(waiting) if w[0].token.token_id not in special_ids), None)
+            if owner is not None:
+                owner[1], entry[1] = owner[1] + chunk.text, ""
+        waiting.append(entry)
+        if not chunk.held or chunk.finish_reason:
+            for held_chunk, text in waiting:
+                yield held_chunk, text
+            waiting.clear()
+
+
 async def _stream_events(native: _Native):
     texts, count = [], 0
     try:
-        async for chunk in native.chunks():
+        async for chunk, text in token_texts(native.chunks(), native.tokenizer.special_ids):
             count += 1
             texts.append(chunk.text)
             # LoRAX streams each token's own text; stop-string hold-back can shift text between tokens.
-            event = {"token": native.token(chunk, chunk.text), "generated_text": None, "details": None}
+            event = {"token": native.token(chunk, text), "generated_text": None, "details": None}
             if chunk.finish_reason:
                 event["generated_text"] = native.full_text("".join(texts))
                 event["details"] = {"finish_reason": chunk.finish_reason, "prompt_tokens": len(native.input_ids),

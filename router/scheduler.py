@@ -4,7 +4,8 @@ Every loop iteration is one `Step` on the shards. The scheduler owns the KV bloc
 request takes blocks as it grows, starting from the cached blocks of its longest prefix computed before
 under the same adapter. Each step, running requests come first, oldest first: a decoding one computes its
 last token, a prefilling one its next chunk of the prompt within the step's prefill-token budget
-(--max-batch-prefill-tokens), so a long prompt runs in chunks beside the decodes instead of stalling them.
+(--max-batch-prefill-tokens, else sized at warmup: router/prefill_budget.py), so a long prompt runs in chunks beside
+the decodes instead of stalling them.
 When a running request finds no block, the newest running requests are preempted (their blocks freed, their
 cached full blocks kept for reuse) and queued again at the front; they resume by recomputing their tokens,
 exactly. Waiting requests are admitted in FIFO order while their first chunk fits; one whose adapter cannot
@@ -121,12 +122,24 @@ class Scheduler:
             seq.timer = loop.call_later(self.max_queue_time_s, self._expire, seq)
             if tracked is not None:
                 tracked.append(generation)
-            self._waiting.append(seq)
+            self._enqueue(seq)
         self._wake.set()
         return generations
 
+    def _enqueue(self, seq: Sequence, resumed: bool = False) -> None:
+        """Queues `seq` behind every waiting request of its priority or a more urgent one (lower runs first);
+        a preempted one (`resumed`) goes ahead of the others of its priority. Equal priorities: plain FIFO."""
+        priority = seq.request.priority
+        ahead = (lambda p: p < priority) if resumed else (lambda p: p <= priority)
+        if not self._waiting or ahead(self._waiting[-1].request.priority):
+            self._waiting.append(seq)
+            return
+        at = next(i for i, s in enumerate(self._waiting) if not ahead(s.request.priority))
+        self._waiting.insert(at, seq)
+
     def _sequence(self, request: GenerationRequest) -> Sequence:
-        stats = GenerationStats(request.adapter_id, len(request.input_ids), time.perf_counter())
+        stats = GenerationStats(request.adapter_id, len(request.input_ids), time.perf_counter(),
+                                max_new_tokens=request.max_new_tokens)
         seq = Sequence(id=next(self._ids), request=request, stats=stats, token_ids=list(request.input_ids))
         try:
             seq.proto = seq.to_proto()
@@ -271,7 +284,7 @@ class Scheduler:
         """Grows the sequence's blocks to `num_tokens`, preempting the newest running sequences until they fit;
         False when `seq` itself had to go."""
         while self.blocks.grow(seq.id, num_tokens) is None:
-            victim = next(reversed(self._running.values()))
+            victim = self._victim()
             if victim is seq and len(self._running) == 1:
                 self._finish(seq, "error")
                 seq.events.put_nowait(GenerationFailed(
@@ -283,6 +296,10 @@ class Scheduler:
                 return False
         return True
 
+    def _victim(self) -> Sequence:
+        """The running sequence to preempt: the least urgent (highest priority value), newest among those."""
+        return max(reversed(self._running.values()), key=lambda s: s.request.priority)
+
     def _preempt(self, seq: Sequence) -> None:
         """Frees a running sequence's blocks (its computed full blocks stay in the prefix cache) and queues it
         again at the front; it resumes by recomputing its tokens."""
@@ -291,7 +308,7 @@ class Scheduler:
         self.adapters.release(seq.request)
         self._to_release.append(seq.id)
         seq.state, seq.computed, seq.prefilled, seq.registered, seq.shard_blocks = State.WAITING, 0, False, False, 0
-        self._waiting.appendleft(seq)
+        self._enqueue(seq, resumed=True)
         self.num_preemptions += 1
         log.debug("preempted request %d at %d tokens", seq.id, len(seq.token_ids))
 

@@ -16,6 +16,15 @@ def _failure_table(s: str) -> list[int]:
     return table
 
 
+def held_suffix(text: str, tags: tuple[str, ...] | list[str]) -> int:
+    """Length of the longest suffix of `text` that is a proper prefix of one of `tags`: text to hold back until
+    the next pieces show whether a tag starts there."""
+    for n in range(min(max(map(len, tags), default=1) - 1, len(text)), 0, -1):
+        if any(tag.startswith(text[-n:]) for tag in tags):
+            return n
+    return 0
+
+
 class StopMatcher:
     """Feed the detokenizer's pieces in order; emit what `feed` returns; call `flush` when generation ends.
 
@@ -28,9 +37,12 @@ class StopMatcher:
     every prefix would grow with the square of a long stop string's length).
     """
 
-    __slots__ = ("_stops", "_tables", "_states", "_held", "stopped")
+    __slots__ = ("_stops", "_tables", "_states", "_held", "stopped", "_include")
 
-    def __init__(self, stop_strings: list[str]):
+    def __init__(self, stop_strings: list[str], include: bool = False):
+        """`include`: the text ends with the stop string instead of right before it (vLLM's
+        include_stop_str_in_output)."""
+        self._include = include
         self._stops = tuple(dict.fromkeys(s for s in stop_strings if s))
         self._tables = [_failure_table(s) for s in self._stops]
         self._states = [0] * len(self._stops)  # per stop string: how much of it the text now ends with
@@ -38,7 +50,8 @@ class StopMatcher:
         self.stopped = False
 
     def feed(self, piece: str) -> tuple[str, bool]:
-        """(text safe to emit now, whether a stop string was hit); after a hit the text ends before it."""
+        """(text safe to emit now, whether a stop string was hit); after a hit the text ends before it (or with
+        it, when included)."""
         if not self._stops:
             return piece, False
         if self.stopped:
@@ -50,10 +63,14 @@ class StopMatcher:
             if hit:
                 # The stop string that ends first wins (the longest one on a tie), as if fed one char at a time.
                 self._held, self.stopped = "", True
-                return text[: pos + 1 - hit], True
+                return text[: pos + 1 - (0 if self._include else hit)], True
         keep = max(self._states)
         self._held = text[len(text) - keep :]
         return text[: len(text) - keep], False
+
+    @property
+    def holding(self) -> bool:
+        return bool(self._held)
 
     def flush(self) -> str:
         """The held-back text: at the end of generation it can no longer become a stop string."""

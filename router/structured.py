@@ -10,13 +10,12 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
-import re
-import uuid
 
 import llguidance
 import llguidance.hf
+from llguidance.gbnf_to_lark import GbnfToLarkError, any_to_lark
 
-from common.limits import MAX_GRAMMAR_CHARS
+from common.limits import MAX_GRAMMAR_CHARS, MAX_PARALLEL_TOOL_CALLS
 from router.errors import bad_request
 from router.shard_client import ShardClient
 from router.tokenization import ModelTokenizer
@@ -24,7 +23,6 @@ from router.tokenization import ModelTokenizer
 # Compact JSON: a random or weak model cannot wander off into endless whitespace, and it is what
 # OpenAI's own structured outputs produce.
 JSON_OPTIONS = {"whitespace_flexible": False}
-TOOL_CALL_TAG = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.S)
 
 
 def json_grammar(schema: dict | bool) -> str:
@@ -49,6 +47,8 @@ def response_format_grammar(response_format: dict | None, param: str = "response
             raise bad_request("`response_format.json_schema` must be an object with a `schema` object",
                               param=f"{param}.json_schema")
         schema = spec.get("schema") or {}
+        if spec.get("strict") is True:  # OpenAI's strict mode: only the declared properties
+            schema = closed(schema)
     else:
         raise bad_request(f"`{param}.type` must be 'text', 'json_object' or 'json_schema', got {kind!r}",
                           param=f"{param}.type")
@@ -57,17 +57,74 @@ def response_format_grammar(response_format: dict | None, param: str = "response
     return json_grammar(schema)
 
 
+def guided_grammar(kind: str, value, param: str) -> str:
+    """vLLM's guided_* / structured_outputs constraints as an llguidance grammar: a JSON schema (an object or its
+    JSON text), a regular expression, a choice of literal strings, or a grammar in Lark (llguidance's, as vLLM's
+    guidance backend takes) or GBNF (llama.cpp's, as vLLM's xgrammar backend takes)."""
+    if kind == "json":
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                raise bad_request(f"`{param}` is not a JSON schema: not valid JSON", param=param) from None
+        if not isinstance(value, (dict, bool)):
+            raise bad_request(f"`{param}` must be a JSON schema (an object)", param=param)
+        return json_grammar(value)
+    if kind == "regex":
+        return llguidance.LLMatcher.grammar_from_regex(value)
+    if kind == "choice":
+        # Lark string literals take JSON's escapes: every choice is matched exactly, whatever it holds.
+        return llguidance.LLMatcher.grammar_from_lark(
+            "start: " + " | ".join(json.dumps(c, ensure_ascii=False) for c in value))
+    try:
+        return llguidance.LLMatcher.grammar_from_lark(any_to_lark(value))
+    except (GbnfToLarkError, ValueError) as e:
+        raise bad_request(f"`{param}` is not a usable grammar: {e}", param=param) from None
+
+
+_SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+_SUBSCHEMA_MAPS = ("properties", "$defs", "definitions", "patternProperties", "dependentSchemas")
+_SUBSCHEMAS = ("items", "additionalProperties", "not", "if", "then", "else", "contains")
+
+
+def closed(schema):
+    """`schema` with every object schema that does not say otherwise closed (`additionalProperties: false`): an
+    answer then holds only the properties the schema declares, each at most once, and it ends when its value
+    closes. A schema that allows more (`additionalProperties`, `patternProperties`) keeps it."""
+    if not isinstance(schema, dict):
+        return schema
+    out = dict(schema)
+    for key in _SUBSCHEMA_LISTS:
+        if isinstance(out.get(key), list):
+            out[key] = [closed(s) for s in out[key]]
+    for key in _SUBSCHEMA_MAPS:
+        if isinstance(out.get(key), dict):
+            out[key] = {name: closed(s) for name, s in out[key].items()}
+    for key in _SUBSCHEMAS:
+        if isinstance(out.get(key), dict):
+            out[key] = closed(out[key])
+    is_object = out.get("type") == "object" or (isinstance(out.get("type"), list) and "object" in out["type"]) \
+        or "properties" in out
+    if is_object and not {"additionalProperties", "patternProperties", "unevaluatedProperties"} & out.keys():
+        out["additionalProperties"] = False
+    return out
+
+
 def tool_call_schema(tool: dict) -> dict:
     function = tool["function"]
-    parameters = function.get("parameters") or {"type": "object", "properties": {}}
+    parameters = closed(function.get("parameters") or {"type": "object", "properties": {}})
     return {"type": "object", "properties": {"name": {"const": function["name"]}, "arguments": parameters},
             "required": ["name", "arguments"], "additionalProperties": False}
 
 
-def tool_choice_grammar(tools: list[dict], tool_choice) -> str:
-    """`required` → one call to any tool; a named function → a call to that one; else unconstrained."""
+def tool_choice_grammar(tools: list[dict], tool_choice, parallel: bool = False) -> str:
+    """`required` → calls to any of the tools (a list of up to MAX_PARALLEL_TOOL_CALLS when `parallel`, else
+    one); a named function → one call to that one; else unconstrained. Parameters are closed (`closed`)."""
     if tool_choice == "required":
-        return json_grammar({"anyOf": [tool_call_schema(t) for t in tools]})
+        call = {"anyOf": [tool_call_schema(t) for t in tools]}
+        if not parallel:
+            return json_grammar(call)
+        return json_grammar({"type": "array", "items": call, "minItems": 1, "maxItems": MAX_PARALLEL_TOOL_CALLS})
     if isinstance(tool_choice, dict):
         name = tool_choice.get("function", {}).get("name")
         chosen = [t for t in tools if t["function"]["name"] == name]
@@ -75,22 +132,6 @@ def tool_choice_grammar(tools: list[dict], tool_choice) -> str:
             raise bad_request(f"`tool_choice` names function {name!r}, which is not in `tools`", param="tool_choice")
         return json_grammar(tool_call_schema(chosen[0]))
     return ""
-
-
-def parse_tool_call(text: str, tools: list[dict]) -> dict | None:
-    """A generated `{"name": ..., "arguments": {...}}` (bare, or in <tool_call> tags) as an OpenAI tool call."""
-    match = TOOL_CALL_TAG.search(text)
-    candidate = (match.group(1) if match else text).strip()
-    try:
-        call = json.loads(candidate)
-    except json.JSONDecodeError:
-        return None
-    names = {t["function"]["name"] for t in tools}
-    if not isinstance(call, dict) or call.get("name") not in names:
-        return None
-    arguments = call.get("arguments", call.get("parameters", {}))
-    return {"id": "call_" + uuid.uuid4().hex[:24], "type": "function",
-            "function": {"name": call["name"], "arguments": json.dumps(arguments, ensure_ascii=False)}}
 
 
 class GrammarChecker:

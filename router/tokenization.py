@@ -1,19 +1,32 @@
 """Prompt tokenization and chat templates for the base model and for adapters that ship their own.
 
-Everything here is synchronous and CPU-bound; callers that serve requests decide which thread runs it.
+Everything here is synchronous and CPU-bound; callers that serve requests decide which thread runs it. Chat
+templates render in router/template_sandbox.py's limited sandbox: on a server, in a worker process
+(router/templates.py, through `Backend.render_chat`); `render_chat` here renders in this process.
 """
 
 from __future__ import annotations
 
 import json
+import tempfile
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-import jinja2
+from common.limits import MAX_TEMPLATE_SECONDS
+from router.adapter_files import MAX_TEMPLATE_BYTES, AdapterFileError, AdapterFiles
+from router.template_sandbox import TemplateFailure, TemplateLimitError, render_template
 
 # Files whose presence means a directory carries its own tokenizer (not just a chat template).
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "tiktoken.model")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "tiktoken.model", "tekken.json")
+# What an adapter's private tokenizer copy holds: never adapter_config.json, whose base_model_name_or_path
+# transformers would follow.
+_TOKENIZER_COPY = ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "config.json",
+                   "generation_config.json", "merges.txt", *TOKENIZER_FILES)
+# tokenizer_config.json keys that name files: transformers would open them wherever they point.
+_FILE_KEYS = ("vocab", "merges")
+# What one rendered chat prompt may hold at most, whatever --max-input-length allows.
+MAX_PROMPT_CHARS = 16 << 20
 
 
 class ChatTemplateError(ValueError):
@@ -28,7 +41,7 @@ class ModelTokenizer:
     share the base model's tokenizer object.
     """
 
-    __slots__ = ("hf", "eos_token_ids", "chat_template", "special_ids", "max_token_chars")
+    __slots__ = ("hf", "eos_token_ids", "chat_template", "special_ids", "max_token_chars", "special_tokens")
 
     def __init__(self, hf: Any, eos_token_ids: frozenset[int], chat_template: str | dict[str, str] | None,
                  max_token_chars: int | None = None):
@@ -40,6 +53,9 @@ class ModelTokenizer:
         # The most text characters one token can stand for: a token's stored form has at least as many
         # characters as the text it decodes to (byte-level BPE: one per byte; SentencePiece: one per character).
         self.max_token_chars = max_token_chars or max(map(len, hf.get_vocab()), default=1)
+        # What transformers passes every chat template besides the conversation (bos_token, eos_token, ...).
+        self.special_tokens = {k: v if isinstance(v, (str, list)) else str(v)
+                               for k, v in hf.special_tokens_map.items()}
 
     @classmethod
     def from_dir(cls, path: str | Path) -> ModelTokenizer:
@@ -82,32 +98,53 @@ class ModelTokenizer:
         """One token's own text, special tokens included: what logprobs and token details show."""
         return self.hf.decode([token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
-    def decode_raw(self, ids: list[int]) -> str:
+    def decode_raw(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         """`decode` without transformers' clean_up_tokenization pass (the detokenizer applies it itself)."""
-        return self.hf.backend_tokenizer.decode(ids, skip_special_tokens=True)
+        return self.hf.backend_tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def clean_up(self, text: str) -> str:
         return self.hf.clean_up_tokenization(text)
 
+    def chat_inputs(self, messages: list[dict], tools: list[dict] | None = None,
+                    add_generation_prompt: bool = True, chat_template: str | None = None,
+                    template_kwargs: dict | None = None,
+                    continue_final_message: bool = False) -> tuple[str, dict[str, Any]]:
+        """(template, variables) for a conversation, as transformers' apply_chat_template builds them: messages
+        without their None fields, reasoning under every name templates read, the special tokens, and
+        `template_kwargs` (a request's own). `chat_template` (a request's own) replaces the model's.
+        `continue_final_message`: the last message's text carries CONTINUE_TAG, where `continued` cuts the
+        rendered prompt."""
+        if chat_template is None:
+            if not self.has_chat_template:
+                raise ChatTemplateError(
+                    "the model has no chat template; use /v1/completions with a plain prompt instead, "
+                    "or serve a model or adapter whose tokenizer_config.json or chat_template.jinja defines one"
+                )
+            chat_template = _pick_template(self.chat_template, tools)
+        conversation = [_with_reasoning_aliases({k: v for k, v in m.items() if v is not None}) for m in messages]
+        if continue_final_message:
+            conversation[-1] = _tagged(conversation[-1])
+        variables = {**self.special_tokens, **(template_kwargs or {}), "messages": conversation, "tools": tools,
+                     "documents": None, "add_generation_prompt": add_generation_prompt}
+        return chat_template, variables
+
+    def max_prompt_chars(self, max_input_length: int) -> int:
+        """The most characters a rendered prompt may have: what `max_input_length` tokens can hold."""
+        return min(max_input_length * self.max_token_chars, MAX_PROMPT_CHARS)
+
     def render_chat(
-        self, messages: list[dict], tools: list[dict] | None = None, add_generation_prompt: bool = True
+        self, messages: list[dict], tools: list[dict] | None = None, add_generation_prompt: bool = True,
+        continue_final_message: bool = False, chat_template: str | None = None, template_kwargs: dict | None = None,
     ) -> str:
-        """The prompt text of a conversation; raises ChatTemplateError for a missing or failing template."""
-        if not self.has_chat_template:
-            raise ChatTemplateError(
-                "the model has no chat template; use /v1/completions with a plain prompt instead, "
-                "or serve a model or adapter whose tokenizer_config.json or chat_template.jinja defines one"
-            )
+        """The prompt text of a conversation, rendered in this process; raises ChatTemplateError for a missing
+        or failing template (the server renders through router/templates.py instead, `Backend.render_chat`)."""
+        source, variables = self.chat_inputs(messages, tools, add_generation_prompt, chat_template, template_kwargs,
+                                             continue_final_message)
         try:
-            return self.hf.apply_chat_template(
-                messages,
-                tools=tools,
-                chat_template=_pick_template(self.chat_template, tools),
-                add_generation_prompt=add_generation_prompt,
-                tokenize=False,
-            )
-        except jinja2.TemplateError as e:  # includes the template's own raise_exception(...)
-            raise ChatTemplateError(f"chat template error: {e}") from e
+            text = render_template(source, variables, MAX_PROMPT_CHARS, MAX_TEMPLATE_SECONDS)
+        except (TemplateFailure, TemplateLimitError) as e:
+            raise ChatTemplateError(str(e)) from None
+        return continued(text) if continue_final_message else text
 
     def apply_chat_template(
         self, messages: list[dict], tools: list[dict] | None = None, add_generation_prompt: bool = True
@@ -124,31 +161,51 @@ class ModelTokenizer:
         return ModelTokenizer(self.hf, self.eos_token_ids, chat_template, self.max_token_chars)
 
 
-def load_adapter_tokenizer(adapter_dir: str | Path, base: ModelTokenizer) -> ModelTokenizer:
-    """The tokenizer for requests to an adapter: its own tokenizer files when it has them, else the base
-    tokenizer with the adapter's own chat template when it has one, else `base` itself."""
-    adapter_dir = Path(adapter_dir)
-    if any((adapter_dir / name).is_file() for name in TOKENIZER_FILES):
-        return ModelTokenizer.from_dir(adapter_dir)
-    template = read_chat_template(adapter_dir)
+def load_adapter_tokenizer(files: AdapterFiles, base: ModelTokenizer) -> ModelTokenizer:
+    """The tokenizer for requests to an adapter, from its files as read once (router/adapter_files.py): its own
+    tokenizer when it ships one, else the base tokenizer with the adapter's own chat template when it has one,
+    else `base` itself. Raises AdapterFileError for files that are refused."""
+    template = read_chat_template(files)
+    if any(files.has(name) for name in TOKENIZER_FILES):
+        return _tokenizer_from_copy(files, template)
     return base.with_chat_template(template) if template else base
 
 
-def read_chat_template(path: str | Path) -> str | dict[str, str] | None:
-    """The chat template stored in a directory, in either era's layout: chat_template.jinja plus named ones
+def read_chat_template(files: AdapterFiles) -> str | dict[str, str] | None:
+    """The chat template among an adapter's files, in either era's layout: chat_template.jinja plus named ones
     in additional_chat_templates/NAME.jinja (current transformers), else tokenizer_config.json's (older)."""
-    path = Path(path)
-    jinja_file = path / "chat_template.jinja"
-    named = {f.stem: f.read_text(encoding="utf-8") for f in sorted(path.glob("additional_chat_templates/*.jinja"))}
-    if jinja_file.is_file():
-        default = jinja_file.read_text(encoding="utf-8")
+    default, named = files.text("chat_template.jinja"), files.templates()
+    if default is not None:
         return {"default": default, **named} if named else default
     if named:
         return named
-    config = _read_json(path / "tokenizer_config.json").get("chat_template")
+    config = files.json("tokenizer_config.json").get("chat_template")
     if isinstance(config, list):  # the on-disk form of several named templates
-        return {t["name"]: t["template"] for t in config}
+        try:
+            config = {t["name"]: t["template"] for t in config}
+        except (TypeError, KeyError):
+            raise AdapterFileError("its file 'tokenizer_config.json' holds a malformed chat_template list") from None
+    templates = config.values() if isinstance(config, dict) else [config]
+    if not all(t is None or isinstance(t, str) and len(t) <= MAX_TEMPLATE_BYTES for t in templates):
+        raise AdapterFileError("its file 'tokenizer_config.json' holds a chat_template that is not text or is "
+                               f"larger than {MAX_TEMPLATE_BYTES} characters")
     return config or None
+
+
+def _tokenizer_from_copy(files: AdapterFiles, template: str | dict[str, str] | None) -> ModelTokenizer:
+    """An adapter's own tokenizer, built by transformers from a private copy of its tokenizer files (so nothing
+    in them can make it open a file elsewhere), deleted once loaded."""
+    with tempfile.TemporaryDirectory(prefix="loom-tokenizer-") as copy:
+        for name in _TOKENIZER_COPY:
+            if files.has(name):
+                data = files.files[name]
+                if name == "tokenizer_config.json":
+                    config = files.json(name)
+                    data = json.dumps({k: v for k, v in config.items()
+                                       if not (k.endswith(("_file", "_files")) or k in _FILE_KEYS)}).encode()
+                (Path(copy) / name).write_bytes(data)
+        tokenizer = _from_pretrained(copy)
+    return ModelTokenizer(tokenizer.hf, tokenizer.eos_token_ids, template)
 
 
 def _pick_template(template: str | dict[str, str], tools: list[dict] | None) -> str:
@@ -158,14 +215,29 @@ def _pick_template(template: str | dict[str, str], tools: list[dict] | None) -> 
         return template["tool_use"]
     if "default" in template:
         return template["default"]
-    raise ChatTemplateError(f"the model has several chat templates {sorted(template)} and none is named 'default'")
+    raise ChatTemplateError(f"the model has several chat templates {sorted(template)[:8]} and none is named "
+                            "'default'")
+
+
+def _with_reasoning_aliases(message: dict) -> dict:
+    """transformers' aliasing of a message's reasoning: `reasoning_content` (what templates read) filled from
+    older names, and `thinking` (what gpt-oss templates read)."""
+    reasoning = next((message[k] for k in ("reasoning_content", "thinking", "reasoning")
+                      if message.get(k) is not None), None)
+    if reasoning is None:
+        return message
+    return {"thinking": reasoning, **message, "reasoning_content": reasoning}
 
 
 @lru_cache(maxsize=256)
 def _load(path: str) -> ModelTokenizer:
+    return _from_pretrained(path)
+
+
+def _from_pretrained(path: str) -> ModelTokenizer:
     from transformers import AutoTokenizer
 
-    hf = AutoTokenizer.from_pretrained(path)
+    hf = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     if not hf.is_fast:
         raise ValueError(f"{path}: only fast (tokenizer.json) tokenizers are supported")
     eos = {hf.eos_token_id} if hf.eos_token_id is not None else set()
@@ -179,8 +251,39 @@ def _generation_eos_ids(path: Path) -> set[int]:
     eos = _read_json(generation if generation.is_file() else path / "config.json").get("eos_token_id")
     if eos is None:
         return set()
-    return {eos} if isinstance(eos, int) else set(eos)
+    ids = [eos] if isinstance(eos, int) else eos
+    if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        raise ValueError(f"{generation.name if generation.is_file() else 'config.json'}: eos_token_id must be a "
+                         "token id or a list of them")
+    return set(ids)
 
 
 def _read_json(path: Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+# transformers' marker for continue_final_message: appended to the final message's text, and the rendered prompt
+# is cut where it lands, so that the answer continues that text instead of following a closed turn.
+CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
+
+
+def _tagged(message: dict) -> dict:
+    content = message.get("content")
+    if isinstance(content, str):
+        return {**message, "content": content + CONTINUE_TAG}
+    parts = list(content or [])
+    for i in reversed(range(len(parts))):
+        if isinstance(parts[i], dict) and "text" in parts[i]:
+            parts[i] = {**parts[i], "text": parts[i]["text"] + CONTINUE_TAG}
+            return {**message, "content": parts}
+    raise ChatTemplateError("continue_final_message is set but the final message has no text to continue")
+
+
+def continued(rendered: str) -> str:
+    """A prompt rendered with a tagged final message, cut where its text ends (as transformers cuts it)."""
+    at = rendered.rfind(CONTINUE_TAG.strip())
+    if at < 0:
+        raise ChatTemplateError("continue_final_message is set but the chat template does not show the final "
+                                "message's text")
+    return rendered[:at] if rendered[at:at + len(CONTINUE_TAG)] == CONTINUE_TAG else rendered[:at].rstrip()
+

@@ -5,11 +5,11 @@
 #   requirements-test.lock  test-only packages, resolved with the runtime held at its locked versions
 # lorax-client's metadata pins huggingface-hub<1.0 and an old certifi while its code runs on the current
 # releases, so it is installed without its dependencies (its real ones, aiohttp and pydantic, are in the
-# test extra and the runtime).
+# test extra and the runtime); so is instructor (its real one beyond the others', docstring-parser, is in the extra).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
-NO_DEPS_TEST=(lorax-client)
+NO_DEPS_TEST=(lorax-client instructor)  # instructor pins rich<15 and jiter<0.15, and runs on newer
 scratch=$(mktemp -d)
 trap 'rm -rf "$scratch"' EXIT
 $PYTHON -m venv "$scratch/venv"

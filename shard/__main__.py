@@ -36,6 +36,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="LoRA rank held by one pool page; an adapter of rank r takes ceil(r / this) pages")
     p.add_argument("--adapter-host-cache-bytes", type=int, default=DEFAULT_ADAPTER_HOST_CACHE_BYTES,
                    help="bound of the host-memory LRU cache of adapters evicted from the device pool")
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="never capture CUDA graphs (LOOM_CUDA_GRAPHS=1 asks for them on one GPU)")
     return p.parse_args(argv)
 
 
@@ -86,6 +88,7 @@ def main(argv=None) -> None:
             adapter_pool_pages=args.adapter_pool_pages,
             adapter_host_cache_bytes=args.adapter_host_cache_bytes,
             adapter_page_rank=args.adapter_page_rank,
+            enforce_eager=args.enforce_eager,
         ).result()
     except CheckpointError as e:  # a bad checkpoint is the user's to fix: one line that names the file
         logging.getLogger("loom.shard").error("cannot load the model: %s", e)

@@ -287,13 +287,9 @@ class AdapterCache:
         targets = set().union(*(e.targets for e in entries.values()))
         return self.stacks.arrange({a: e.projection_pages for a, e in entries.items()}, targets)
 
-    def lora_batch(self, adapter_ids: list[str], lengths: list[int],
-                   triton: bool) -> LoraBatch | TritonLoraBatch | MoeLora | None:
-        """A step's LoRA hook: one segment per adapter over the tokens of its sequences, which hold `lengths`
-        tokens each in batch order; None when all are the base model. Marks the adapters as just used. Adapters
-        with expert pages add their expert LoRA (MoeLora around the projections' hook)."""
-        if not any(adapter_ids):
-            return None
+    def segments(self, adapter_ids: list[str], lengths: list[int]) -> dict[str, list[int]]:
+        """Each adapter of a step ("" is the base model: left out) -> its rows, the tokens of its sequences,
+        which hold `lengths` tokens each in batch order; in order of appearance. Marks them as just used."""
         segments: dict[str, list[int]] = {}
         offset = 0
         for adapter_id, n in zip(adapter_ids, lengths):
@@ -302,6 +298,17 @@ class AdapterCache:
             offset += n
         for adapter_id in segments:
             self.resident.move_to_end(adapter_id)
+        return segments
+
+    def lora_batch(self, adapter_ids: list[str], lengths: list[int],
+                   triton: bool) -> LoraBatch | TritonLoraBatch | MoeLora | None:
+        """A step's LoRA hook: one segment per adapter over the tokens of its sequences, which hold `lengths`
+        tokens each in batch order; None when all are the base model. Marks the adapters as just used. Adapters
+        with expert pages add their expert LoRA (MoeLora around the projections' hook)."""
+        if not any(adapter_ids):
+            return None
+        segments = self.segments(adapter_ids, lengths)
+        offset = sum(lengths)
         entries = {a: self.entries[a] for a in segments}
         experts = {a: e for a, e in entries.items() if e.expert_pages}
         entries = {a: e for a, e in entries.items() if len(e.projection_pages)}
@@ -316,8 +323,9 @@ class AdapterCache:
                          triton: bool) -> LoraBatch | TritonLoraBatch:
         targets = set().union(*(e.targets for e in entries.values()))
         if triton:
-            return TritonLoraBatch(self.pool, self.layout, [segments[a] for a in entries],
-                                   [e.projection_pages for e in entries.values()], targets, self.device)
+            return TritonLoraBatch.from_segments(self.pool, self.layout, [segments[a] for a in entries],
+                                                 [e.projection_pages for e in entries.values()], targets,
+                                                 self.device)
         order = self._arrange(list(entries))
         source = self.stacks
         if order is None:

@@ -32,6 +32,7 @@ know soft-capping but not sinks: a family with sinks decodes on the torch path (
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import os
 from collections.abc import Callable
@@ -44,9 +45,22 @@ import torch.nn.functional as F
 # The Triton paged-attention decode kernel (shard/kernels/paged_attention.py) instead of gather + SDPA:
 # CUDA only, opt-in until checked on a GPU.
 TRITON_DECODE = os.environ.get("LOOM_TRITON_ATTENTION") == "1"
+
+
+def varlen_supported() -> bool:
+    """Whether this torch has torch.nn.attention.varlen with the window_size and enable_gqa arguments
+    _prefill_varlen passes (torch 2.13 does; older releases may lack the module or those arguments)."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return False
+    return {"window_size", "enable_gqa"} <= inspect.signature(varlen_attn).parameters.keys()
+
+
 # One variable-length flash call per layer for the whole prefill batch (torch.nn.attention.varlen) instead of
-# one SDPA call per prompt: CUDA with half precision only, opt-in until checked on a GPU.
-VARLEN_PREFILL = os.environ.get("LOOM_VARLEN_PREFILL") == "1"
+# one SDPA call per prompt: CUDA with half precision only, opt-in until checked on a GPU; where this torch
+# lacks the call, the prefill stays on SDPA.
+VARLEN_PREFILL = os.environ.get("LOOM_VARLEN_PREFILL") == "1" and varlen_supported()
 
 
 # (q, kv_cache, block_tables, context_lens, block_size, scale, sliding_window, softcap) -> attention output.

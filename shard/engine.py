@@ -23,8 +23,9 @@ from common.defaults import (
     DEFAULT_MAX_CONCURRENT_REQUESTS,
 )
 from shard.adapter_cache import AdapterCache
-from shard.expert_lora import expert_layout
 from shard.attention import batch_metadata, decode_kernel, decode_metadata, prefill_metadata
+from shard.decode_graphs import DecodeRunner, graphs_requested
+from shard.expert_lora import expert_layout
 from shard.kv_cache import DEFAULT_BLOCK_SIZE, allocate_kv_cache
 from shard.lora import AdapterError, HostAdapter, PageLayout, projection_shapes
 from shard.models import head_dim_of
@@ -71,7 +72,11 @@ class Engine:
                  adapter_memory_fraction: float = DEFAULT_ADAPTER_MEMORY_FRACTION,
                  adapter_pool_pages: int | None = None,
                  adapter_host_cache_bytes: int = DEFAULT_ADAPTER_HOST_CACHE_BYTES,
-                 adapter_page_rank: int = DEFAULT_ADAPTER_PAGE_RANK):
+                 adapter_page_rank: int = DEFAULT_ADAPTER_PAGE_RANK, enforce_eager: bool = False,
+                 padded_decode: bool | None = None):
+        """padded_decode: decode-only steps padded to fixed buckets (shard/decode_graphs.py), captured as CUDA
+        graphs on CUDA unless enforce_eager; None: where LOOM_CUDA_GRAPHS=1 asks for graphs. Never for a family
+        whose decode is not of fixed shapes (CausalLM.padded_decode: the mixtures of experts)."""
         self.device = torch.device(device)
         self.dtype = dtype
         self.block_size = block_size
@@ -106,6 +111,12 @@ class Engine:
         self.triton_lora = self.device.type == "cuda" and os.environ.get("LOOM_TRITON_LORA") == "1"
         # Built now, never while serving.
         self.decode_kernel = decode_kernel(self.device, dtype) if self.model.paged_decode_kernel else None
+        if padded_decode is None:
+            padded_decode = graphs_requested(self.device, tp_size, enforce_eager)
+        self.decode_runner = DecodeRunner(self.model, self.adapters, block_size, self.device, self.decode_kernel,
+                                          capture=self.device.type == "cuda" and not enforce_eager) \
+            if padded_decode and self.model.padded_decode else None
+        self.reserved_bytes = 0  # activation (and graph) memory the last warmup measured and kept free
         self.grammars = Grammars(model_dir, config.vocab_size)
 
     @property
@@ -119,9 +130,12 @@ class Engine:
         return self._num_blocks
 
     def install_kv_cache(self, num_blocks: int) -> None:
-        """A zeroed KV cache of `num_blocks` blocks in place of the current one; drops every sequence."""
+        """A zeroed KV cache of `num_blocks` blocks in place of the current one (and the padded decode's scratch
+        block past them); drops every sequence."""
         info = self.info
-        caches = allocate_kv_cache(info.num_layers, num_blocks, self.block_size, self.model.local_kv_heads,
+        self._reset_decode_runner()
+        spare = 1 if self.decode_runner else 0
+        caches = allocate_kv_cache(info.num_layers, num_blocks + spare, self.block_size, self.model.local_kv_heads,
                                    info.head_dim, self.dtype, self.device)
         self.model.set_kv_cache(caches)
         self._num_blocks = num_blocks
@@ -129,9 +143,14 @@ class Engine:
 
     def drop_kv_cache(self) -> None:
         """Frees the KV cache (until the next install) and drops every sequence."""
+        self._reset_decode_runner()
         self.model.set_kv_cache([torch.empty(0)] * self.info.num_layers)
         self._num_blocks = 0
         self._forget_all()
+
+    def _reset_decode_runner(self) -> None:
+        if self.decode_runner is not None:  # its graphs point into the KV cache being replaced
+            self.decode_runner.reset()
 
     def _forget(self, seq_id: int) -> None:
         seq = self.sequences.pop(seq_id, None)
@@ -275,13 +294,18 @@ class Engine:
     def _new_sequence(self, req: SequenceRequest) -> None:
         row = SamplerRow(req.sampling, [*req.input_ids, *req.generated_ids], len(req.input_ids), req.top_n_tokens,
                          matcher=self.grammars.matcher(req.grammar) if req.grammar else None,
+                         json_keys=self.grammars.key_guard(req.grammar) if req.grammar else None,
                          min_new_tokens=req.min_new_tokens, stop_token_ids=list(req.stop_token_ids))
-        if row.matcher is not None:  # a resumed sequence: its grammar state after the tokens it already has
-            for token_id in req.generated_ids:
+        for token_id in req.generated_ids:  # a resumed sequence: its grammar state after the tokens it has
+            if row.matcher is not None:
                 row.matcher.consume_token(token_id)
+            if row.json_keys is not None:
+                row.json_keys.consume(token_id)
         if req.adapter_id:
             self.adapters.pin(req.adapter_id)
-        self.sequences[req.id] = Sequence(row, [], req.adapter_id, [0.0] if req.prefill_logprobs else None)
+        self.sequences[req.id] = Sequence(row, [], req.adapter_id, [0.0] if req.prefill_logprobs else None,
+                                          req.prefill_top_n if req.prefill_logprobs else 0,
+                                          [([], 0)] if req.prefill_logprobs and req.prefill_top_n else [])
 
     def _extend(self, chunk: Chunk) -> str:
         """Appends the chunk's new blocks to its sequence's table and checks that the chunk fits it."""
@@ -324,6 +348,7 @@ class Engine:
             seq = self.sequences[chunk.id]
             if seq.prompt_logprobs is not None:
                 result.prefill_logprobs, seq.prompt_logprobs = seq.prompt_logprobs, None
+                result.prefill_top_tokens, seq.prompt_top = seq.prompt_top, []
             results.append(result)
         return results
 
@@ -333,7 +358,7 @@ class Engine:
         logprobs where they were asked."""
         chunks = decodes + prefills
         seqs = [self.sequences[c.id] for c in chunks]
-        bs, dev = self.block_size, self.device
+        bs = self.block_size
         ids, positions, slots = [], [], []
         for chunk, seq in zip(chunks, seqs):
             end = chunk.start + chunk.num_tokens
@@ -341,7 +366,28 @@ class Engine:
             positions += range(chunk.start, end)
             slots += [seq.table[p // bs] * bs + p % bs for p in range(chunk.start, end)]
         lengths = [len(seq.row.token_ids) for seq in seqs]
-        nd = len(decodes)
+        hidden = None
+        if self.decode_runner is not None and not prefills:
+            hidden = self.decode_runner.run(ids, positions, slots, [s.table for s in seqs], lengths,
+                                            [s.adapter_id for s in seqs])
+        if hidden is None:
+            hidden = self._run_model(decodes, prefills, seqs, ids, positions, slots, lengths)
+        sampled, row = [], 0
+        for chunk, seq, n in zip(chunks, seqs, lengths):
+            if seq.prompt_logprobs is not None:
+                logprobs, top = self._prompt_logprobs(hidden[row:row + chunk.num_tokens], chunk.start,
+                                                      seq.row.token_ids[:seq.row.num_prompt], seq.prompt_top_n)
+                seq.prompt_logprobs += logprobs
+                seq.prompt_top += top
+            row += chunk.num_tokens
+            if chunk.start + chunk.num_tokens == n:
+                sampled.append((chunk, hidden[row - 1]))
+        return sampled
+
+    def _run_model(self, decodes: list[Chunk], prefills: list[Chunk], seqs: list[Sequence], ids: list[int],
+                   positions: list[int], slots: list[int], lengths: list[int]) -> torch.Tensor:
+        """The model over the step's tokens as they are, unpadded: [tokens, hidden]."""
+        bs, dev, nd = self.block_size, self.device, len(decodes)
         slot_t = torch.tensor(slots, device=dev)
         decode = prefill = None
         if decodes:
@@ -350,19 +396,10 @@ class Engine:
         if prefills:
             prefill = prefill_metadata([c.num_tokens for c in prefills], slot_t[nd:], self.model.sliding_window,
                                        lengths[nd:], [c.start for c in prefills], [s.table for s in seqs[nd:]], bs)
-        meta = batch_metadata(decode, prefill)
-        lora = self.adapters.lora_batch([s.adapter_id for s in seqs], [c.num_tokens for c in chunks],
+        lora = self.adapters.lora_batch([s.adapter_id for s in seqs], [c.num_tokens for c in decodes + prefills],
                                         self.triton_lora)
-        hidden = self.model(torch.tensor(ids, device=dev), torch.tensor(positions, device=dev), meta, lora)
-        sampled, row = [], 0
-        for chunk, seq, n in zip(chunks, seqs, lengths):
-            if seq.prompt_logprobs is not None:
-                seq.prompt_logprobs += self._prompt_logprobs(hidden[row:row + chunk.num_tokens], chunk.start,
-                                                             seq.row.token_ids[:seq.row.num_prompt])
-            row += chunk.num_tokens
-            if chunk.start + chunk.num_tokens == n:
-                sampled.append((chunk, hidden[row - 1]))
-        return sampled
+        return self.model(torch.tensor(ids, device=dev), torch.tensor(positions, device=dev),
+                          batch_metadata(decode, prefill), lora)
 
     def _sample(self, logits: torch.Tensor, rows: list[SamplerRow]) -> SamplerOutput:
         out = sample(logits, rows)
@@ -373,17 +410,25 @@ class Engine:
             out.token_ids = tokens.tolist()
         return out
 
-    def _prompt_logprobs(self, hidden: torch.Tensor, start: int, prompt: list[int]) -> list[float]:
+    def _prompt_logprobs(self, hidden: torch.Tensor, start: int, prompt: list[int], top_n: int = 0,
+                         ) -> tuple[list[float], list[tuple[list[tuple[int, float]], int]]]:
         """logprobs (raw logits) of the prompt tokens that the chunk's rows predict: row i (position start + i)
-        predicts prompt[start + i + 1]. Logits are computed PROMPT_LOGPROBS_CHUNK rows at a time: a long
-        prompt's float32 logits over a large vocabulary would be gigabytes."""
+        predicts prompt[start + i + 1]; with `top_n`, also each position's `top_n` most likely tokens and the
+        prompt token's rank there. Logits are computed PROMPT_LOGPROBS_CHUNK rows at a time: a long prompt's
+        float32 logits over a large vocabulary would be gigabytes."""
         count = min(hidden.shape[0], len(prompt) - 1 - start)
         if count <= 0:
-            return []
+            return [], []
         targets = torch.tensor(prompt[start + 1:start + 1 + count], device=hidden.device)
-        parts = []
+        parts, tops = [], []
         for lo in range(0, count, PROMPT_LOGPROBS_CHUNK):
             hi = min(lo + PROMPT_LOGPROBS_CHUNK, count)
             lp = self.model.compute_logits(hidden[lo:hi]).log_softmax(-1)
-            parts.append(lp.gather(1, targets[lo:hi, None])[:, 0])
-        return torch.cat(parts).tolist()
+            chosen = lp.gather(1, targets[lo:hi, None])
+            parts.append(chosen[:, 0])
+            if top_n:
+                values, ids = lp.topk(min(top_n, lp.shape[1]), dim=-1)
+                ranks = (lp > chosen).sum(-1) + 1
+                for row_ids, row_values, rank in zip(ids.tolist(), values.tolist(), ranks.tolist()):
+                    tops.append((list(zip(row_ids, row_values)), rank))
+        return torch.cat(parts).tolist(), tops

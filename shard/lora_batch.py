@@ -8,6 +8,8 @@ reads pool pages directly.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from shard.lora import PageLayout
@@ -261,20 +263,33 @@ class LoraBatch:
         return y.add_(delta.index_select(0, self.back))
 
 
+@dataclass(slots=True)
 class TritonLoraBatch:
     """LoraBatch's contract on CUDA through the Triton SGMV kernels (shard/kernels/sgmv.py), which read each
     segment's adapter pages straight out of the pool: no stacks, no packing. Opt-in with LOOM_TRITON_LORA=1
-    until verified on a GPU; tested against LoraBatch on CPU under Triton's interpreter."""
+    until verified on a GPU; tested against LoraBatch on CPU under Triton's interpreter. The padded decode
+    (shard/decode_graphs.py) builds one over its fixed buffers, with empty segments past the step's adapters."""
 
-    def __init__(self, pool: torch.Tensor, layout: PageLayout, segments: list[list[int]],
-                 page_tables: list[list[int]], targets: set[str], device: torch.device):
+    pool: torch.Tensor
+    layout: PageLayout
+    targets: set[str]
+    table: torch.Tensor  # [S, W] each segment's pool pages, padded with the zero page 0
+    pages: torch.Tensor  # [S] pages of each segment's adapter (the kernels skip the padding)
+    tokens: torch.Tensor  # the rows of every segment, segment after segment
+    starts: torch.Tensor  # [S] where each segment's rows start in `tokens`
+    lens: torch.Tensor  # [S] each segment's rows
+    longest: int  # >= every lens[s]
+
+    @classmethod
+    def from_segments(cls, pool: torch.Tensor, layout: PageLayout, segments: list[list[int]],
+                      page_tables: list[list[int]], targets: set[str], device: torch.device) -> TritonLoraBatch:
         width = max(len(t) for t in page_tables)
         lens = [len(s) for s in segments]
-        self.pool, self.layout, self.targets, self.longest = pool, layout, targets, max(lens)
-        self.table = torch.tensor([t + [0] * (width - len(t)) for t in page_tables], device=device)
-        self.tokens = torch.tensor([t for s in segments for t in s], device=device)
-        self.lens = torch.tensor(lens, device=device)
-        self.starts = torch.tensor([sum(lens[:i]) for i in range(len(lens))], device=device)
+        table = [t + [0] * (width - len(t)) for t in page_tables]
+        starts = [sum(lens[:i]) for i in range(len(lens))]
+        tensors = [torch.tensor(v, device=device) for v in (table, [len(t) for t in page_tables],
+                                                             [t for s in segments for t in s], starts, lens)]
+        return cls(pool, layout, targets, *tensors, max(lens))
 
     def apply(self, layer_idx: int, proj: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if proj not in self.targets:
@@ -283,4 +298,4 @@ class TritonLoraBatch:
 
         a_offset, b_offset = self.layout.offsets[layer_idx, proj]
         return sgmv_lora(x, y, self.pool, a_offset, b_offset, self.layout.page_rank, self.table, self.tokens,
-                         self.starts, self.lens, self.longest)
+                         self.starts, self.lens, self.pages, self.longest)

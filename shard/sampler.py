@@ -1,6 +1,6 @@
 """Batched next-token selection for one step's rows.
 
-Order of logits processors: repetition penalty (HF semantics, over prompt + generated tokens), frequency and
+Order of logits processors: grammar masks and min_tokens, logit_bias, repetition penalty (HF semantics, over prompt + generated tokens), frequency and
 presence penalties (OpenAI semantics, over generated tokens), temperature; the returned logprobs are
 log_softmax at this point; then top_k, top_p, min_p, typical_p truncate, and a token is drawn by an
 exponential race (argmax p / E with E ~ Exp(1)), which equals sampling from p. A seeded row draws E from a
@@ -28,6 +28,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
     seed: int | None = None
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit (after grammar masks)
 
     @property
     def greedy(self) -> bool:
@@ -47,6 +48,7 @@ class SamplerRow:
     num_prompt: int
     top_n: int = 0
     matcher: object | None = None  # llguidance matcher of a constrained sequence
+    json_keys: object | None = None  # a JSON grammar's duplicate-key guard (shard/grammar.py JsonKeys)
     min_new_tokens: int = 0  # stop_token_ids are masked until this many tokens were generated
     stop_token_ids: list[int] = field(default_factory=list)
 
@@ -164,26 +166,40 @@ def _top_tokens(logits: torch.Tensor, lse: torch.Tensor, rows: list[SamplerRow])
     return out
 
 
+def apply_logit_bias(logits: torch.Tensor, rows: list[SamplerRow]) -> None:
+    """Adds each row's logit_bias to its logits, in place (a forbidden token stays forbidden: -inf + b)."""
+    for i, row in enumerate(rows):
+        if row.params.logit_bias:
+            ids = torch.tensor(list(row.params.logit_bias), device=logits.device)
+            logits[i, ids] += torch.tensor(list(row.params.logit_bias.values()), dtype=logits.dtype,
+                                           device=logits.device)
+
+
 def mask_forbidden(logits: torch.Tensor, rows: list[SamplerRow]) -> None:
     """Grammar masks and min_tokens: forbidden tokens get -inf, in place."""
     constrained = [i for i, r in enumerate(rows) if r.matcher is not None]
     if constrained:
         mask_constrained(logits, [rows[i].matcher for i in constrained], constrained)
     for i, row in enumerate(rows):
+        if row.json_keys is not None:
+            row.json_keys.mask(logits[i])
         if row.holds_stop:
             logits[i, row.stop_token_ids] = float("-inf")
 
 
 def sample(logits: torch.Tensor, rows: list[SamplerRow]) -> SamplerOutput:
     """logits: float32 [R, V], one row per entry of `rows`; logprobs are log_softmax(logits[row]) after
-    grammar masks, penalties and temperature (greedy rows: no temperature), before truncation."""
+    grammar masks, logit_bias, penalties and temperature (greedy rows: no temperature), before truncation."""
     penalised = [i for i, r in enumerate(rows) if r.params.penalized]
     sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
     masked = any(r.matcher is not None or r.holds_stop for r in rows)
-    if penalised or sampled or masked:
+    biased = any(r.params.logit_bias for r in rows)
+    if penalised or sampled or masked or biased:
         logits = logits.clone()  # the caller's tensor stays untouched
     if masked:
         mask_forbidden(logits, rows)
+    if biased:
+        apply_logit_bias(logits, rows)
     if penalised:
         logits[penalised] = apply_penalties(logits[penalised], [rows[i] for i in penalised])
     if sampled:

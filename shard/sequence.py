@@ -18,6 +18,7 @@ class SequenceRequest:
     adapter_id: str = ""  # "" = base model
     top_n_tokens: int = 0
     prefill_logprobs: bool = False
+    prefill_top_n: int = 0  # with prefill_logprobs: alternatives per prompt position
     grammar: str = ""  # llguidance grammar the output must follow; "" = free
     min_new_tokens: int = 0  # stop_token_ids are masked until this many tokens were generated
     stop_token_ids: list[int] = field(default_factory=list)
@@ -42,6 +43,9 @@ class Sequence:
     table: list[int]  # its KV blocks, as the router allocated them
     adapter_id: str
     prompt_logprobs: list[float] | None  # while its prompt is prefilled, when asked (the first token gets 0.0)
+    prompt_top_n: int = 0
+    # With prompt_top_n: per prompt position, its top alternatives and the prompt token's rank (first: [], 0).
+    prompt_top: list[tuple[list[tuple[int, float]], int]] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -53,6 +57,7 @@ class TokenResult:
     # Only on the prefill result when asked: one per prompt token, the first is 0.0.
     prefill_logprobs: list[float] = field(default_factory=list)
     error: str = ""
+    prefill_top_tokens: list[tuple[list[tuple[int, float]], int]] = field(default_factory=list)
 
 
 def accept(row: SamplerRow, token_id: int) -> None:
@@ -60,6 +65,8 @@ def accept(row: SamplerRow, token_id: int) -> None:
     row.token_ids.append(token_id)
     if row.matcher is not None:
         row.matcher.consume_token(token_id)
+    if row.json_keys is not None:
+        row.json_keys.consume(token_id)
 
 
 def error_result(request_id: int, message: str) -> TokenResult:

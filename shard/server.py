@@ -25,6 +25,7 @@ import torch
 from proto import generate_pb2 as pb
 from proto import generate_pb2_grpc as pb_grpc
 from shard.engine import AdapterError, Chunk, Engine, SamplingParams, SequenceRequest, TokenResult
+from shard.step_costs import measure_step_costs
 
 log = logging.getLogger("loom.shard")
 
@@ -52,6 +53,7 @@ def sampling_from_proto(p: pb.SamplingParameters) -> SamplingParams:
         frequency_penalty=p.frequency_penalty,
         presence_penalty=p.presence_penalty,
         seed=p.seed if p.HasField("seed") else None,
+        logit_bias=dict(p.logit_bias) or None,
     )
 
 
@@ -63,6 +65,7 @@ def request_from_proto(r: pb.Request) -> SequenceRequest:
         adapter_id=r.adapter_id,
         top_n_tokens=r.top_n_tokens,
         prefill_logprobs=r.prefill_logprobs,
+        prefill_top_n=r.prefill_top_n,
         grammar=r.grammar,
         min_new_tokens=r.min_new_tokens,
         stop_token_ids=list(r.stop_token_ids),
@@ -91,6 +94,8 @@ def generation_to_proto(t: TokenResult) -> pb.Generation:
         top_tokens=[pb.TopToken(token_id=i, logprob=lp) for i, lp in t.top_tokens],
         prefill_logprobs=t.prefill_logprobs,
         error=t.error,
+        prefill_top_tokens=[pb.PromptToken(top=[pb.TopToken(token_id=i, logprob=lp) for i, lp in top], rank=rank)
+                            for top, rank in t.prefill_top_tokens],
     )
 
 
@@ -146,11 +151,15 @@ class ShardService(pb_grpc.ShardServicer):
             request.max_concurrent_requests, request.max_active_adapters,
         )
         block_size = self.engine.info.block_size
-        return pb.WarmupResponse(
+        reply = pb.WarmupResponse(
             num_blocks=num_blocks, block_size=block_size, max_supported_total_tokens=num_blocks * block_size,
             adapter_pages=self.engine.adapter_pages, adapter_page_rank=self.engine.adapter_page_rank,
             adapter_page_bytes=self.engine.adapters.page_bytes,
         )
+        if request.measure_step_costs:
+            costs = await self._run(measure_step_costs, self.engine, request.max_batch_prefill_tokens)
+            reply.decode_step_ms, reply.prompt_token_ms = costs.decode_step_s * 1000, costs.prompt_token_s * 1000
+        return reply
 
     async def Step(self, request, context):
         await self._refuse_if_failed(context)

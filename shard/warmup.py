@@ -14,6 +14,10 @@ on every projection of the page layout: up to max_active_adapters adapters that 
 that a step reads as many adapter rank-rows as any step can, through the engine's own LoRA path (AdapterStacks,
 or gathered from the pool when they do not fit there). Their pages are zero, so they change no activation, and
 they leave no trace (AdapterCache.zero_adapters).
+
+With the padded decode (shard/decode_graphs.py) its buffers are allocated and, on CUDA, its graphs captured
+for up to max_concurrent_requests rows and max_active_adapters adapters after the worst steps: once on the
+measuring cache, where the memory they take joins the activation peak, and again on the cache itself.
 """
 
 from __future__ import annotations
@@ -97,6 +101,8 @@ def warm_up(engine: Engine, limits: WarmupLimits) -> int:
         )
     engine.install_kv_cache(num_blocks)
     run_worst_steps(engine, limits)
+    prepare_padded_decode(engine, limits)
+    engine.reserved_bytes = reserved
     return num_blocks
 
 
@@ -109,10 +115,25 @@ def measure_activation_peak(engine: Engine, limits: WarmupLimits) -> int:
     engine.install_kv_cache(warmup_blocks(engine, limits))
     run_worst_steps(engine, limits)
     peak = torch.cuda.max_memory_allocated(engine.device) - torch.cuda.memory_allocated(engine.device) if cuda else 0
+    if cuda and engine.decode_runner is not None:
+        torch.cuda.empty_cache()
+        free = torch.cuda.mem_get_info(engine.device)[0]
+        prepare_padded_decode(engine, limits)
+        torch.cuda.empty_cache()
+        peak += free - torch.cuda.mem_get_info(engine.device)[0]  # buffers and graph pool, held while serving
     engine.drop_kv_cache()
     if cuda:
         torch.cuda.empty_cache()
     return peak
+
+
+def prepare_padded_decode(engine: Engine, limits: WarmupLimits) -> None:
+    """The padded decode's buffers (and CUDA graphs) for the limits' largest decode step, with sequences as
+    long as the model's positions allow (the same on the measuring cache as on the real one)."""
+    if engine.decode_runner is not None:
+        engine.decode_runner.prepare(limits.max_concurrent_requests, limits.max_active_adapters,
+                                     engine.blocks_for(engine.info.max_position_embeddings),
+                                     scratch_block=engine.num_blocks)
 
 
 @torch.inference_mode()  # the adapter pool is an inference tensor, written in place
@@ -122,7 +143,7 @@ def run_worst_steps(engine: Engine, limits: WarmupLimits) -> None:
     count, pages = _zero_adapter_shape(engine, limits, len(prompts) + len(singles))
     with engine.adapters.zero_adapters(count, pages) as adapter_ids:
         requests = [SequenceRequest(c.id, [0] * c.num_tokens, WARMUP_SAMPLING, top_n_tokens=MAX_TOP_LOGPROBS,
-                                    prefill_logprobs=i < len(prompts),
+                                    prefill_logprobs=i < len(prompts), prefill_top_n=MAX_TOP_LOGPROBS,
                                     adapter_id=adapter_ids[i % count] if count else "")
                     for i, c in enumerate(prompts + singles)]
         try:

@@ -36,9 +36,11 @@ def llama_dir(model_dirs) -> Path:
 
 
 class Reference:
-    """transformers (+ peft) greedy decoding: the correctness reference every test compares to."""
+    """transformers (+ peft) greedy decoding: the correctness reference every test compares to. The GPU kit
+    (bench/gpu_check) runs it on `device` ("cuda") and in `dtype` ("bfloat16") too."""
 
-    def __init__(self):
+    def __init__(self, device: str = "cpu", dtype: str = "float32"):
+        self.device, self.dtype = device, dtype
         self._models = {}
 
     def model(self, model_dir: Path):
@@ -47,7 +49,8 @@ class Reference:
 
         key = str(model_dir)
         if key not in self._models:
-            self._models[key] = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, self.dtype))
+            self._models[key] = model.to(self.device).eval()
         return self._models[key]
 
     def adapted(self, model_dir: Path, adapter_dir: Path):
@@ -58,8 +61,8 @@ class Reference:
 
         key = (str(model_dir), str(adapter_dir))
         if key not in self._models:
-            base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-            self._models[key] = PeftModel.from_pretrained(base, adapter_dir).eval()
+            base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, self.dtype))
+            self._models[key] = PeftModel.from_pretrained(base.to(self.device), adapter_dir).eval()
         return self._models[key]
 
     def greedy(self, model_dir: Path, input_ids: list[int], max_new_tokens: int, stop_at_eos: bool = True,
@@ -71,7 +74,8 @@ class Reference:
         eos = model.generation_config.eos_token_id if stop_at_eos else None
         with torch.inference_mode():
             out = model.generate(
-                torch.tensor([input_ids]), attention_mask=torch.ones(1, len(input_ids), dtype=torch.long),
+                torch.tensor([input_ids], device=self.device),
+                attention_mask=torch.ones(1, len(input_ids), dtype=torch.long, device=self.device),
                 max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos,
                 pad_token_id=model.generation_config.pad_token_id,
             )

@@ -1,7 +1,7 @@
 """Steps an Engine in-process the way the router's scheduler does, for the engine-level tests: the router's
 BlockManager (router/kv_blocks.py) allocates each sequence's blocks, a prefill is one whole-prompt chunk and a
 decode a one-token chunk. `step(prefill, decode, release)` returns results in the order asked (prefills, then
-decodes), with the engine's errors for ids it does not hold."""
+decodes), with the engine's errors for ids it does not hold; `generate` runs requests to a length."""
 
 from __future__ import annotations
 
@@ -58,3 +58,15 @@ class EngineDriver:
         if self.blocks.grow(seq_id, start + n) is None:
             raise RuntimeError(f"test KV cache out of blocks for sequence {seq_id}")
         return Chunk(seq_id, start, n, self.blocks.table(seq_id)[before:])
+
+    def generate(self, requests: list[SequenceRequest], n: int) -> dict[int, list[int]]:
+        """Prefills `requests` together, decodes until each has n tokens, then releases them; raises on an
+        error result."""
+        out: dict[int, list[int]] = {}
+        for step in range(n):
+            for r in self.step(requests if step == 0 else [], list(out) if step else [], []):
+                if r.error:
+                    raise RuntimeError(f"sequence {r.request_id}: {r.error}")
+                out.setdefault(r.request_id, []).append(r.token_id)
+        self.step([], [], list(out))
+        return out

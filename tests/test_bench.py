@@ -46,8 +46,9 @@ def test_bench_runs_every_workload_and_reports_every_target(tmp_path: Path):
 def test_kv_bench_runs_every_scenario(tmp_path: Path):
     """`make bench-kv` at a tiny scale: every scenario runs on both sides and reports its ratio."""
     out = tmp_path / "results"
-    cmd = [sys.executable, "-m", "bench.kv", "--chats", "6", "--turns", "6", "--stream-tokens", "6",
-           "--long-prompts", "1", "--long-gap", "0.2", "--cache-dir", str(tmp_path / "cache"), "--out-dir", str(out)]
+    cmd = [sys.executable, "-m", "bench.kv", "--chats", "6", "--turns", "6", "--streams", "2", "--stream-tokens", "6",
+           "--long-tokens", "300", "--long-arrival", "0.05", "--ttft-runs", "1",
+           "--cache-dir", str(tmp_path / "cache"), "--out-dir", str(out)]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads((out / "kv.json").read_text())
@@ -56,4 +57,10 @@ def test_kv_bench_runs_every_scenario(tmp_path: Path):
     assert chats["on_demand"]["peak_running"] == 6 and chats["batch_ratio"] > 0
     assert prefix["prefix_cache"]["prompt_tokens_computed"] < prefix["no_prefix_cache"]["prompt_tokens_computed"]
     assert prefix["no_prefix_cache"]["prompt_tokens_computed"] == prefix["no_prefix_cache"]["prompt_tokens"]
-    assert chunked["whole_p99_vs_steady"] > 0 and chunked["chunked_p99_vs_steady"] > 0
+    assert chunked["decode_step_ms"] > 0
+    assert 128 <= chunked["measured"]["budget"] <= 4096 and chunked["fixed"]["budget"] == 4096
+    for name in ("steady", "measured", "fixed"):
+        assert chunked[name]["gap_max_vs_p50"] >= 1, name
+    for name in ("measured", "fixed"):
+        assert len(chunked[name]["long_ttft_ms"]) == 2 and chunked[name]["lone_ttft_ms"] > 0, name
+    assert chunked["lone_ttft_ratio"] > 0

@@ -103,9 +103,9 @@ def test_window_stays_small(tok):
         clean_up_tokenization_spaces = False
         widest = 0
 
-        def decode_raw(self, ids):
+        def decode_raw(self, ids, skip_special_tokens=True):
             CountingTokenizer.widest = max(CountingTokenizer.widest, len(ids))
-            return tok.decode_raw(ids)
+            return tok.decode_raw(ids, skip_special_tokens)
 
     ids = tok.encode(" ".join(CORPUS) * 20)
     detok = IncrementalDetokenizer(CountingTokenizer())

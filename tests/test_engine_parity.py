@@ -67,19 +67,9 @@ def engine(case: Case) -> Engine:
     return case.engine
 
 
-def generate(engine: Engine, requests: list[SequenceRequest], n: int) -> dict[int, list[int]]:
-    """Prefills `requests` together, decodes until each has n tokens, then releases them."""
-    out = {r.request_id: [r.token_id] for r in engine.step(requests, [], [])}
-    for _ in range(n - 1):
-        for r in engine.step([], list(out), []):
-            out[r.request_id].append(r.token_id)
-    engine.step([], [], list(out))
-    return out
-
-
 def test_single_requests(case: Case, engine: Engine):
     for i in (0, 2, 3, 4, 12):  # lengths 1, 15, 16, 17, 60
-        out = generate(engine, [SequenceRequest(i, case.prompts[i])], NEW_TOKENS)
+        out = engine.generate([SequenceRequest(i, case.prompts[i])], NEW_TOKENS)
         assert out[i] == case.refs[i], f"{case.family} prompt of {len(case.prompts[i])} tokens"
     assert engine.free_blocks == engine.num_blocks
 
@@ -158,8 +148,8 @@ def test_error_requests_do_not_affect_others(case: Case, engine: Engine):
 
 def test_seeded_sampling_ignores_batch_composition(case: Case, engine: Engine):
     params = SamplingParams(temperature=0.9, top_k=50, top_p=0.95, seed=1234)
-    alone = generate(engine, [SequenceRequest(100, case.prompts[6], params)], 20)[100]
-    assert generate(engine, [SequenceRequest(100, case.prompts[6], params)], 20)[100] == alone
+    alone = engine.generate([SequenceRequest(100, case.prompts[6], params)], 20)[100]
+    assert engine.generate([SequenceRequest(100, case.prompts[6], params)], 20)[100] == alone
     assert alone != case.refs[6][:20]  # it did sample
 
     others = [
@@ -182,7 +172,7 @@ def test_repetition_penalty_matches_hf(case: Case, engine: Engine):
     with torch.inference_mode():
         expected = hf_greedy(case.hf, prompt, 20, repetition_penalty=1.5)
     params = SamplingParams(repetition_penalty=1.5)
-    assert generate(engine, [SequenceRequest(1, prompt, params)], 20)[1] == expected
+    assert engine.generate([SequenceRequest(1, prompt, params)], 20)[1] == expected
 
 
 def test_sharded_checkpoint_loads(tmp_path: Path):
@@ -192,7 +182,7 @@ def test_sharded_checkpoint_loads(tmp_path: Path):
     prompt = list(range(3, 40))
     with torch.inference_mode():
         expected = hf_greedy(hf, prompt, 24)
-    assert generate(make_engine(path), [SequenceRequest(1, prompt)], 24)[1] == expected
+    assert make_engine(path).generate([SequenceRequest(1, prompt)], 24)[1] == expected
 
 
 def test_missing_tensor_is_named(tmp_path: Path):
@@ -224,7 +214,7 @@ def _tp_worker(rank: int, world: int, init_file: str, path: str, prompt: list[in
     # Unseeded sampling in the batch: ranks must still agree on every token.
     requests = [SequenceRequest(1, prompt), SequenceRequest(2, prompt, SamplingParams(temperature=1.0))]
     requests += [SequenceRequest(10 + i, prompt[i:], adapter_id=f"a{i}") for i in range(len(adapters))]
-    tokens = generate(engine, requests, n)
+    tokens = engine.generate(requests, n)
     if rank == 0:
         Path(out_file).write_text(json.dumps([tokens[1]] + [tokens[10 + i] for i in range(len(adapters))]))
     dist.destroy_process_group()

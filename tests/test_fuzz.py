@@ -16,13 +16,17 @@ from tests.operating import SMALL_KV, kv_idle, wait_until
 
 # Small limits: whatever the fuzzer asks for, a generation stays short.
 LIMITS = ["--max-input-length", "16", "--max-total-tokens", "32", *SMALL_KV]
-POST_ROUTES = ["/v1/chat/completions", "/v1/completions", "/generate", "/generate_stream", "/", "/tokenize"]
+POST_ROUTES = ["/v1/chat/completions", "/v1/completions", "/v1/responses", "/generate", "/generate_stream", "/",
+               "/tokenize", "/detokenize"]
 GET_ROUTES = ["/v1/models", "/health", "/info", "/metrics"]
 FIELDS = ["model", "messages", "prompt", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k",
           "n", "stream", "stream_options", "stop", "seed", "logprobs", "top_logprobs", "echo", "best_of",
           "ignore_eos", "inputs", "parameters", "max_new_tokens", "adapter_id", "details", "truncate", "role",
           "content", "decoder_input_details", "return_k_alternatives", "frequency_penalty", "min_p", "min_tokens",
-          "repetition_penalty", "typical_p", "adapter_source", "api_token"]
+          "repetition_penalty", "typical_p", "adapter_source", "api_token", "input", "instructions", "tools",
+          "tool_choice", "guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs",
+          "logit_bias", "stop_token_ids", "priority", "chat_template", "chat_template_kwargs", "prompt_logprobs",
+          "continue_final_message", "add_generation_prompt", "tokens", "previous_response_id", "text"]
 
 scalars = st.one_of(
     st.none(), st.booleans(), st.text(max_size=40),

@@ -31,7 +31,7 @@ ALL_FLAGS = [
     "--model-id", "--port", "--hostname", "--num-shard", "--device", "--dtype", "--adapter",
     "--local-adapter-root", "--adapter-source", "--max-input-length", "--max-total-tokens",
     "--max-batch-prefill-tokens", "--max-batch-total-tokens", "--max-concurrent-requests",
-    "--max-active-adapters", "--api-key", "--json-output",
+    "--max-active-adapters", "--api-key", "--json-output", "--enforce-eager",
 ]
 API_KEY = "secret"
 # For launches that only exist to be killed: a tiny KV cache and warmup prefill boot faster.
@@ -306,6 +306,8 @@ def test_limits_default_like_lorax_and_shrink_to_the_model():
     assert (big.max_input_length, big.max_total_tokens, big.max_batch_prefill_tokens, big.max_batch_total_tokens) == (1024, 2048, 4096, 0)
     small = limits(512)
     assert (small.max_input_length, small.max_total_tokens, small.max_batch_prefill_tokens) == (511, 512, 4096)
+    # No --max-batch-prefill-tokens: the prefill budget is measured at warmup, up to LoRAX's default.
+    assert big.measure_prefill_budget and small.measure_prefill_budget
 
 
 def test_limits_follow_the_explicit_flags():
@@ -315,6 +317,7 @@ def test_limits_follow_the_explicit_flags():
     assert short_batch.max_batch_prefill_tokens == 3000
     chunked = limits(32768, max_input_length=8000, max_batch_prefill_tokens=512)  # longer prompts go in chunks
     assert (chunked.max_input_length, chunked.max_batch_prefill_tokens) == (8000, 512)
+    assert not chunked.measure_prefill_budget and long_prompts.measure_prefill_budget  # the flag is the budget
     with pytest.raises(FlagError, match="--max-input-length"):
         limits(512, max_input_length=600)
 
@@ -344,7 +347,12 @@ def test_children_get_the_resolved_settings(shared_loom, fleet):
         info = client.get("/info", headers=auth).json()
         assert info["model_id"] == str(llama_dir) and info["num_shard"] == 2
         # Derived from the model's max_position_embeddings (512) and LoRAX's defaults.
-        assert (info["max_input_length"], info["max_total_tokens"], info["max_batch_prefill_tokens"]) == (511, 512, 4096)
+        assert (info["max_input_length"], info["max_total_tokens"]) == (511, 512)
+        # No --max-batch-prefill-tokens: sized from the step costs the two ranks measured, as the router logged it.
+        budget = re.search(r"prefill budget: (\d+) prompt tokens per step, sized from a one-row decode step of "
+                           r"[\d.]+ ms and -?[\d.]+ ms per prompt token \(at most 4096", launch.output())
+        assert budget, launch.output()
+        assert info["max_batch_prefill_tokens"] == int(budget.group(1)) and 128 <= int(budget.group(1)) <= 4096
         assert info["max_concurrent_requests"] == 7
         assert info["model_device_type"] == "cpu" and "float32" in info["model_dtype"]
         models = {m["id"]: m for m in client.get("/v1/models", headers=auth).json()["data"]}

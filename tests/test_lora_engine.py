@@ -1,7 +1,7 @@
 """Multi-LoRA in the engine, in-process, against peft: greedy outputs must match token for token.
 
 Adapters are real PEFT dirs: most written by peft itself (build_tiny_adapter); the 200 of the paging test are
-written straight with safetensors in the same format, which is much faster.
+written straight with safetensors in the same format (launcher/tiny_model.write_lora_adapter), which is much faster.
 """
 
 from __future__ import annotations
@@ -12,9 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
-from launcher.tiny_model import build_tiny_adapter
+from launcher.tiny_model import build_tiny_adapter, write_lora_adapter
 from shard.engine import AdapterError, Engine, SequenceRequest
 from tests.engine_driver import EngineDriver
 
@@ -61,46 +60,6 @@ def peft_greedy(base_dir: Path, adapter_dir: Path | None, prompt: list[int], n: 
                                  do_sample=False, max_new_tokens=n)
         _refs[key] = out[0, len(prompt):].tolist()
     return _refs[key]
-
-
-def write_adapter(path: Path, config: dict, rank: int, targets: list[str], seed: int, alpha: float = 8.0,
-                  hidden_size: int | None = None) -> Path:
-    """A PEFT LoRA dir written with safetensors directly (`hidden_size` overrides the model's, to break it)."""
-    hidden = hidden_size or config["hidden_size"]
-    head_dim = config["hidden_size"] // config["num_attention_heads"]
-    q, kv, inter = config["num_attention_heads"] * head_dim, config["num_key_value_heads"] * head_dim, config["intermediate_size"]
-    dims = {"q_proj": (hidden, q), "k_proj": (hidden, kv), "v_proj": (hidden, kv), "o_proj": (q, hidden),
-            "gate_proj": (hidden, inter), "up_proj": (hidden, inter), "down_proj": (inter, hidden)}
-    g = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for layer in range(config["num_hidden_layers"]):
-        for proj in targets:
-            fan_in, fan_out = dims[proj]
-            parent = "mlp" if proj in MLP else "self_attn"
-            key = f"base_model.model.model.layers.{layer}.{parent}.{proj}"
-            tensors[f"{key}.lora_A.weight"] = (torch.rand(rank, fan_in, generator=g) * 2 - 1) / fan_in ** 0.5
-            tensors[f"{key}.lora_B.weight"] = torch.randn(fan_out, rank, generator=g) * 0.1
-    path.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, path / "adapter_model.safetensors", metadata={"format": "pt"})
-    (path / "adapter_config.json").write_text(json.dumps({
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": alpha, "lora_dropout": 0.0,
-        "target_modules": targets, "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
-    }))
-    return path
-
-
-def generate(engine: Engine, requests: list[SequenceRequest], n: int = NEW_TOKENS) -> dict[int, list[int]]:
-    """Prefills `requests` together, decodes until each has n tokens, then releases them."""
-    out = {}
-    for r in engine.step(requests, [], []):
-        assert not r.error, r.error
-        out[r.request_id] = [r.token_id]
-    for _ in range(n - 1):
-        for r in engine.step([], list(out), []):
-            assert not r.error, r.error
-            out[r.request_id].append(r.token_id)
-    engine.step([], [], list(out))
-    return out
 
 
 def make_engine(base_dir: Path, **kwargs) -> EngineDriver:
@@ -152,7 +111,7 @@ def test_each_adapter_alone_matches_peft(family: str, request):
     fam: Family = request.getfixturevalue(family)
     for i in range(len(SPECS)):
         prompt = fam.prompts[i]
-        out = generate(fam.engine, [SequenceRequest(1, prompt, adapter_id=f"a{i}")])[1]
+        out = fam.engine.generate([SequenceRequest(1, prompt, adapter_id=f"a{i}")], NEW_TOKENS)[1]
         assert out == peft_greedy(fam.base, fam.adapters[i], prompt), f"{family} adapter {i} {spec(i)}"
     assert out != peft_greedy(fam.base, None, prompt)  # adapters do change the output
 
@@ -183,7 +142,7 @@ def test_24_adapters_and_base_in_one_batch(llama: Family):
 def test_qwen2_mixed_batch(qwen2: Family):
     requests = [SequenceRequest(i, qwen2.prompts[i], adapter_id=f"a{i}") for i in range(len(SPECS))]
     requests.append(SequenceRequest(99, qwen2.prompts[-1]))
-    out = generate(qwen2.engine, requests)
+    out = qwen2.engine.generate(requests, NEW_TOKENS)
     for i in range(len(SPECS)):
         assert out[i] == peft_greedy(qwen2.base, qwen2.adapters[i], qwen2.prompts[i]), f"adapter {i}"
     assert out[99] == peft_greedy(qwen2.base, None, qwen2.prompts[-1])
@@ -196,7 +155,7 @@ def test_small_pool_cycles_through_200_adapters(llama: Family, tmp_path: Path):
     checked against peft)."""
     config = json.loads((llama.base / "config.json").read_text())
     rng = random.Random(7)
-    paths = [write_adapter(tmp_path / f"c{i}", config, rng.choice([2, 4, 8]), rng.sample(ALL, 2), seed=1000 + i)
+    paths = [write_lora_adapter(tmp_path / f"c{i}", config, rng.choice([2, 4, 8]), rng.sample(ALL, 2), seed=1000 + i)
              for i in range(200)]
     big = llama.engine
     host_bound = 6 * big.adapters.page_bytes
@@ -211,13 +170,13 @@ def test_small_pool_cycles_through_200_adapters(llama: Family, tmp_path: Path):
     expected: dict[int, list[int]] = {}
     for start in range(0, 200, 25):
         ids = range(start, min(start + 25, 200))
-        expected |= generate(big, [SequenceRequest(i, prompts[i], adapter_id=f"c{i}") for i in ids], n)
+        expected |= big.generate([SequenceRequest(i, prompts[i], adapter_id=f"c{i}") for i in ids], n)
     for i in (0, 57, 123, 199):
         assert expected[i] == peft_greedy(llama.base, paths[i], prompts[i], n), f"adapter c{i}"
     for start in range(0, 200, 3):
         ids = list(range(start, min(start + 3, 200)))
         requests = [SequenceRequest(i, prompts[i], adapter_id=f"c{i}") for i in ids] + [SequenceRequest(-1, prompts[0])]
-        out = generate(small, requests, n)
+        out = small.generate(requests, n)
         for i in ids:
             assert out[i] == expected[i], f"adapter c{i}"
         assert small.adapters.pool.data_ptr() == pool_ptr
@@ -225,7 +184,7 @@ def test_small_pool_cycles_through_200_adapters(llama: Family, tmp_path: Path):
     # A second pass reads early adapters, long evicted from pool and host cache, back from the spill file.
     assert "c0" not in small.adapters.host and small.adapters.entries["c0"].pages is None
     assert small.adapters.entries["c0"].spilled.is_file()
-    assert generate(small, [SequenceRequest(0, prompts[0], adapter_id="c0")], n)[0] == expected[0]
+    assert small.generate([SequenceRequest(0, prompts[0], adapter_id="c0")], n)[0] == expected[0]
 
 
 def test_pool_overflow_fails_only_the_adapters_that_do_not_fit(llama: Family):
@@ -247,7 +206,7 @@ def test_pool_overflow_fails_only_the_adapters_that_do_not_fit(llama: Family):
         assert out[i] == peft_greedy(llama.base, llama.adapters[i], llama.prompts[i])
     engine.step([], [], [big[0]])  # frees a[big[0]]'s pins: now it may be evicted for the third
     i = big[2]
-    late = generate(engine, [SequenceRequest(i, llama.prompts[i], adapter_id=f"a{i}")])
+    late = engine.generate([SequenceRequest(i, llama.prompts[i], adapter_id=f"a{i}")], NEW_TOKENS)
     assert late[i] == peft_greedy(llama.base, llama.adapters[i], llama.prompts[i])
     assert engine.adapters.entries[f"a{big[1]}"].pages is not None  # still pinned, still resident
     engine.clear()
@@ -263,7 +222,7 @@ def test_broken_adapters(llama: Family, tmp_path: Path):
     with pytest.raises(AdapterError, match=r"adapter bad1: no weights \(expected adapter_model\.safetensors"):
         engine.load_adapter("bad1", str(missing_weights))
 
-    wrong_shape = write_adapter(tmp_path / "wide", config, 4, ["q_proj"], 0, hidden_size=2 * config["hidden_size"])
+    wrong_shape = write_lora_adapter(tmp_path / "wide", config, 4, ["q_proj"], 0, hidden_size=2 * config["hidden_size"])
     with pytest.raises(AdapterError, match=r"adapter bad2: lora_A of layers\.0\.self_attn\.q_proj has shape "
                                            r"\[4, 128\], the base model needs \[r, 64\]"):
         engine.load_adapter("bad2", str(wrong_shape))
@@ -299,8 +258,8 @@ def test_adapter_files_are_read_once(llama: Family, tmp_path: Path):
     as it was, and the requests beside it are untouched."""
     config = json.loads((llama.base / "config.json").read_text())
     engine = make_engine(llama.base, adapter_pool_pages=2, adapter_host_cache_bytes=0)
-    kept = write_adapter(tmp_path / "kept", config, 4, ["q_proj"], 1)
-    reference = write_adapter(tmp_path / "reference", config, 4, ["q_proj"], 1)
+    kept = write_lora_adapter(tmp_path / "kept", config, 4, ["q_proj"], 1)
+    reference = write_lora_adapter(tmp_path / "reference", config, 4, ["q_proj"], 1)
     engine.load_adapter("kept", str(kept))
     engine.load_adapter("a0", str(llama.adapters[0]))
     (kept / "adapter_model.safetensors").unlink()
@@ -308,14 +267,14 @@ def test_adapter_files_are_read_once(llama: Family, tmp_path: Path):
     (kept / "adapter_config.json").write_text(json.dumps({**json.loads((reference / "adapter_config.json")
                                                                        .read_text()), "rank_pattern": {"(": 4}}))
     for _ in range(2):  # a0 then kept, then again: each is evicted and paged back in
-        out = generate(engine, [SequenceRequest(1, llama.prompts[0], adapter_id="a0"),
-                                SequenceRequest(2, llama.prompts[1], adapter_id="kept"),
-                                SequenceRequest(3, llama.prompts[2])])
+        out = engine.generate([SequenceRequest(1, llama.prompts[0], adapter_id="a0"),
+                               SequenceRequest(2, llama.prompts[1], adapter_id="kept"),
+                               SequenceRequest(3, llama.prompts[2])], NEW_TOKENS)
         assert out[1] == peft_greedy(llama.base, llama.adapters[0], llama.prompts[0])
         assert out[2] == peft_greedy(llama.base, reference, llama.prompts[1])
         assert out[3] == peft_greedy(llama.base, None, llama.prompts[2])
         engine.load_adapter("c", str(llama.adapters[2]))  # takes the pool's pages: the next round pages in again
-        generate(engine, [SequenceRequest(4, llama.prompts[3], adapter_id="c")])
+        engine.generate([SequenceRequest(4, llama.prompts[3], adapter_id="c")], NEW_TOKENS)
         engine.unload_adapter("c")
 
 

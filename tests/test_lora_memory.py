@@ -13,9 +13,10 @@ import psutil
 import pytest
 import torch
 
+from launcher.tiny_model import write_lora_adapter
 from shard.engine import Engine, SequenceRequest
 from tests.engine_driver import EngineDriver
-from tests.test_lora_engine import ALL, generate, peft_greedy, write_adapter
+from tests.test_lora_engine import ALL, peft_greedy
 
 KV_BYTES = 32 << 20
 FRACTION = 0.1
@@ -34,7 +35,8 @@ def setup(llama_dir, tmp_path_factory):
     config = json.loads((llama_dir / "config.json").read_text())
     root = tmp_path_factory.mktemp("mem-adapters")
     specs = [(16, ["q_proj", "v_proj"]), (4, ["q_proj"]), (8, ["v_proj"]), (2, ["q_proj", "v_proj"])]
-    paths = [write_adapter(root / f"m{i}", config, rank, targets, seed=500 + i) for i, (rank, targets) in enumerate(specs)]
+    paths = [write_lora_adapter(root / f"m{i}", config, rank, targets, seed=500 + i)
+             for i, (rank, targets) in enumerate(specs)]
     engine = Engine(str(llama_dir), kv_cache_bytes=KV_BYTES, adapter_memory_fraction=FRACTION)
     engine.warmup(max_batch_prefill_tokens=512, max_batch_total_tokens=4096)
     engine = EngineDriver(engine)
@@ -47,7 +49,7 @@ def setup(llama_dir, tmp_path_factory):
 
 def check_against_peft(base: Path, engine: Engine, paths: list[Path], prompts: list[list[int]]) -> None:
     requests = [SequenceRequest(i, p, adapter_id=f"m{i % len(paths)}") for i, p in enumerate(prompts)]
-    out = generate(engine, requests, n=6)
+    out = engine.generate(requests, 6)
     for i, prompt in enumerate(prompts):
         assert out[i] == peft_greedy(base, paths[i % len(paths)], prompt, n=6), f"request {i}"
 

@@ -182,3 +182,76 @@ def _scrape_text(url: str) -> str:
     r = httpx.get(f"{url}/metrics", timeout=10)
     assert r.status_code == 200, r.text
     return r.text
+
+
+def test_an_exception_cannot_forge_a_log_line():
+    """An exception's text (a library's message, a file's contents) goes through the same escaping as every
+    other field: a traceback keeps its lines, each escaped and indented, so none starts a line of its own."""
+    import io
+    import logging
+
+    from common.logs import TextFormatter
+
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(TextFormatter("%(asctime)s router %(levelname)s %(message)s"))
+    logger = logging.getLogger("loom.test-forgery")
+    logger.addHandler(handler)
+    try:
+        raise ValueError("bad config\n2026-01-01 00:00:00,000 router INFO FORGED request status=200\r\x1b[2K")
+    except ValueError:
+        logger.exception("unhandled error\nFORGED too")
+    finally:
+        logger.removeHandler(handler)
+    lines = out.getvalue().splitlines()
+    assert "Traceback" in out.getvalue() and len(lines) > 2
+    assert all(line.startswith("    ") for line in lines[1:]), lines
+    assert not any("FORGED" in line.split(" ", 1)[0] for line in lines) and "\x1b" not in out.getvalue()
+
+
+# What vLLM's published Grafana dashboard (examples/online_serving/prometheus_grafana) queries, all by model_name.
+VLLM_DASHBOARD_SERIES = [
+    "vllm:e2e_request_latency_seconds_bucket", "vllm:e2e_request_latency_seconds_sum",
+    "vllm:e2e_request_latency_seconds_count", "vllm:prompt_tokens_total", "vllm:generation_tokens_total",
+    "vllm:time_per_output_token_seconds_bucket", "vllm:time_per_output_token_seconds_sum",
+    "vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:time_to_first_token_seconds_bucket",
+    "vllm:time_to_first_token_seconds_sum", "vllm:gpu_cache_usage_perc", "vllm:request_prompt_tokens_bucket",
+    "vllm:request_generation_tokens_bucket", "vllm:request_success_total", "vllm:request_queue_time_seconds_sum",
+    "vllm:request_prefill_time_seconds_sum", "vllm:request_decode_time_seconds_sum",
+    "vllm:request_max_num_generation_tokens_sum",
+]
+
+
+def test_vllm_request_and_token_families(logged):
+    """vLLM's names, labels and meanings, so that vLLM's dashboards (and deploy/grafana/loom.json) read Loom."""
+    from pathlib import Path
+    import re
+
+    srv, _ = logged
+    before = scrape(srv.url)
+    r = httpx.post(srv.url + COMP, json=completion(5), timeout=60)
+    assert wait_until(lambda: kv_idle(srv.url), 5)
+    after = scrape(srv.url)
+    model = next(dict(k[1])["model_name"] for k in after if k[0] == "vllm:prompt_tokens_total")
+    labels = {"model_name": model, "engine": "0"}
+
+    def grew(name: str, **extra) -> float:
+        key = (name, tuple(sorted({**labels, **extra}.items())))
+        return after.get(key, 0) - before.get(key, 0)
+
+    assert grew("vllm:prompt_tokens_total") == r.json()["usage"]["prompt_tokens"]
+    assert grew("vllm:generation_tokens_total") == 5
+    assert grew("vllm:request_success_total", finished_reason="length") == 1
+    assert grew("vllm:inter_token_latency_seconds_count") == 4  # one per gap between the 5 tokens
+    for name in ("vllm:e2e_request_latency_seconds_count", "vllm:time_to_first_token_seconds_count",
+                 "vllm:request_queue_time_seconds_count", "vllm:request_prefill_time_seconds_count",
+                 "vllm:request_decode_time_seconds_count", "vllm:request_inference_time_seconds_count"):
+        assert grew(name) == 1, name
+    assert grew("vllm:request_params_max_tokens_sum") == 5
+    names = {name for name, _ in after}
+    for series in VLLM_DASHBOARD_SERIES:
+        assert any(n == series and dict(k).get("model_name") == model for n, k in after), series
+    shipped = json.loads((Path(__file__).parent.parent / "deploy/grafana/loom.json").read_text())
+    exprs = [t["expr"] for p in shipped["panels"] for t in p["targets"]]
+    for series in {m for e in exprs for m in re.findall(r"\b(?:vllm:|loom_)[a-z0-9_:]+", e)}:
+        assert series in names, series

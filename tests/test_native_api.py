@@ -80,3 +80,43 @@ def test_info_and_health_and_metrics(server):
     assert httpx.get(f"{server.url}/health", timeout=10).status_code == 200
     metrics = httpx.get(f"{server.url}/metrics", timeout=10).text
     assert "loom_kv_blocks_total" in metrics and "loom_requests_total" in metrics
+
+
+def test_a_held_tail_goes_to_the_token_it_belongs_to(llama_dir):
+    """An answer ending in an incomplete character right before a special EOS: the stream's non-special token
+    texts (what lorax-client users join) equal generated_text, the replacement character included."""
+    import asyncio
+
+    from router.generation import TokenEvent
+    from router.native_api import token_texts
+    from router.text_stream import generate_text
+    from router.tokenization import ModelTokenizer
+
+    tok = ModelTokenizer.from_dir(llama_dir)
+    ids = tok.encode("ok 東", add_special_tokens=False)
+    assert tok.decode_raw(ids[:-1]).endswith("\ufffd"), "the character must be split across tokens"
+    eos = next(iter(tok.eos_token_ids))
+    assert eos in tok.special_ids
+    generated = ids[:-1] + [eos]
+
+    class Replay:
+        async def __aenter__(self):
+            return self
+
+        async def __aexit__(self, *exc):
+            return None
+
+        def __aiter__(self):
+            return self._events()
+
+        async def _events(self):
+            for i, t in enumerate(generated):
+                yield TokenEvent(t, 0.0, [], "eos_token" if i == len(generated) - 1 else None)
+
+    async def run():
+        return [pair async for pair in token_texts(generate_text(Replay(), tok, []), tok.special_ids)]
+
+    pairs = asyncio.run(run())
+    joined = "".join(text for chunk, text in pairs if chunk.token.token_id not in tok.special_ids)
+    assert joined == "".join(chunk.text for chunk, _ in pairs) == tok.decode(generated)
+    assert joined.endswith("\ufffd")

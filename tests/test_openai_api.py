@@ -120,3 +120,16 @@ def test_chat_logprobs_are_log_softmax_of_the_reference(openai_client, reference
         assert entry.logprob == pytest.approx(logprobs[pos, gen[pos]].item(), abs=1e-4)
         assert len(entry.top_logprobs) == 3
         assert entry.top_logprobs[0].logprob == pytest.approx(logprobs[pos].max().item(), abs=1e-4)
+
+
+def test_a_conversation_built_the_sdk_way(openai_client):
+    """The SDK's own message object appended to the history (its model_dump: refusal, annotations, audio and
+    function_call as null) is accepted, and renders as the same conversation written by hand."""
+    first = openai_client.chat.completions.create(messages=PIRATE, max_tokens=8, model="")
+    message = first.choices[0].message
+    by_sdk = PIRATE + [message.model_dump(), {"role": "user", "content": "And then?"}]
+    by_hand = PIRATE + [{"role": "assistant", "content": message.content}, {"role": "user", "content": "And then?"}]
+    a = openai_client.chat.completions.create(model="", messages=by_sdk, max_tokens=8)
+    b = openai_client.chat.completions.create(model="", messages=by_hand, max_tokens=8)
+    assert a.choices[0].message.content == b.choices[0].message.content
+    assert a.usage.prompt_tokens == b.usage.prompt_tokens

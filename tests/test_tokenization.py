@@ -5,6 +5,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from launcher.tiny_model import CORPUS, build_tiny_model
+from router.adapter_files import read_adapter_files
 from router.tokenization import ChatTemplateError, ModelTokenizer, load_adapter_tokenizer
 
 INST_TEMPLATE = (
@@ -22,6 +23,11 @@ CONVERSATIONS = [
         {"role": "user", "content": "Größe, 東京 🙂 Привет"},
     ],
 ]
+
+
+def adapter_tokenizer(path, base: ModelTokenizer) -> ModelTokenizer:
+    """The tokenizer the registry builds for the adapter directory `path` (its own root)."""
+    return load_adapter_tokenizer(read_adapter_files(path, path), base)
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +108,7 @@ def test_from_dir_is_cached(dirs):
 
 def test_adapter_with_own_tokenizer_and_template(dirs):
     base = ModelTokenizer.from_dir(dirs["base"])
-    tok = load_adapter_tokenizer(dirs["own"], base)
+    tok = adapter_tokenizer(dirs["own"], base)
     assert tok is not base
     hf = AutoTokenizer.from_pretrained(dirs["own"])
     messages = CONVERSATIONS[1]
@@ -114,10 +120,10 @@ def test_adapter_with_own_tokenizer_and_template(dirs):
 
 def test_adapter_with_template_only_uses_base_tokenizer(dirs):
     base = ModelTokenizer.from_dir(dirs["base"])
-    tok = load_adapter_tokenizer(dirs["template_only"], base)
+    tok = adapter_tokenizer(dirs["template_only"], base)
     assert tok.hf is base.hf
     assert tok.apply_chat_template([{"role": "user", "content": "hi"}]) == base.encode("[INST] hi [/INST]")
-    assert load_adapter_tokenizer(dirs["plain"], base) is base
+    assert adapter_tokenizer(dirs["plain"], base) is base
 
 
 def test_named_templates_pick_tool_use_with_tools(dirs):
@@ -135,7 +141,7 @@ def test_adapter_with_named_templates_in_current_layout(dirs, tmp_path):
     hf.chat_template = {"default": INST_TEMPLATE, "tool_use": TOOLS_TEMPLATE}
     hf.save_pretrained(tmp_path)
     (tmp_path / "tokenizer.json").unlink()  # an adapter that ships only its templates
-    tok = load_adapter_tokenizer(tmp_path, ModelTokenizer.from_dir(dirs["base"]))
+    tok = adapter_tokenizer(tmp_path, ModelTokenizer.from_dir(dirs["base"]))
     assert tok.chat_template == {"default": INST_TEMPLATE, "tool_use": TOOLS_TEMPLATE}
     assert tok.render_chat([{"role": "user", "content": "hi"}], tools=[{"name": "add"}]) == "<tool>add</tool>hi"
 

@@ -14,7 +14,7 @@ from shard.lora_batch import AdapterStacks, PageGather
 from shard.warmup import WarmupLimits, prefill_blocks, warmup_blocks
 from tests.conftest import LoomServer
 from tests.engine_driver import EngineDriver
-from tests.test_lora_engine import ALL, generate, peft_greedy
+from tests.test_lora_engine import ALL, peft_greedy
 
 
 @pytest.fixture
@@ -118,7 +118,7 @@ def test_warmup_adapters_leave_no_trace(llama_dir, tmp_path):
         engine.load_adapter(f"a{i}", str(path))
     prompt = [5, 17, 3, 99, 42]
     requests = [SequenceRequest(i, prompt, adapter_id=f"a{i}") for i in range(2)]
-    before = generate(engine, requests, n=6)
+    before = engine.generate(requests, 6)
     cache = engine.adapters
     def state():
         return ({a: (tuple(e.pages), e.pins) for a, e in cache.entries.items()}, list(cache.free_pages),
@@ -128,7 +128,7 @@ def test_warmup_adapters_leave_no_trace(llama_dir, tmp_path):
     run_worst_steps(engine.engine, WarmupLimits(64, 0, max_concurrent_requests=6, max_active_adapters=3))
     assert state() == before_state
     assert cache.stacks.width == 0 and not cache.stacks.slots  # laid out again by the next step, for its own
-    after = generate(engine, requests, n=6)
+    after = engine.generate(requests, 6)
     assert after == before
     for i, path in enumerate(paths):
         assert after[i] == peft_greedy(llama_dir, path, prompt, n=6)
