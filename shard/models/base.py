@@ -250,6 +250,7 @@ class CausalLM(nn.Module):
     sliding_layers: ClassVar[bool] = True  # False: a sliding_window in the config is ignored, as transformers does
     partial_rotary: ClassVar[bool] = False  # rotates only partial_rotary_factor of each head (else refused)
     paged_decode_kernel: ClassVar[bool] = True  # False: its attention is one the paged decode kernels cannot compute
+    padded_decode: ClassVar[bool] = True  # False: its decode steps cannot run padded to fixed shapes (CUDA graphs)
 
     def __init__(self, config, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
                  tp_rank: int = 0, tp_size: int = 1):

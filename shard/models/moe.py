@@ -301,6 +301,9 @@ class MoeCausalLM(CausalLM):
 
     sparse_block: ClassVar[type[SparseMoeBlock]] = SparseMoeBlock
     expert_modules: ClassVar[dict[str, tuple[str, str]]] = EXPERT_MODULES
+    # The experts' row counts come from each step's routing (read on the host), and expert LoRA is not part of
+    # the padded decode step (shard/decode_graphs.py): decode runs unpadded, never as a CUDA graph.
+    padded_decode = False
 
     @classmethod
     def is_sparse(cls, config, layer_idx: int) -> bool:
