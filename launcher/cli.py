@@ -218,17 +218,23 @@ def resolve_device(args: argparse.Namespace) -> tuple[str, str, int]:
     return device, dtype, gpus
 
 
+# Intermediate sizes a model splits across ranks: the dense MLP's, and a mixture of experts' experts and shared
+# expert (shard/models/moe.py).
+INTERMEDIATE_SIZES = ("intermediate_size", "moe_intermediate_size", "shared_expert_intermediate_size")
+
+
 def tensor_parallel_sizes(model_dir: Path, limit: int | None = None) -> list[int]:
     """Shard counts up to `limit` (default: the attention head count) the model splits into: attention heads
-    and the MLP's intermediate size divide evenly, KV heads divide or are replicated (the rules of
-    shard/layers.py's parallel layers, which a test holds this to)."""
+    and every intermediate size divide evenly, KV heads divide or are replicated (the rules of shard/layers.py's
+    parallel layers, which a test holds this to)."""
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(model_dir)
-    heads, inter = config.num_attention_heads, config.intermediate_size
+    heads = config.num_attention_heads
+    inters = [size for field in INTERMEDIATE_SIZES if (size := getattr(config, field, None))]
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     return [n for n in range(1, (limit or heads) + 1)
-            if heads % n == 0 and inter % n == 0 and (kv_heads % n == 0 or n % kv_heads == 0)]
+            if heads % n == 0 and all(i % n == 0 for i in inters) and (kv_heads % n == 0 or n % kv_heads == 0)]
 
 
 def resolve_num_shard(requested: int | None, device: str, gpus: int, model_dir: Path) -> int:

@@ -26,6 +26,13 @@ DEMO_CONFIG = dict(
     num_key_value_heads=4,
     max_position_embeddings=4096,
 )
+# `--model-id demo-moe`: a Qwen3-MoE of about the demo model's active size, 8 experts of which a token takes 2.
+DEMO_MOE_MODEL_ID = "demo-moe"
+DEMO_MOE_DIR_NAME = "demo-qwen3-moe-v1"
+DEMO_MOE_CONFIG = dict(DEMO_CONFIG, intermediate_size=688, moe_intermediate_size=344, num_experts=8,
+                       num_experts_per_tok=2, head_dim=32, mlp_only_layers=[])
+# (model_type, quant_method) of quantized checkpoints the shards dequantize exactly on load.
+DEQUANTIZED_ON_LOAD = {("gpt_oss", "mxfp4")}
 # Everything the router and shards read; skips pickled *.bin / *.pt weights and other large extras.
 HUB_ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.model", "*.txt", "*.tiktoken"]
 
@@ -53,6 +60,8 @@ def resolve_model(model_id: str | None) -> ResolvedModel:
         lone = lone_gguf(path)
         model_dir = convert_gguf(lone.resolve()) if lone else check_model_dir(path.resolve(), model_id)
         return ResolvedModel(model_dir, model_id)
+    if model_id == DEMO_MOE_MODEL_ID:
+        return ResolvedModel(ensure_demo_model(moe=True), DEMO_MOE_MODEL_ID)
     if gguf.is_gguf(path):
         raise ModelSourceError(f"model file {model_id!r} does not exist")
     if model_id.startswith(("/", ".", "~")) or model_id.count("/") > 1:
@@ -67,13 +76,26 @@ def check_model_dir(path: Path, model_id: str) -> Path:
     if not any(path.glob("*.safetensors")):
         raise ModelSourceError(f"model {model_id!r}: {path} has no *.safetensors weights "
                                "(Loom loads safetensors, or a .gguf file)")
-    quantization = json.loads((path / "config.json").read_text()).get("quantization_config")
-    if quantization is not None:
+    config = json.loads((path / "config.json").read_text())
+    check_served(config.get("model_type"), model_id)
+    quantization = config.get("quantization_config")
+    method = quantization.get("quant_method", "?") if isinstance(quantization, dict) else "?"
+    if quantization is not None and (config.get("model_type"), method) not in DEQUANTIZED_ON_LOAD:
         # Quantized tensors loaded as dense weights would compute garbage; refuse instead of guessing.
-        method = quantization.get("quant_method", "?") if isinstance(quantization, dict) else "?"
         raise ModelSourceError(f"model {model_id!r}: config.json has quantization_config (quant_method {method!r}); "
-                               "Loom serves unquantized safetensors or GGUF files (dequantized on load)")
+                               "Loom serves unquantized safetensors, gpt-oss' MXFP4 experts or GGUF files (the "
+                               "last two dequantized on load)")
     return path
+
+
+def check_served(model_type: object, model_id: str) -> None:
+    """A model of a type no family serves fails here, in one line, before any shard starts."""
+    from shard.models import check_model_type
+
+    try:
+        check_model_type(str(model_type))
+    except ValueError as e:
+        raise ModelSourceError(f"model {model_id!r}: {e}") from None
 
 
 def lone_gguf(path: Path) -> Path | None:
@@ -163,10 +185,12 @@ def convert_gguf(gguf_file: Path) -> Path:
 # ---- demo model --------------------------------------------------------------------------------------
 
 
-def ensure_demo_model() -> Path:
-    """The demo model, built once into the user cache."""
+def ensure_demo_model(moe: bool = False) -> Path:
+    """The demo model (`moe`: its mixture-of-experts twin), built once into the user cache."""
     from launcher.tiny_model import build_tiny_model
 
-    return cached_model_dir(cache_root() / DEMO_DIR_NAME,
-                            lambda staging: build_tiny_model(staging, family="llama", seed=0, **DEMO_CONFIG),
+    name, family, config = (DEMO_MOE_DIR_NAME, "qwen3_moe", DEMO_MOE_CONFIG) if moe else \
+        (DEMO_DIR_NAME, "llama", DEMO_CONFIG)
+    return cached_model_dir(cache_root() / name,
+                            lambda staging: build_tiny_model(staging, family=family, seed=0, **config),
                             "the demo model")

@@ -1,4 +1,4 @@
-"""Builds small random Llama-family checkpoints in the real Hugging Face on-disk format.
+"""Builds small random checkpoints of every family Loom serves in the real Hugging Face on-disk format.
 
 Used for the embedded demo model (`loom` with no --model-id), by the tests and by bench/. A model dir
 holds config.json, generation_config.json, model.safetensors (or a sharded index), tokenizer.json
@@ -33,8 +33,12 @@ CORPUS = [
 ]
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text")
+# The mixtures of experts: 4 experts of which each token takes 2.
+MOE_FAMILIES = ("qwen3_moe", "qwen2_moe", "mixtral", "gpt_oss")
 # Sliding window of the tiny Gemma models: shorter than the longer test prompts.
 GEMMA_WINDOW = 24
+# Sliding window of the tiny Mixtral and gpt-oss models.
+MOE_WINDOW = 20
 
 
 def train_tokenizer(vocab_size: int = 384):
@@ -66,11 +70,15 @@ def model_config(family: str, vocab_size: int, **overrides):
     from transformers import (
         Gemma2Config,
         Gemma3TextConfig,
+        GptOssConfig,
         LlamaConfig,
         MistralConfig,
+        MixtralConfig,
         Phi3Config,
         Qwen2Config,
+        Qwen2MoeConfig,
         Qwen3Config,
+        Qwen3MoeConfig,
     )
 
     common = dict(
@@ -129,8 +137,30 @@ def model_config(family: str, vocab_size: int, **overrides):
                           "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1000000.0},
                       })
         cls = Gemma3TextConfig
+    elif family == "qwen3_moe":
+        # Layer 1 dense (mlp_only_layers), layers 0 and 2 sparse; the top 2 renormalised.
+        common.update(num_hidden_layers=3, head_dim=32, tie_word_embeddings=False, num_experts=4,
+                      num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True, mlp_only_layers=[1])
+        cls = Qwen3MoeConfig
+    elif family == "qwen2_moe":
+        # Layer 0 dense, layer 1 sparse (decoder_sparse_step 2); the top 2 not renormalised.
+        common.update(tie_word_embeddings=False, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                      shared_expert_intermediate_size=48, norm_topk_prob=False, decoder_sparse_step=2)
+        cls = Qwen2MoeConfig
+    elif family == "mixtral":
+        common.update(intermediate_size=32, num_local_experts=4, num_experts_per_tok=2, sliding_window=MOE_WINDOW,
+                      tie_word_embeddings=False)
+        cls = MixtralConfig
+    elif family == "gpt_oss":
+        # A sliding layer, then a full one (layer_types' default); yarn rope (its default rope type).
+        common.pop("rope_theta")
+        common.update(head_dim=16, intermediate_size=32, num_local_experts=4, num_experts_per_tok=2,
+                      sliding_window=MOE_WINDOW, tie_word_embeddings=False, rope_parameters={
+                          "rope_type": "yarn", "rope_theta": 150000.0, "factor": 8.0, "beta_fast": 32.0,
+                          "beta_slow": 1.0, "truncate": False, "original_max_position_embeddings": 64})
+        cls = GptOssConfig
     else:
-        raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
+        raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES + MOE_FAMILIES}")
     common.update(overrides)
     return cls(**common)
 
@@ -183,10 +213,12 @@ def build_tiny_adapter(
     use_rslora: bool = False,
     seed: int = 0,
     init_scale: float = 0.1,
+    target_parameters: list[str] = (),
 ) -> Path:
     """Writes a PEFT LoRA adapter of the model at `base_model_dir` to `path` (peft's own save_pretrained:
     adapter_config.json + adapter_model.safetensors) and returns the path. lora_B is drawn at random
-    (peft initialises it to zero) so that the adapter changes the model's outputs."""
+    (peft initialises it to zero) so that the adapter changes the model's outputs. `target_parameters`: tensors
+    peft adapts directly (a mixture of experts' fused experts.gate_up_proj / experts.down_proj)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -196,7 +228,8 @@ def build_tiny_adapter(
     base = AutoModelForCausalLM.from_pretrained(base_model_dir, dtype=torch.float32)
     targets = target_modules if isinstance(target_modules, str) else list(target_modules)
     config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, use_rslora=use_rslora,
-                        lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
+                        lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
+                        target_parameters=list(target_parameters) or None)
     model = get_peft_model(base, config)
     with torch.no_grad():
         for name, param in model.named_parameters():

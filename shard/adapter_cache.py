@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from shard.expert_lora import ExpertLora, MoeLora
 from shard.lora import AdapterError, HostAdapter, PageLayout
 from shard.peft_adapter import load_adapter
 from shard.lora_batch import AdapterStacks, LoraBatch, PageGather, TritonLoraBatch
@@ -43,6 +44,12 @@ class AdapterEntry:
     pins: int = 0  # live sequences using it
     preloaded: bool = False  # --preloaded-adapter-ids: paged in at registration and never evicted
     spilled: Path | None = None  # its pages in the spill directory, once the host cache let them go
+    expert_pages: int = 0  # the trailing pages that hold expert rows (shard/expert_lora.py)
+
+    @property
+    def projection_pages(self) -> list[int]:
+        """Its resident pages in the ordinary page layout (the ones before its expert pages)."""
+        return self.pages[:len(self.pages) - self.expert_pages]
 
 
 class AdapterCache:
@@ -148,7 +155,7 @@ class AdapterCache:
             raise AdapterError(f"adapter {adapter_id}: in use by running requests, cannot replace it")
         if old is not None:
             self._forget(adapter_id)
-        entry = AdapterEntry(path, host.rank, host.pages.shape[0], host.targets)
+        entry = AdapterEntry(path, host.rank, host.pages.shape[0], host.targets, expert_pages=host.expert_pages)
         self.entries[adapter_id] = entry
         self._keep_on_host(adapter_id, host.pages)
         return entry
@@ -274,9 +281,11 @@ class AdapterCache:
         return self._arrange(adapter_ids) or list(dict.fromkeys(a for a in adapter_ids if a))
 
     def _arrange(self, adapter_ids: list[str]) -> list[str] | None:
-        entries = {a: self.entries[a] for a in adapter_ids if a}
+        entries = {a: self.entries[a] for a in adapter_ids if a and self.entries[a].projection_pages}
+        if not entries:  # no adapter on projections of the page layout (only on experts, or none)
+            return None
         targets = set().union(*(e.targets for e in entries.values()))
-        return self.stacks.arrange({a: e.pages for a, e in entries.items()}, targets)
+        return self.stacks.arrange({a: e.projection_pages for a, e in entries.items()}, targets)
 
     def segments(self, adapter_ids: list[str], lengths: list[int]) -> dict[str, list[int]]:
         """Each adapter of a step ("" is the base model: left out) -> its rows, the tokens of its sequences,
@@ -291,25 +300,39 @@ class AdapterCache:
             self.resident.move_to_end(adapter_id)
         return segments
 
-    def lora_batch(self, adapter_ids: list[str], lengths: list[int], triton: bool) -> LoraBatch | None:
+    def lora_batch(self, adapter_ids: list[str], lengths: list[int],
+                   triton: bool) -> LoraBatch | TritonLoraBatch | MoeLora | None:
         """A step's LoRA hook: one segment per adapter over the tokens of its sequences, which hold `lengths`
-        tokens each in batch order; None when all are the base model. Marks the adapters as just used."""
+        tokens each in batch order; None when all are the base model. Marks the adapters as just used. Adapters
+        with expert pages add their expert LoRA (MoeLora around the projections' hook)."""
         if not any(adapter_ids):
             return None
         segments = self.segments(adapter_ids, lengths)
         offset = sum(lengths)
         entries = {a: self.entries[a] for a in segments}
+        experts = {a: e for a, e in entries.items() if e.expert_pages}
+        entries = {a: e for a, e in entries.items() if len(e.projection_pages)}
+        hook = self._projection_lora(entries, segments, offset, triton) if entries else None
+        if not experts:
+            return hook
+        return MoeLora(hook, ExpertLora(self.layout.experts, self.pool, [
+            (segments[a], e.pages[len(e.projection_pages):], e.targets) for a, e in experts.items()], offset,
+            self.device))
+
+    def _projection_lora(self, entries: dict[str, AdapterEntry], segments: dict[str, list[int]], num_tokens: int,
+                         triton: bool) -> LoraBatch | TritonLoraBatch:
         targets = set().union(*(e.targets for e in entries.values()))
         if triton:
-            return TritonLoraBatch.from_segments(self.pool, self.layout, list(segments.values()),
-                                                 [e.pages for e in entries.values()], targets, self.device)
-        order = self._arrange(list(segments))
+            return TritonLoraBatch.from_segments(self.pool, self.layout, [segments[a] for a in entries],
+                                                 [e.projection_pages for e in entries.values()], targets,
+                                                 self.device)
+        order = self._arrange(list(entries))
         source = self.stacks
         if order is None:
-            order = list(segments)
-            source = PageGather(self.views, self.layout.page_rank, [entries[a].pages for a in order], self.device,
-                                self.num_pages)
-        return LoraBatch(source, [segments[a] for a in order], targets, offset, self.device)
+            order = list(entries)
+            source = PageGather(self.views, self.layout.page_rank, [entries[a].projection_pages for a in order],
+                                self.device, self.num_pages)
+        return LoraBatch(source, [segments[a] for a in order], targets, num_tokens, self.device)
 
     def pin(self, adapter_id: str) -> None:
         self.entries[adapter_id].pins += 1

@@ -24,8 +24,10 @@ into the query-length dimension, so K/V keep their own head count: SDPA's enable
 rules out CUDA's flash and memory-efficient kernels and falls to the math kernel (fp32 upcast, K/V copied per
 query head). Only causal prefill, which has no mask, uses enable_gqa (flash supports it).
 
-Attention logit soft-capping (Gemma 2: scores -> cap * tanh(scores / cap) before the mask) is not something
-SDPA can do, so layers with a cap compute their scores explicitly, in transformers' eager op order.
+Attention logit soft-capping (Gemma 2: scores -> cap * tanh(scores / cap) before the mask) and attention sinks
+(gpt-oss: a learned logit per head that joins every softmax and is then dropped) are not something SDPA can do,
+so layers with either compute their scores explicitly, in transformers' eager op order. The paged decode kernels
+know soft-capping but not sinks: a family with sinks decodes on the torch path (CausalLM.paged_decode_kernel).
 """
 
 from __future__ import annotations
@@ -227,41 +229,50 @@ def batch_metadata(decode: AttentionMetadata | None, prefill: AttentionMetadata 
 
 
 def softcapped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
-                         softcap: float) -> torch.Tensor:
+                         softcap: float | None, sinks: torch.Tensor | None = None) -> torch.Tensor:
     """q [B, heads, Q, D], k/v [B, kv_heads, K, D], mask [B or 1, 1, Q, K] (True = attend) -> [B, heads, Q, D].
-    Each kv head serves `heads / kv_heads` consecutive query heads (transformers' repeat_kv)."""
+    Each kv head serves `heads / kv_heads` consecutive query heads (transformers' repeat_kv). `sinks` [heads]:
+    each head's sink logit joins its softmax (after subtracting the row maximum, as gpt-oss does) and its
+    probability is dropped."""
     b, heads, n, d = q.shape
     kv_heads = k.shape[1]
     q = q.reshape(b, kv_heads, heads // kv_heads * n, d)
     scores = (q @ k.transpose(-1, -2) * scale).view(b, heads, n, -1)
-    scores = torch.tanh(scores / softcap) * softcap
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
     scores = scores.masked_fill(~mask, float("-inf"))
-    probs = scores.softmax(-1, dtype=torch.float32).to(q.dtype)
-    return (probs.view(b, kv_heads, -1, probs.shape[-1]) @ v).view(b, heads, n, d)
+    if sinks is None:
+        probs = scores.softmax(-1, dtype=torch.float32).to(q.dtype)
+    else:
+        scores = torch.cat([scores, sinks.view(1, heads, 1, 1).expand(b, heads, n, 1).to(scores.dtype)], dim=-1)
+        probs = (scores - scores.amax(dim=-1, keepdim=True)).softmax(-1)[..., :-1].to(q.dtype)
+    return (probs.reshape(b, kv_heads, -1, probs.shape[-1]) @ v).view(b, heads, n, d)
 
 
 class PagedAttention:
     """Writes this step's K/V into the layer's cache and attends over the cached context. `scale` multiplies
-    the scores (default head_dim ** -0.5); `softcap` caps them (None: no cap)."""
+    the scores (default head_dim ** -0.5); `softcap` caps them (None: no cap); `sinks` [num_heads] are this
+    rank's heads' sink logits (None: none)."""
 
-    __slots__ = ("num_heads", "num_kv_heads", "head_dim", "scale", "sliding_window", "softcap")
+    __slots__ = ("num_heads", "num_kv_heads", "head_dim", "scale", "sliding_window", "softcap", "sinks")
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, sliding_window: int | None,
-                 scale: float | None = None, softcap: float | None = None):
+                 scale: float | None = None, softcap: float | None = None, sinks: torch.Tensor | None = None):
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scale = head_dim ** -0.5 if scale is None else scale
         self.sliding_window = sliding_window
         self.softcap = softcap
+        self.sinks = sinks
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """q: [N, heads, Lq, D]; k, v: [N, kv_heads, Lk, D]; mask: [N or 1, 1, Lq, Lk] (True = attend) or None
         for causal -> [N, heads, Lq, D]. Every torch attention path goes through here (one place for the
         score function)."""
-        if self.softcap is not None:
+        if self.softcap is not None or self.sinks is not None:
             if mask is None:
                 n = q.shape[2]
                 mask = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
-            return softcapped_attention(q, k, v, mask, self.scale, self.softcap)
+            return softcapped_attention(q, k, v, mask, self.scale, self.softcap, self.sinks)
         if mask is None:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, enable_gqa=True)
         n, heads, lq, d = q.shape
@@ -293,8 +304,8 @@ class PagedAttention:
                  kv_cache: torch.Tensor) -> torch.Tensor:
         # A chunk that starts its sequence attends over this step's k/v alone; one that continues a cached
         # prefix reads its context back from the cache (where this step's k/v were just written).
-        if meta.cu_seq_lens is not None and self.softcap is None and q.dtype in (torch.float16, torch.bfloat16) \
-                and len(meta.seq_lens) > 1:
+        if meta.cu_seq_lens is not None and self.softcap is None and self.sinks is None \
+                and q.dtype in (torch.float16, torch.bfloat16) and len(meta.seq_lens) > 1:
             return self._prefill_varlen(q, k, v, meta)
         outs = []
         start = 0

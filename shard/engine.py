@@ -25,6 +25,7 @@ from common.defaults import (
 from shard.adapter_cache import AdapterCache
 from shard.attention import batch_metadata, decode_kernel, decode_metadata, prefill_metadata
 from shard.decode_graphs import DecodeRunner, graphs_requested
+from shard.expert_lora import expert_layout
 from shard.kv_cache import DEFAULT_BLOCK_SIZE, allocate_kv_cache
 from shard.lora import AdapterError, HostAdapter, PageLayout, projection_shapes
 from shard.models import head_dim_of
@@ -74,7 +75,8 @@ class Engine:
                  adapter_page_rank: int = DEFAULT_ADAPTER_PAGE_RANK, enforce_eager: bool = False,
                  padded_decode: bool | None = None):
         """padded_decode: decode-only steps padded to fixed buckets (shard/decode_graphs.py), captured as CUDA
-        graphs on CUDA unless enforce_eager; None: where LOOM_CUDA_GRAPHS=1 asks for graphs."""
+        graphs on CUDA unless enforce_eager; None: where LOOM_CUDA_GRAPHS=1 asks for graphs. Never for a family
+        whose decode is not of fixed shapes (CausalLM.padded_decode: the mixtures of experts)."""
         self.device = torch.device(device)
         self.dtype = dtype
         self.block_size = block_size
@@ -103,15 +105,17 @@ class Engine:
         self._num_blocks = 0  # KV cache blocks, once warmup allocated them
         self.sequences: dict[int, Sequence] = {}
         layout = PageLayout.build(config.num_hidden_layers, adapter_page_rank, projection_shapes(self.model))
+        layout.experts = expert_layout(self.model, layout.page_numel, adapter_page_rank)
         self.adapters = AdapterCache(layout, dtype, self.device, adapter_host_cache_bytes)
         # Triton SGMV instead of the torch LoRA path: CUDA only, opt-in until checked on a GPU.
         self.triton_lora = self.device.type == "cuda" and os.environ.get("LOOM_TRITON_LORA") == "1"
-        self.decode_kernel = decode_kernel(self.device, dtype)  # built now, never while serving
+        # Built now, never while serving.
+        self.decode_kernel = decode_kernel(self.device, dtype) if self.model.paged_decode_kernel else None
         if padded_decode is None:
             padded_decode = graphs_requested(self.device, tp_size, enforce_eager)
         self.decode_runner = DecodeRunner(self.model, self.adapters, block_size, self.device, self.decode_kernel,
                                           capture=self.device.type == "cuda" and not enforce_eager) \
-            if padded_decode else None
+            if padded_decode and self.model.padded_decode else None
         self.reserved_bytes = 0  # activation (and graph) memory the last warmup measured and kept free
         self.grammars = Grammars(model_dir, config.vocab_size)
 

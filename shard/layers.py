@@ -20,6 +20,13 @@ def _is_distributed(tp_size: int) -> bool:
     return tp_size > 1 and dist.is_available() and dist.is_initialized()
 
 
+def all_reduce(y: torch.Tensor, tp_size: int) -> torch.Tensor:
+    """Sums the ranks' partial results in place (nothing to do on one rank)."""
+    if _is_distributed(tp_size):
+        dist.all_reduce(y)
+    return y
+
+
 def _param(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> nn.Parameter:
     return nn.Parameter(torch.empty(shape, dtype=dtype, device=device), requires_grad=False)
 

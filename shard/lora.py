@@ -11,8 +11,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from shard.expert_lora import ExpertLayout
 
 # The projections PEFT targets on Llama-style families; each family declares its own (shard/models/).
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -59,6 +63,7 @@ class PageLayout:
     shapes: dict[str, ProjShape]
     offsets: dict[tuple[int, str], tuple[int, int]]
     page_numel: int
+    experts: ExpertLayout | None = None  # models with experts: where expert targets live (shard/expert_lora.py)
 
     @classmethod
     def build(cls, num_layers: int, page_rank: int, shapes: dict[str, ProjShape]) -> PageLayout:
@@ -98,4 +103,5 @@ class HostAdapter:
 
     rank: int
     targets: frozenset[str]
-    pages: torch.Tensor  # [ceil(rank / page_rank), page_numel]
+    pages: torch.Tensor  # [pages for its rank + expert_pages, page_numel]
+    expert_pages: int = 0  # the trailing pages that hold expert rows (shard/expert_lora.py)

@@ -27,11 +27,14 @@ import regex
 import torch
 from safetensors import safe_open
 
+from shard import peft_experts
 from shard.lora import AdapterError, HostAdapter, PageLayout
+from shard.models.base import apply_renames
+from shard.peft_experts import TARGET_PARAMETERS
 
 # Modules PEFT could target that Loom does not serve adapters on.
 _UNSUPPORTED_PATHS = ("lm_head", "model.embed_tokens", "model.norm")
-_KEY = re.compile(r"base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])\.weight")
+_KEY = re.compile(r"base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.([\w.]+)\.lora_([AB])\.weight")
 CONFIG_FILE = "adapter_config.json"
 WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 
@@ -138,13 +141,14 @@ def _check_config(name: str, config: dict) -> None:
         (not config.get("use_dora", False), "DoRA adapters are not supported"),
         (not config.get("modules_to_save"), "modules_to_save is not supported"),
         (not config.get("lora_bias", False), "lora_bias is not supported"),
-        (not config.get("target_parameters"), "target_parameters is not supported"),
+        (config.get("target_parameters") is None or (isinstance(config["target_parameters"], list) and all(
+            isinstance(t, str) for t in config["target_parameters"])), "target_parameters must be a list of strings"),
         (isinstance(config.get("r"), int) and not isinstance(config["r"], bool) and config["r"] > 0,
          "r must be a positive integer"),
         (_is_number(config.get("lora_alpha", 8)), "lora_alpha must be a finite number"),
         (isinstance(config.get("use_rslora", False), bool), "use_rslora must be true or false"),
-        (isinstance(targets, str) or (isinstance(targets, list) and all(isinstance(t, str) for t in targets)),
-         "target_modules must be a string or a list of strings"),
+        (targets is None or isinstance(targets, str) or (isinstance(targets, list) and all(
+            isinstance(t, str) for t in targets)), "target_modules must be a string or a list of strings"),
         (isinstance(rank_pattern, dict) and all(isinstance(v, int) and not isinstance(v, bool) and v > 0
                                                 for v in rank_pattern.values()),
          "rank_pattern must map patterns to positive integers"),
@@ -158,7 +162,21 @@ def _check_config(name: str, config: dict) -> None:
             raise AdapterError(f"adapter {name}: {CONFIG_FILE}: {message}")
 
 
-def _check_targets(name: str, target_modules: str | list[str], layout: PageLayout, patterns: _Patterns) -> None:
+def _check_target_parameters(name: str, target_parameters: list[str], layout: PageLayout) -> None:
+    """Parameters PEFT wraps directly: the experts' fused tensors, and the router's weight (`gate.weight`)."""
+    supported = [f"experts.{p}" for p in TARGET_PARAMETERS] if layout.experts is not None else []
+    supported += ["gate.weight"] if "gate" in layout.shapes else []
+    for target in target_parameters:
+        parts = target.split(".")
+        if not ((parts[-1] in TARGET_PARAMETERS and layout.experts is not None) or
+                (parts[-2:] == ["gate", "weight"] and "gate" in layout.shapes)):
+            shown = target if len(target) <= 64 else target[:64] + "..."
+            raise AdapterError(f"adapter {name}: unsupported target parameter {shown!r} (supported: "
+                               f"{', '.join(supported) or 'none'})")
+
+
+def _check_targets(name: str, target_modules: str | list[str] | None, layout: PageLayout, patterns: _Patterns,
+                   has_parameters: bool) -> None:
     supported = ", ".join(layout.shapes)
     if isinstance(target_modules, str):
         if target_modules == "all-linear":
@@ -167,14 +185,21 @@ def _check_targets(name: str, target_modules: str | list[str], layout: PageLayou
         hit = [p for p in _UNSUPPORTED_PATHS if patterns.fullmatch(compiled, p, "target_modules")]
         if hit:
             raise AdapterError(f"adapter {name}: unsupported target module {hit[0]!r} (supported: {supported})")
-        paths = (f"model.layers.{i}.{s.parent}.{p}" for i in range(layout.num_layers) for p, s in layout.shapes.items())
-        if not any(patterns.fullmatch(compiled, p, "target_modules") for p in paths):
+        paths = [f"model.layers.{i}.{s.parent}.{p}" for i in range(layout.num_layers)
+                 for p, s in layout.shapes.items()]
+        if layout.experts is not None:  # one expert stands for all (transformers 4 adapters named them per expert)
+            paths += [f"model.layers.{i}.mlp.experts.0.{m}" for i in layout.experts.layers
+                      for m in layout.experts.modules]
+        if not has_parameters and not any(patterns.fullmatch(compiled, p, "target_modules") for p in paths):
             raise AdapterError(f"adapter {name}: target_modules matches no supported target ({supported})")
         return
     if not target_modules:
+        if has_parameters:
+            return
         raise AdapterError(f"adapter {name}: target_modules is empty")
+    leaves = {p.rpartition(".")[2] for p in layout.shapes} | set(layout.experts.modules if layout.experts else ())
     for target in target_modules:
-        if target.rpartition(".")[2] not in layout.shapes:
+        if target.rpartition(".")[2] not in leaves:
             shown = target if len(target) <= 64 else target[:64] + "..."
             raise AdapterError(f"adapter {name}: unsupported target module {shown!r} (supported: {supported})")
 
@@ -188,6 +213,9 @@ def _weights_file(name: str, path: Path, layout: PageLayout, max_pages: int | No
         raise AdapterError(f"adapter {name}: no weights (expected {' or '.join(WEIGHT_FILES)})")
     if max_pages is not None:
         full = sum(s.in_features + s.out_features for s in layout.shapes.values()) * layout.num_layers
+        if layout.experts is not None:  # every expert of every sparse layer
+            e = layout.experts
+            full += sum(s.in_features + s.out_features for s in e.shapes.values()) * e.num_experts * len(e.layers)
         limit = max_pages * layout.page_rank * full * _MAX_ELEMENT_BYTES + _FILE_SLACK_BYTES
         if files[0].stat().st_size > limit:
             raise AdapterError(f"adapter {name}: {files[0].name} is larger than an adapter the pool can hold "
@@ -219,8 +247,6 @@ def _plan(name: str, file: Path, shapes: dict[str, list[int]], layout: PageLayou
             module.a_key = key
         else:
             module.b_key = key
-    if not modules:
-        raise AdapterError(f"adapter {name}: no LoRA tensors on a supported target module")
     for module in modules.values():
         where = f"layers.{module.layer}.{layout.shapes[module.proj].parent}.{module.proj}"
         if not module.a_key or not module.b_key:
@@ -246,11 +272,10 @@ def _slice(layout: PageLayout, module: _Module, ab: str, src) -> torch.Tensor:
     return runs[0] if len(runs) == 1 else torch.cat(runs)
 
 
-def _fold(name: str, layout: PageLayout, module: _Module, a: torch.Tensor, b: torch.Tensor,
+def _fold(name: str, where: str, scale: float, a: torch.Tensor, b: torch.Tensor,
           dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """(A, scale * B^T) in the pool's dtype, refused unless finite and within MAX_LORA_DELTA."""
-    where = f"layers.{module.layer}.{layout.shapes[module.proj].parent}.{module.proj}"
-    a, bt = a.float(), b.float().t() * module.scale
+    a, bt = a.float(), b.float().t() * scale
     folded = a.to(dtype), bt.to(dtype)
     if not all(bool(torch.isfinite(t).all()) for t in (a, bt, *folded)):
         raise AdapterError(f"adapter {name}: {where} holds weights that are not finite (after lora_alpha scaling "
@@ -264,12 +289,13 @@ def _fold(name: str, layout: PageLayout, module: _Module, a: torch.Tensor, b: to
 
 
 def _lay_out(name: str, layout: PageLayout, modules: list[_Module], read, dtype: torch.dtype) -> torch.Tensor:
-    rank = max(m.rank for m in modules)
+    rank = max((m.rank for m in modules), default=0)
     pages = torch.zeros(layout.pages_for(rank), layout.page_numel, dtype=dtype)
     views = layout.views(pages)
     for m in modules:
-        a, bt = _fold(name, layout, m, _slice(layout, m, "A", read(m.a_key)), _slice(layout, m, "B", read(m.b_key)),
-                      dtype)
+        where = f"layers.{m.layer}.{layout.shapes[m.proj].parent}.{m.proj}"
+        a, bt = _fold(name, where, m.scale, _slice(layout, m, "A", read(m.a_key)),
+                      _slice(layout, m, "B", read(m.b_key)), dtype)
         for view, rows in zip(views[m.layer][m.proj], (a, bt)):
             padded = rows.new_zeros(view.shape[0] * view.shape[1], rows.shape[1])  # pages are not contiguous
             padded[:m.rank] = rows
@@ -277,11 +303,46 @@ def _lay_out(name: str, layout: PageLayout, modules: list[_Module], read, dtype:
     return pages
 
 
-def _check_pages(name: str, layout: PageLayout, modules: list[_Module], max_pages: int | None) -> None:
-    needed = layout.pages_for(max(m.rank for m in modules))
+def _check_pages(name: str, layout: PageLayout, modules: list[_Module], experts: list[peft_experts.ExpertTarget],
+                 max_pages: int | None) -> None:
+    rank = max((m.rank for m in modules), default=0)
+    needed = layout.pages_for(rank) + (peft_experts.pages_for(layout.experts, experts) if experts else 0)
     if max_pages is not None and needed > max_pages:
-        raise AdapterError(f"adapter {name}: rank {max(m.rank for m in modules)} needs {needed} adapter-pool pages, "
-                           f"the pool has {max_pages} for it")
+        rank = max([rank] + [t.rank for t in experts])
+        what = f"rank {rank}" + (" (with its experts)" if experts else "")
+        raise AdapterError(f"adapter {name}: {what} needs {needed} adapter-pool pages, the pool has {max_pages} for it")
+
+
+def _read_weights(name: str, file: Path, shapes: dict[str, list[int]], read, layout: PageLayout, config: dict,
+                  patterns: _Patterns, max_pages: int | None, dtype: torch.dtype) -> HostAdapter:
+    """Plans every tensor from `shapes` (checks before any tensor is read), then reads them (`read(key)`) into
+    pages: the page layout's, then the experts' (shard/peft_experts.py)."""
+    experts_layout = layout.experts
+    if experts_layout is not None and experts_layout.renames:  # an adapter of the model as older releases named it
+        original = {apply_renames(k, experts_layout.renames): k for k in shapes}
+        shapes = {k: shapes[v] for k, v in original.items()}
+        read_original = read
+
+        def read(key: str):
+            return read_original(original[key])
+    expert_keys = {k for k in shapes if experts_layout is not None and peft_experts.is_expert_key(k)}
+    modules = _plan(name, file, {k: v for k, v in shapes.items() if k not in expert_keys}, layout, config, patterns)
+    experts = []
+    if expert_keys:
+        def lookup(field: str, path: str, default):
+            return patterns.lookup(config.get(field) or {}, path, default, field)
+        experts = peft_experts.plan(name, file.name, {k: shapes[k] for k in expert_keys}, experts_layout, config,
+                                    lookup)
+    if not modules and not experts:
+        raise AdapterError(f"adapter {name}: no LoRA tensors on a supported target module")
+    _check_pages(name, layout, modules, experts, max_pages)
+    pages = _lay_out(name, layout, modules, read, dtype)
+    expert_pages = peft_experts.lay_out(name, experts_layout, experts, layout.page_numel, read,
+                                        lambda where, scale, a, b: _fold(name, where, scale, a, b, dtype),
+                                        dtype) if experts else pages[:0]
+    ranks = [m.rank for m in modules] + [t.rank for t in experts]
+    targets = {m.proj for m in modules} | {f"experts.{t.target}" for t in experts}
+    return HostAdapter(max(ranks), frozenset(targets), torch.cat([pages, expert_pages]), expert_pages.shape[0])
 
 
 def load_adapter(name: str, path: str | Path, layout: PageLayout, dtype: torch.dtype, max_pages: int | None = None,
@@ -292,26 +353,25 @@ def load_adapter(name: str, path: str | Path, layout: PageLayout, dtype: torch.d
     path = Path(path)
     config = _read_config(name, path)
     patterns = _Patterns(name)
-    _check_targets(name, config["target_modules"], layout, patterns)
+    _check_target_parameters(name, config.get("target_parameters") or [], layout)
+    _check_targets(name, config.get("target_modules"), layout, patterns, bool(config.get("target_parameters")))
     file = _weights_file(name, path, layout, max_pages)
     try:
         if file.suffix == ".safetensors":
             with safe_open(str(file), framework="pt", device="cpu") as f:
                 sources = {key: f.get_slice(key) for key in f.keys()}
-                modules = _plan(name, file, {k: list(s.get_shape()) for k, s in sources.items()}, layout, config,
-                                patterns)
-                _check_pages(name, layout, modules, max_pages)
-                pages = _lay_out(name, layout, modules, sources.__getitem__, dtype)
+                host = _read_weights(name, file, {k: list(s.get_shape()) for k, s in sources.items()},
+                                     sources.__getitem__, layout, config, patterns, max_pages, dtype)
         else:
             state = torch.load(file, map_location="cpu", weights_only=True)
             if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
                 raise AdapterError(f"adapter {name}: {file.name} does not hold a dict of tensors")
-            modules = _plan(name, file, {k: list(t.shape) for k, t in state.items()}, layout, config, patterns)
-            _check_pages(name, layout, modules, max_pages)
-            pages = _lay_out(name, layout, modules, state.__getitem__, dtype)
+            host = _read_weights(name, file, {k: list(t.shape) for k, t in state.items()}, state.__getitem__, layout,
+                                 config, patterns, max_pages, dtype)
     except AdapterError:
         raise
     except Exception as e:  # a corrupt or truncated file: this adapter's error, named without its content
         raise AdapterError(f"adapter {name}: cannot read {file.name} ({type(e).__name__})") from None
-    return HostAdapter(max(m.rank for m in modules), frozenset(m.proj for m in modules),
-                       pages.pin_memory() if pin_memory else pages)
+    if pin_memory:
+        host.pages = host.pages.pin_memory()
+    return host

@@ -10,7 +10,15 @@ import pkgutil
 
 from shard.models.base import CausalLM, head_dim_of
 
-__all__ = ["MODELS", "CausalLM", "head_dim_of", "model_class"]
+__all__ = ["MODELS", "CausalLM", "check_model_type", "head_dim_of", "model_class"]
+
+# Architectures transformers serves under these model types that Loom does not compute, and what sets them apart.
+UNSUPPORTED = {
+    "deepseek_v2": "multi-head latent attention (MLA)",
+    "deepseek_v3": "multi-head latent attention (MLA)",
+    "deepseek_v32": "multi-head latent attention (MLA) with sparse attention",
+    "qwen3_next": "hybrid linear attention (Gated DeltaNet)",
+}
 
 
 def _discover() -> dict[str, type[CausalLM]]:
@@ -30,9 +38,14 @@ def _discover() -> dict[str, type[CausalLM]]:
 MODELS: dict[str, type[CausalLM]] = _discover()
 
 
+def check_model_type(model_type: str) -> None:
+    """Raises naming `model_type` (and what Loom lacks for it, where known) unless a family serves it."""
+    if model_type not in MODELS:
+        why = f" ({UNSUPPORTED[model_type]})" if model_type in UNSUPPORTED else ""
+        raise ValueError(f"unsupported model_type {model_type!r}{why}; supported: {', '.join(sorted(MODELS))}")
+
+
 def model_class(config) -> type[CausalLM]:
     """The family serving `config`; an unknown model_type is a start-up error naming it."""
-    cls = MODELS.get(config.model_type)
-    if cls is None:
-        raise ValueError(f"unsupported model_type {config.model_type!r}; supported: {', '.join(sorted(MODELS))}")
-    return cls
+    check_model_type(config.model_type)
+    return MODELS[config.model_type]

@@ -55,6 +55,13 @@ class LoraHook(Protocol):
     def apply(self, layer_idx: int, proj: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor: ...
 
 
+def apply_renames(name: str, renames: tuple[tuple[str, str], ...]) -> str:
+    """A checkpoint or adapter tensor name as current transformers names it (a family's `checkpoint_renames`)."""
+    for old, new in renames:
+        name = name.replace(old, new)
+    return name
+
+
 def head_dim_of(config) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
@@ -168,11 +175,11 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     """down(act(gate(x)) * up(x)), gate and up fused into one column-parallel layer."""
 
-    def __init__(self, family: type[CausalLM], config, layer_idx: int, p: Placement):
+    def __init__(self, family: type[CausalLM], config, layer_idx: int, p: Placement, size: int | None = None):
         super().__init__()
         self.layer_idx = layer_idx
         bias = getattr(config, "mlp_bias", False)
-        size = config.intermediate_size
+        size = size or config.intermediate_size
         self.gate_up_proj = ColumnParallelLinear(config.hidden_size, {"gate": size, "up": size}, bias, *p)
         self.down_proj = RowParallelLinear(size, config.hidden_size, bias, *p)
         act = getattr(config, family.activation_field)
@@ -192,11 +199,16 @@ class MLP(nn.Module):
         return row_parallel(self.down_proj, "down_proj", self.layer_idx, self.activate(gate_up), lora)
 
     def activate(self, gate_up: torch.Tensor) -> torch.Tensor:
-        """act(gate) * up; SiLU on CPU float32 in one pass (shard/kernels/fused_cpu.c), matching torch to a few ulp."""
-        if self.silu and cpu.runs_on(gate_up) and gate_up.stride(1) == 1:
-            return cpu.silu_mul(gate_up)
-        gate, up = gate_up.chunk(2, dim=-1)
-        return self.act(gate) * up
+        return gated_activation(gate_up, self.act, self.silu)
+
+
+def gated_activation(gate_up: torch.Tensor, act, silu: bool) -> torch.Tensor:
+    """act(gate) * up of [N, 2 * n] gate-then-up rows; SiLU on CPU float32 in one pass (shard/kernels/fused_cpu.c),
+    matching torch to a few ulp."""
+    if silu and cpu.runs_on(gate_up) and gate_up.stride(1) == 1:
+        return cpu.silu_mul(gate_up)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return act(gate) * up
 
 
 class DecoderLayer(nn.Module):
@@ -207,7 +219,7 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = family.make_norm(config, p)
         self.self_attn = family.attention(family, config, layer_idx, p)
         self.post_attention_layernorm = family.make_norm(config, p)
-        self.mlp = family.mlp(family, config, layer_idx, p)
+        self.mlp = family.make_mlp(config, layer_idx, p)
 
     def forward(self, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata,
                 lora: LoraHook | None) -> torch.Tensor:
@@ -232,9 +244,13 @@ class CausalLM(nn.Module):
     mlp: ClassVar[type[MLP]] = MLP
     layer: ClassVar[type[DecoderLayer]] = DecoderLayer
     packed_modules: ClassVar[dict[str, tuple[str, tuple[str, ...]]]] = SPLIT_PROJECTIONS
+    # (old, new) substrings of checkpoint tensor names that older transformers releases wrote differently.
+    checkpoint_renames: ClassVar[tuple[tuple[str, str], ...]] = ()
     activation_field: ClassVar[str] = "hidden_act"  # the config field naming the MLP activation
     sliding_layers: ClassVar[bool] = True  # False: a sliding_window in the config is ignored, as transformers does
     partial_rotary: ClassVar[bool] = False  # rotates only partial_rotary_factor of each head (else refused)
+    paged_decode_kernel: ClassVar[bool] = True  # False: its attention is one the paged decode kernels cannot compute
+    padded_decode: ClassVar[bool] = True  # False: its decode steps cannot run padded to fixed shapes (CUDA graphs)
 
     def __init__(self, config, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
                  tp_rank: int = 0, tp_size: int = 1):
@@ -271,6 +287,10 @@ class CausalLM(nn.Module):
 
     def recompute_length(self, config) -> int | None:
         return None
+
+    @classmethod
+    def make_mlp(cls, config, layer_idx: int, p: Placement) -> nn.Module:
+        return cls.mlp(cls, config, layer_idx, p)
 
     @classmethod
     def make_norm(cls, config, p: Placement) -> nn.Module:
