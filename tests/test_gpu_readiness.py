@@ -137,7 +137,9 @@ def launch_with_fault(model_dir: Path, tmp_path: Path, rank: int, message: str, 
     site.mkdir()
     (site / "sitecustomize.py").write_text(FAULT_SITECUSTOMIZE)
     env = {"PYTHONPATH": str(site), "FAULT_RANK": str(rank), "FAULT_AT_DECODE": "5", "FAULT_MESSAGE": message}
-    return LoomServer(model_dir, "--max-batch-total-tokens", "2048", *args, env=env).start()
+    # A given prefill budget: the warmup then times no decode steps, so the fault counts served decodes only.
+    return LoomServer(model_dir, "--max-batch-total-tokens", "2048", "--max-batch-prefill-tokens", "256", *args,
+                      env=env).start()
 
 
 def stream_until_loom_exits(srv, timeout_s: float = 30.0) -> tuple[list[str], int | None]:
