@@ -43,6 +43,7 @@ from router.generation import (
 )
 from router.kv_blocks import BlockManager
 from router.shard_client import ShardClient, ShardError
+from router.waiting_queue import WaitingQueue
 
 log = logging.getLogger("loom.scheduler")
 
@@ -81,7 +82,7 @@ class Scheduler:
         self.num_preemptions = 0
         self.healthy = True
         self._ids = itertools.count(1)
-        self._waiting: deque[Sequence] = deque()
+        self._waiting = WaitingQueue()
         self._running: dict[int, Sequence] = {}  # in admission order: preemption takes the newest
         self._to_release: list[int] = []
         # Steps on their way to the shards, oldest first: up to pipeline_depth, so that the shards never wait
@@ -122,20 +123,9 @@ class Scheduler:
             seq.timer = loop.call_later(self.max_queue_time_s, self._expire, seq)
             if tracked is not None:
                 tracked.append(generation)
-            self._enqueue(seq)
+            self._waiting.push(seq)
         self._wake.set()
         return generations
-
-    def _enqueue(self, seq: Sequence, resumed: bool = False) -> None:
-        """Queues `seq` behind every waiting request of its priority or a more urgent one (lower runs first);
-        a preempted one (`resumed`) goes ahead of the others of its priority. Equal priorities: plain FIFO."""
-        priority = seq.request.priority
-        ahead = (lambda p: p < priority) if resumed else (lambda p: p <= priority)
-        if not self._waiting or ahead(self._waiting[-1].request.priority):
-            self._waiting.append(seq)
-            return
-        at = next(i for i, s in enumerate(self._waiting) if not ahead(s.request.priority))
-        self._waiting.insert(at, seq)
 
     def _sequence(self, request: GenerationRequest) -> Sequence:
         stats = GenerationStats(request.adapter_id, len(request.input_ids), time.perf_counter(),
@@ -308,32 +298,18 @@ class Scheduler:
         self.adapters.release(seq.request)
         self._to_release.append(seq.id)
         seq.state, seq.computed, seq.prefilled, seq.registered, seq.shard_blocks = State.WAITING, 0, False, False, 0
-        self._enqueue(seq, resumed=True)
+        self._waiting.push(seq, resumed=True)
         self.num_preemptions += 1
         log.debug("preempted request %d at %d tokens", seq.id, len(seq.token_ids))
 
     def _admit(self, budget: int) -> list[tuple[Sequence, int]]:
-        """FIFO admission while the first chunk fits the prefill budget and the free blocks, and the request's
-        adapter fits the adapter budget.
-
-        A request whose adapter cannot get a slot yet does not hold up the requests behind it (those for
-        adapters already running, or that fit), as vLLM schedules; but only for --adapter-cycle-time-s since
-        it was first passed over. From then on admission stops at it: the running adapters drain, a slot frees,
-        and it runs, so no request for a new adapter starves (LoRAX cycles adapters on the same kind of timer).
-        Blocks and the prefill budget stay strictly FIFO.
-        """
-        admitted, now, i = [], time.monotonic(), 0
-        while i < len(self._waiting) and budget > 0:
-            seq = self._waiting[i]
-            if seq.pending:  # preempted, a token still on its way
-                break
-            if not self.adapters.fits(seq.request):
-                if seq.passed_over_since is None:
-                    seq.passed_over_since = now
-                if now - seq.passed_over_since >= self.adapter_cycle_time_s:
-                    break
-                i += 1
-                continue
+        """Admission in queue order while the first chunk fits the prefill budget and the free blocks (both
+        strictly FIFO); a request whose adapter cannot get a slot yet is passed over for a bounded time
+        (--adapter-cycle-time-s: `WaitingQueue.candidates`), as vLLM skips it and LoRAX cycles adapters."""
+        admitted = []
+        if budget <= 0:
+            return admitted
+        for seq in self._waiting.candidates(self.adapters.fits, time.monotonic(), self.adapter_cycle_time_s):
             # Prompt logprobs need every prompt position computed: such a prompt reuses no cached prefix.
             fresh_logprobs = seq.request.prefill_logprobs and not seq.generated
             cached = self.blocks.admit(seq.id, seq.token_ids, seq.request.cache_key, use_cache=not fresh_logprobs)
@@ -341,7 +317,7 @@ class Scheduler:
             if self.blocks.grow(seq.id, cached + n) is None:
                 self.blocks.free(seq.id)
                 break
-            del self._waiting[i]
+            self._waiting.remove(seq)
             if seq.timer is not None:
                 seq.timer.cancel()
                 seq.timer = None
@@ -355,6 +331,8 @@ class Scheduler:
             seq.epoch += 1
             budget -= n
             admitted.append((seq, n))
+            if budget <= 0:
+                break
         return admitted
 
     # -- what the metrics read (router/metrics.py) ---------------------------------------------------
@@ -367,12 +345,11 @@ class Scheduler:
     @property
     def waiting_adapters(self) -> list[str]:
         """Distinct adapters of the queued requests, in queue order."""
-        return list(dict.fromkeys(s.request.adapter_id for s in self._waiting if s.request.adapter_id))
+        return self._waiting.adapters()
 
     def adapter_users(self, adapter_id: str) -> int:
         """Requests queued or running with `adapter_id`."""
-        queued = sum(1 for s in self._waiting if s.request.adapter_id == adapter_id)
-        return queued + self.adapters.users(adapter_id)
+        return self._waiting.users(adapter_id) + self.adapters.users(adapter_id)
 
     # -- results --------------------------------------------------------------------------------
 
