@@ -31,6 +31,7 @@ from common.defaults import (
 from common.logs import log_handler
 from launcher.model_source import ModelSourceError, max_position_embeddings, resolve_model
 from router.reasoning import REASONING_PARSERS
+from router.sources import SOURCES
 from router.tool_parsers import TOOL_CALL_FAMILIES
 
 log = logging.getLogger("loom")
@@ -89,8 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="A named adapter (SOURCE: hub repo id or local dir), listed in /v1/models. Repeatable.")
     p.add_argument("--local-adapter-root", action="append", default=[], metavar="DIR",
                    help="Requests may name an adapter by absolute path only inside these directories. Repeatable.")
-    p.add_argument("--adapter-source", choices=["hub", "local"], default="hub",
+    p.add_argument("--adapter-source", choices=sorted(SOURCES), default="hub",
                    help="Source of an adapter id that is neither a --adapter name nor an allowed path (default: %(default)s).")
+    p.add_argument("--s3-endpoint-url", metavar="URL", default=None,
+                   help="S3-compatible object store of s3:// adapters (MinIO, R2, GCS). Default: "
+                   "$AWS_ENDPOINT_URL_S3, $AWS_ENDPOINT_URL, else AWS.")
     p.add_argument("--enable-adapter-api", action="store_true",
                    help="Serve vLLM's runtime adapter routes POST /v1/load_lora_adapter and /v1/unload_lora_adapter.")
     p.add_argument("--preloaded-adapter-ids", nargs="+", action="extend", default=[], metavar="ID",
@@ -327,6 +331,7 @@ def main(argv: list[str] | None = None) -> int:
         adapters=adapters,
         local_adapter_roots=adapter_roots,
         adapter_source=args.adapter_source,
+        s3_endpoint_url=args.s3_endpoint_url,
         enable_adapter_api=args.enable_adapter_api,
         preloaded_adapter_ids=list(dict.fromkeys(args.preloaded_adapter_ids)),
         public_metrics=args.public_metrics,

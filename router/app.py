@@ -37,6 +37,7 @@ from router.generation import (
 )
 from router.scheduler import Scheduler
 from router.shard_client import ShardClient
+from router.sources import build_sources
 from router.structured import GrammarChecker
 from router.sse import DONE, sse_event
 from router.templates import TemplateRenderer
@@ -341,7 +342,7 @@ async def _start_backend(app: Starlette, config: RouterConfig) -> None:
         raise RuntimeError(f"the KV cache holds {capacity} tokens, fewer than --max-total-tokens="
                            f"{config.max_total_tokens}: lower it or give the shards more memory")
     tokenizer = await asyncio.to_thread(ModelTokenizer.from_dir, config.model_dir)
-    adapters = AdapterRegistry(config.model_id, tokenizer, client, config.adapters, config.local_adapter_roots,
+    adapters = AdapterRegistry(config.model_id, tokenizer, client, config.adapters, build_sources(config),
                                config.adapter_source, warm.adapter_pages, app.state.metrics)
     try:
         await adapters.preload(config.preloaded_adapter_ids)

@@ -42,6 +42,7 @@ class RouterConfig:
     adapters: dict[str, str] = field(default_factory=dict)  # `--adapter NAME=SOURCE`
     local_adapter_roots: list[str] = field(default_factory=list)
     adapter_source: str = "hub"
+    s3_endpoint_url: str | None = None  # `--s3-endpoint-url`; None: AWS_ENDPOINT_URL(_S3), else AWS
     step_timeout_s: float = 120.0  # a shard step slower than this counts as a hung shard
     max_queue_time_s: float = DEFAULT_MAX_QUEUE_TIME_S  # a request not admitted within this fails with 503 (`--max-queue-time`)
     enable_adapter_api: bool = False  # `--enable-adapter-api`: POST /v1/load_lora_adapter, /v1/unload_lora_adapter
