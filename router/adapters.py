@@ -81,7 +81,8 @@ _load_serials = itertools.count(1)
 
 class AdapterRegistry:
     def __init__(self, base_id: str, base_tokenizer: ModelTokenizer, client: ShardClient, named: dict[str, str],
-                 sources: dict[str, AdapterSource], default_source: str, pool_pages: int, metrics: Metrics):
+                 sources: dict[str, AdapterSource], default_source: str, pool_pages: int, metrics: Metrics,
+                 max_rank: int = 0):
         self.base_id = base_id
         self.base_tokenizer = base_tokenizer
         self.client = client
@@ -90,6 +91,7 @@ class AdapterRegistry:
         self.default_source = default_source
         self.pool_pages = pool_pages
         self.metrics = metrics
+        self.max_rank = max_rank  # `--max-lora-rank`: larger adapters are refused; 0: any
         self._loaded: dict[Path, Adapter] = {}  # real directory → adapter
         self._ids: dict[str, Adapter] = {}  # id → adapter
         self._aliases: OrderedDict[tuple[str, str | None], Path] = OrderedDict()  # (spelling, source) → dir
@@ -251,9 +253,10 @@ class AdapterRegistry:
         self._claimed.add(adapter_id)  # no other registration takes this id while the shards load it
         try:
             error, rank, pages = await self.client.load_adapter(adapter_id, str(located.path), preloaded)
-            if not error and pages > self.pool_pages:
+            refusal = self._refusal(rank, pages) if not error else None
+            if refusal:
                 await self.client.unload_adapter(adapter_id)
-                error = f"it needs {pages} adapter-pool pages and the pool has {self.pool_pages}"
+                error = refusal
         finally:
             self._claimed.discard(adapter_id)
         if error:
@@ -271,6 +274,14 @@ class AdapterRegistry:
         log.info("adapter %s %s from %s (rank %d, %d pages) in %.2fs", adapter_id,
                  "preloaded" if preloaded else "loaded", located.path, rank, pages, seconds)
         return adapter
+
+    def _refusal(self, rank: int, pages: int) -> str | None:
+        """Why an adapter the shards loaded is refused all the same, if it is."""
+        if pages > self.pool_pages:
+            return f"it needs {pages} adapter-pool pages and the pool has {self.pool_pages}"
+        if self.max_rank and rank > self.max_rank:
+            return f"its rank {rank} is larger than --max-lora-rank {self.max_rank}"
+        return None
 
     def _fresh_id(self, name: str, ref: str | None) -> str:
         """`name` (a path as written, without `.` parts or doubled slashes), unless it already names another

@@ -12,6 +12,7 @@ import uuid
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -342,8 +343,11 @@ async def _start_backend(app: Starlette, config: RouterConfig) -> None:
         raise RuntimeError(f"the KV cache holds {capacity} tokens, fewer than --max-total-tokens="
                            f"{config.max_total_tokens}: lower it or give the shards more memory")
     tokenizer = await asyncio.to_thread(ModelTokenizer.from_dir, config.model_dir)
+    if config.chat_template:  # `--chat-template` (vLLM's flag)
+        tokenizer = tokenizer.with_chat_template(config.chat_template)
     adapters = AdapterRegistry(config.model_id, tokenizer, client, config.adapters, build_sources(config),
-                               config.adapter_source, warm.adapter_pages, app.state.metrics)
+                               config.adapter_source, warm.adapter_pages, app.state.metrics,
+                               max_rank=config.max_lora_rank)
     try:
         await adapters.preload(config.preloaded_adapter_ids)
     except APIError as e:
@@ -397,6 +401,15 @@ def _open_paths(config: RouterConfig) -> frozenset[str]:
     return frozenset(probes | {"/metrics"} if config.public_metrics else probes)
 
 
+def _cors(config: RouterConfig) -> list[Middleware]:
+    """`--allowed-origins`: browsers on those origins may call every route (preflights answered before the
+    API key is asked for, as a preflight carries none)."""
+    if not config.allowed_origins:
+        return []
+    return [Middleware(CORSMiddleware, allow_origins=config.allowed_origins, allow_methods=["*"],
+                       allow_headers=["*"])]
+
+
 def create_app(config: RouterConfig) -> Starlette:
     metrics = Metrics()
 
@@ -415,9 +428,9 @@ def create_app(config: RouterConfig) -> Starlette:
             await app.state.backend.scheduler.client.close()
 
     app = Starlette(routes=ROUTES, lifespan=lifespan,
-                    middleware=[Middleware(GuardMiddleware, api_key=config.api_key, metrics=metrics,
-                                           open_paths=_open_paths(config),
-                                           max_request_bytes=config.max_request_bytes)],
+                    middleware=_cors(config) + [
+                        Middleware(GuardMiddleware, api_key=config.api_key, metrics=metrics,
+                                   open_paths=_open_paths(config), max_request_bytes=config.max_request_bytes)],
                     exception_handlers={HTTPException: _http_exception})
     app.state.metrics = metrics
     app.state.responses = responses_api.ResponseStore()

@@ -53,6 +53,13 @@ class RouterConfig:
     header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S  # to send a request head (`--header-timeout`)
     tool_call_parser: str | None = None  # `--tool-call-parser`; None: from the chat template
     reasoning_parser: str | None = None  # `--reasoning-parser`; None: from the chat template
+    # vLLM's serving flags (launcher/vllm_flags.py)
+    max_lora_rank: int = 0  # `--max-lora-rank`: adapters of a larger rank are refused; 0: any
+    chat_template: str | None = None  # `--chat-template`: replaces the base model's
+    uds: str | None = None  # `--uds`: listen on this Unix socket instead of hostname:port
+    ssl_keyfile: str | None = None  # `--ssl-keyfile` / `--ssl-certfile`: HTTPS
+    ssl_certfile: str | None = None
+    allowed_origins: list[str] = field(default_factory=list)  # `--allowed-origins`: CORS
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
