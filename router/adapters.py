@@ -134,6 +134,10 @@ class AdapterRegistry:
             return None
         return _LABEL_UNSAFE.sub(lambda m: "".join(f"%{b:02X}" for b in m.group().encode()), adapter_id)
 
+    def get(self, adapter_id: str) -> Adapter | None:
+        """The registered adapter known to the shards as `adapter_id`."""
+        return self._ids.get(adapter_id)
+
     # -- at start-up and at run time (router/adapter_api.py) ------------------------------------------
 
     async def preload(self, ids: list[str]) -> None:
@@ -271,6 +275,7 @@ class AdapterRegistry:
         seconds = time.perf_counter() - started
         self.metrics.adapter_loads.inc()
         self.metrics.adapter_load_seconds.observe(seconds)
+        self.metrics.vllm.observe_adapter_load(seconds)
         log.info("adapter %s %s from %s (rank %d, %d pages) in %.2fs", adapter_id,
                  "preloaded" if preloaded else "loaded", located.path, rank, pages, seconds)
         return adapter

@@ -90,7 +90,7 @@ async def ping(request: Request):
 
 
 async def metrics(request: Request):
-    return Response(request.app.state.metrics.render(), media_type="text/plain; version=0.0.4")
+    return Response(await request.app.state.metrics.render(), media_type="text/plain; version=0.0.4")
 
 
 ROUTES = [
@@ -348,6 +348,7 @@ async def _start_backend(app: Starlette, config: RouterConfig) -> None:
     adapters = AdapterRegistry(config.model_id, tokenizer, client, config.adapters, build_sources(config),
                                config.adapter_source, warm.adapter_pages, app.state.metrics,
                                max_rank=config.max_lora_rank)
+    app.state.metrics.vllm.bind(config.model_id)  # before the preloads, whose load times it counts
     try:
         await adapters.preload(config.preloaded_adapter_ids)
     except APIError as e:
@@ -364,7 +365,7 @@ async def _start_backend(app: Starlette, config: RouterConfig) -> None:
     app.state.backend = Backend(config, tokenizer, scheduler, capacity, app.state.shard_info.vocab_size, adapters,
                                 GrammarChecker(tokenizer, client), TemplateRenderer())
     app.state.backend.templates.warm()
-    app.state.metrics.watch(scheduler, config.model_id, adapters.label)
+    app.state.metrics.watch(scheduler, config.model_id, adapters.label, adapters.get)
     log.info("KV cache: %d blocks of %d tokens (%d tokens), prefix caching %s", warm.num_blocks, warm.block_size,
              capacity, "on" if prefix_caching else "off")
     log.info("%s", adapter_pool_line(warm, scheduler.adapters.max_running, config.max_active_adapters))
