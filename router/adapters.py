@@ -17,7 +17,10 @@ unique: a spelling that already names another directory gets the version's ref (
 Its files are read once, at registration, by router/adapter_files.py.
 
 Operators add names at start-up (`--adapter`, `--preloaded-adapter-ids`) and at run time (`register` /
-`unregister`, vLLM's load/unload routes in router/adapter_api.py).
+`unregister`, vLLM's load/unload routes in router/adapter_api.py). A runtime name may be loaded again in place
+(`load_inplace`): the new weights are registered on the shards under a fresh id, the name points at them for
+every request from then on, and the old load is unloaded once no request holds it (queued or running requests
+keep the weights they were admitted with). Its KV never serves the new load: the cache key is per load.
 """
 
 from __future__ import annotations
@@ -36,12 +39,14 @@ from common.limits import MAX_MODEL_ID_CHARS
 from router.adapter_files import AdapterFileError, read_adapter_files
 from router.errors import APIError, redact_paths
 from router.metrics import Metrics
-from router.shard_client import ShardClient
+from router.shard_client import ShardClient, ShardError
 from router.sources import AdapterSource, Located
 from router.tokenization import ModelTokenizer, load_adapter_tokenizer
 
 log = logging.getLogger("loom.adapters")
 
+RETIRE_POLL_S = 0.25  # how often an adapter replaced in place checks for its last request
+RETIRE_TRIES = 40  # unloads tried once no request holds it
 MAX_ALIASES = 4096  # spellings remembered (LRU); a forgotten one is resolved again, to the same adapter
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 # Characters an id may not carry into a metric label: the picker splits adapter lists at commas.
@@ -62,6 +67,7 @@ class Adapter:
     cache_key: str = ""
     # Request credentials it may be served to; None in it: to anyone (fetched without a request's own).
     tokens: set[str | None] = field(default_factory=lambda: {None})
+    name: str = ""  # what it is listed and labelled as: its id, or the name it was loaded in place under
     source: str = "local"  # the source it came from (router/sources/)
     ref: str | None = None  # the one version fetched (`org/name@<commit>`, `s3://bucket/prefix@<version>`)
 
@@ -98,6 +104,8 @@ class AdapterRegistry:
         self._loading: dict[tuple[str, str | None], asyncio.Task] = {}
         self._registering: dict[Path, asyncio.Task] = {}  # loads under way, by directory
         self._claimed: set[str] = set()  # ids of registrations on their way to the shards
+        self._current: dict[str, str] = {}  # a name loaded again in place → the id of its newest load
+        self._retiring: set[asyncio.Task] = set()  # old loads waiting for their last request
 
     async def resolve(self, name: str | None, source: str | None = None, api_token: str | None = None,
                       param: str = "model") -> Adapter | None:
@@ -110,7 +118,7 @@ class AdapterRegistry:
                            f"{', '.join(map(repr, self.sources))}", param="adapter_source")
         token = self._caller(name, source, api_token)
         key = (name, source)
-        adapter = self._ids.get(name) if name in self.named else None  # a name keeps its first directory
+        adapter = self._named(name)  # a name keeps its directory until it is loaded again in place
         adapter = adapter or self._loaded.get(self._aliases.get(key))
         if adapter is None:
             adapter = await self._load_once(key, lambda: self._load(name, source, token, param))
@@ -122,8 +130,8 @@ class AdapterRegistry:
 
     def listed(self) -> list[dict]:
         """`/v1/models` entries: named adapters and every public adapter loaded so far (one per directory)."""
-        ids = list(self.named) + [i for i, a in self._ids.items() if i not in self.named and a.public]
-        return [{"id": i, "object": "model", "created": self._ids[i].created if i in self._ids else 0,
+        ids = list(self.named) + [i for i, a in self._ids.items() if i not in self.named and a.public and a.name == i]
+        return [{"id": i, "object": "model", "created": a.created if (a := self._named(i) or self._ids.get(i)) else 0,
                  "owned_by": "loom", "parent": self.base_id} for i in ids]
 
     def label(self, adapter_id: str) -> str | None:
@@ -132,7 +140,7 @@ class AdapterRegistry:
         adapter = self._ids.get(adapter_id)
         if adapter is None or not adapter.public:
             return None
-        return _LABEL_UNSAFE.sub(lambda m: "".join(f"%{b:02X}" for b in m.group().encode()), adapter_id)
+        return _LABEL_UNSAFE.sub(lambda m: "".join(f"%{b:02X}" for b in m.group().encode()), adapter.name)
 
     def get(self, adapter_id: str) -> Adapter | None:
         """The registered adapter known to the shards as `adapter_id`."""
@@ -147,16 +155,26 @@ class AdapterRegistry:
             _check_name(name, "--preloaded-adapter-ids")
             await self._load(name, None, None, "--preloaded-adapter-ids", preloaded=True)
 
-    async def register(self, name: str, source: str) -> Adapter:
+    async def register(self, name: str, source: str, inplace: bool = False,
+                       users: Callable[[str], int] | None = None) -> Adapter:
         """`POST /v1/load_lora_adapter`: adapter `name` from `source`, an absolute path inside a
         --local-adapter-root, an `s3://` URL or a hub repo id. Served under `name` from then on, like an
-        `--adapter` name."""
+        `--adapter` name. `inplace`: a name already loaded gets the new weights (`users` counts an id's
+        requests, so that the old load is unloaded after its last)."""
         _check_name(name, "lora_name")
         _check_name(source, "lora_path")
-        if name in (self.base_id, "") or name in self.named or name in self._ids or \
-                any(key[0] == name for key in self._loading):
+        loading = any(key[0] == name for key in self._loading)
+        old = self._named(name) if inplace and not loading else None
+        if inplace and old is None and not loading and name in self.named and name not in self._ids:
+            del self.named[name]  # a name not used yet: loading it in place is its first load
+        if name in (self.base_id, "") or loading or (old is None and (name in self.named or name in self._ids)):
             raise APIError(400, f"the adapter '{name}' has already been loaded", param="lora_name")
+        if old is not None and (old.preloaded or name not in self.named):
+            raise APIError(400, f"the adapter '{name}' cannot be loaded in place: only runtime and --adapter "
+                           "names that are not preloaded can", param="lora_name")
         located = await asyncio.to_thread(self._source(source, None, "hub").fetch, source, None, "lora_path")
+        if old is not None:
+            return await self._reload(name, source, located, old, users or (lambda _: 0))
         self.named[name] = str(located.path) if located.ref is None else source
         try:
             load = lambda: self._load(name, None, None, "lora_path", located=located)  # noqa: E731
@@ -168,16 +186,17 @@ class AdapterRegistry:
     async def unregister(self, name: str, users: Callable[[str], int]) -> None:
         """`POST /v1/unload_lora_adapter`: forgets adapter `name` on the router and the shards. Refused (409)
         while `users(name)` requests hold it, so a request never loses its adapter mid-generation."""
-        adapter = self._ids.get(name)
+        adapter = self._named(name) or self._ids.get(name)
         if adapter is None and name not in self.named:
             raise APIError(404, f"the adapter '{name}' cannot be found", param="lora_name", code="model_not_found")
         if adapter is not None and adapter.preloaded:
             raise APIError(400, f"the adapter '{name}' was preloaded (--preloaded-adapter-ids) and stays loaded",
                            param="lora_name")
-        if count := users(name):
+        if count := users(adapter.id if adapter else name):
             raise APIError(409, f"the adapter '{name}' is in use by {count} request(s): unload it once they finish",
                            param="lora_name", code="adapter_in_use")
         named = self.named.pop(name, None)
+        current = self._current.pop(name, None)
         if adapter is None:
             return  # a name never used: nothing on the shards
         aliases = {k: p for k, p in self._aliases.items() if p == adapter.path}
@@ -189,9 +208,52 @@ class AdapterRegistry:
             self._aliases.update(aliases)
             if named is not None:
                 self.named[name] = named
+            if current is not None:
+                self._current[name] = current
             raise APIError(409, f"the adapter '{name}' cannot be unloaded: {redact_paths(error)}",
                            param="lora_name", code="adapter_in_use")
         log.info("adapter %s unloaded", name)
+
+    async def _reload(self, name: str, source: str, located: Located, old: Adapter,
+                      users: Callable[[str], int]) -> Adapter:
+        """`name` loaded again in place from `located` (its files read afresh, even from the same directory)."""
+        adapter = await self._register(name, located, "lora_path", False, bound_to=None, public_name=name)
+        if old.path != adapter.path and self._loaded.get(old.path) is old:
+            del self._loaded[old.path]  # another spelling of the old directory loads it afresh
+        for key in [k for k, p in self._aliases.items() if p == old.path]:
+            del self._aliases[key]
+        self._remember((name, None), adapter.path)
+        self.named[name] = str(located.path) if located.ref is None else source
+        self._current[name] = adapter.id
+        task = asyncio.create_task(self._retire(old, users))
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+        log.info("adapter %s loaded in place as %s; %s goes once its requests end", name, adapter.id, old.id)
+        return adapter
+
+    async def _retire(self, old: Adapter, users: Callable[[str], int]) -> None:
+        """Unloads an adapter replaced in place once no queued or running request holds it."""
+        while users(old.id):
+            await asyncio.sleep(RETIRE_POLL_S)
+        for _ in range(RETIRE_TRIES):  # the shards may still be finishing its last step
+            try:
+                if not (error := await self.client.unload_adapter(old.id)):
+                    break
+            except ShardError as e:
+                error = str(e)
+            await asyncio.sleep(RETIRE_POLL_S)
+        else:
+            log.warning("adapter %s (replaced in place) could not be unloaded: %s", old.id, error)
+            return
+        if self._ids.get(old.id) is old:
+            del self._ids[old.id]
+        if self._loaded.get(old.path) is old:
+            del self._loaded[old.path]
+        log.info("adapter %s (replaced in place) unloaded", old.id)
+
+    def _named(self, name: str) -> Adapter | None:
+        """The newest load of a --adapter or runtime name, once used."""
+        return self._ids.get(self._current.get(name, name)) if name in self.named else None
 
     async def _load_once(self, key: tuple[str, str | None], load: Callable[[], Awaitable[Adapter]]) -> Adapter:
         """`load()` run once for concurrent requests naming `key`; each waits on it (shielded: a request that
@@ -237,7 +299,7 @@ class AdapterRegistry:
         return adapter
 
     async def _register(self, name: str, located: Located, param: str, preloaded: bool,
-                        bound_to: str | None) -> Adapter:
+                        bound_to: str | None, public_name: str | None = None) -> Adapter:
         """Reads the adapter's files once (router/adapter_files.py), builds its tokenizer, and registers it on
         the shards under a fresh id. Whatever is refused leaves nothing registered."""
         started = time.perf_counter()
@@ -270,7 +332,8 @@ class AdapterRegistry:
             self.pool_pages -= pages
         adapter = Adapter(adapter_id, located.path, rank, 0 if preloaded else pages, tokenizer, int(time.time()),
                           preloaded, f"{adapter_id}#{next(_load_serials)}",
-                          tokens={bound_to} if located.bound else {None}, source=located.source, ref=located.ref)
+                          tokens={bound_to} if located.bound else {None}, name=public_name or adapter_id,
+                          source=located.source, ref=located.ref)
         self._keep(adapter)
         seconds = time.perf_counter() - started
         self.metrics.adapter_loads.inc()
