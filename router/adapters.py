@@ -39,14 +39,13 @@ from common.limits import MAX_MODEL_ID_CHARS
 from router.adapter_files import AdapterFileError, read_adapter_files
 from router.errors import APIError, redact_paths
 from router.metrics import Metrics
-from router.shard_client import ShardClient, ShardError
+from router.adapter_retire import retire
+from router.shard_client import ShardClient
 from router.sources import AdapterSource, Located
 from router.tokenization import ModelTokenizer, load_adapter_tokenizer
 
 log = logging.getLogger("loom.adapters")
 
-RETIRE_POLL_S = 0.25  # how often an adapter replaced in place checks for its last request
-RETIRE_TRIES = 40  # unloads tried once no request holds it
 MAX_ALIASES = 4096  # spellings remembered (LRU); a forgotten one is resolved again, to the same adapter
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 # Characters an id may not carry into a metric label: the picker splits adapter lists at commas.
@@ -225,31 +224,18 @@ class AdapterRegistry:
         self._remember((name, None), adapter.path)
         self.named[name] = str(located.path) if located.ref is None else source
         self._current[name] = adapter.id
-        task = asyncio.create_task(self._retire(old, users))
+        task = asyncio.create_task(retire(self.client, old.id, users, lambda: self._retired(old)))
         self._retiring.add(task)
         task.add_done_callback(self._retiring.discard)
         log.info("adapter %s loaded in place as %s; %s goes once its requests end", name, adapter.id, old.id)
         return adapter
 
-    async def _retire(self, old: Adapter, users: Callable[[str], int]) -> None:
-        """Unloads an adapter replaced in place once no queued or running request holds it."""
-        while users(old.id):
-            await asyncio.sleep(RETIRE_POLL_S)
-        for _ in range(RETIRE_TRIES):  # the shards may still be finishing its last step
-            try:
-                if not (error := await self.client.unload_adapter(old.id)):
-                    break
-            except ShardError as e:
-                error = str(e)
-            await asyncio.sleep(RETIRE_POLL_S)
-        else:
-            log.warning("adapter %s (replaced in place) could not be unloaded: %s", old.id, error)
-            return
+    def _retired(self, old: Adapter) -> None:
+        """Forgets a load replaced in place, once the shards have unloaded it."""
         if self._ids.get(old.id) is old:
             del self._ids[old.id]
         if self._loaded.get(old.path) is old:
             del self._loaded[old.path]
-        log.info("adapter %s (replaced in place) unloaded", old.id)
 
     def _named(self, name: str) -> Adapter | None:
         """The newest load of a --adapter or runtime name, once used."""
