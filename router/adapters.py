@@ -37,9 +37,9 @@ from pathlib import Path
 
 from common.limits import MAX_MODEL_ID_CHARS
 from router.adapter_files import AdapterFileError, read_adapter_files
+from router.adapter_retire import retire
 from router.errors import APIError, redact_paths
 from router.metrics import Metrics
-from router.adapter_retire import retire
 from router.shard_client import ShardClient
 from router.sources import AdapterSource, Located
 from router.tokenization import ModelTokenizer, load_adapter_tokenizer
@@ -54,7 +54,7 @@ _LABEL_UNSAFE = re.compile(r"[%,\s\x00-\x1f\x7f-\x9f\u2028\u2029\"\\]")
 
 @dataclass(slots=True)
 class Adapter:
-    id: str  # the key shards know it by, listed and labelled: a name, a path as written, or a source's ref
+    id: str  # the key shards know it by: a name, a path as written, a source's ref (`name#<n>` when reloaded)
     path: Path  # its real directory (never shown to clients)
     rank: int
     pages: int  # adapter-pool pages it takes when it joins the batch (0 when preloaded: held for good)
@@ -129,9 +129,11 @@ class AdapterRegistry:
 
     def listed(self) -> list[dict]:
         """`/v1/models` entries: named adapters and every public adapter loaded so far (one per directory)."""
-        ids = list(self.named) + [i for i, a in self._ids.items() if i not in self.named and a.public and a.name == i]
-        return [{"id": i, "object": "model", "created": a.created if (a := self._named(i) or self._ids.get(i)) else 0,
-                 "owned_by": "loom", "parent": self.base_id} for i in ids]
+        ids = list(self.named) + [i for i, a in self._ids.items()
+                                  if i not in self.named and a.public and a.name == i]
+        found = {i: self._named(i) or self._ids.get(i) for i in ids}
+        return [{"id": i, "object": "model", "created": a.created if a else 0, "owned_by": "loom",
+                 "parent": self.base_id} for i, a in found.items()]
 
     def label(self, adapter_id: str) -> str | None:
         """How metrics name an adapter: its id with `%`, commas, whitespace, quotes and control characters
