@@ -103,7 +103,7 @@ POISON = [
     (GEN, native(temperature=1e308), 400, "temperature"),
     (GEN, native(repetition_penalty=1e9), 400, "repetition_penalty"),
     (GEN, native(truncate=2**40), 400, "truncate"),
-    (GEN, native(adapter_source="s3", adapter_id="org/hub-lora"), 400, "adapter_source"),
+    (GEN, native(adapter_source="ftp", adapter_id="org/hub-lora"), 400, "adapter_source"),
     (CHAT, {"model": "x\nFORGED status=200", "messages": USER}, 400, "control characters"),
     (CHAT, {"model": "a" * 600, "messages": USER}, 400, "model"),
     (COMP, b'{"model": "", "prompt": "hi", "temperature": NaN}', 400, "not valid JSON"),
@@ -185,7 +185,7 @@ def test_hub_ids_and_revisions_that_are_fine(hardened, roots):
     r = post(url, GEN, native(adapter_id="org/hub-lora@no-such-branch"))
     assert r.status_code == 404 and str(roots["hf_home"]) not in r.text
     # The source is checked on every request, cache hit or not.
-    for source, status in (("s3", 400), ("HUB", 400), ("local", 400), ("hub", 200)):
+    for source, status in (("ftp", 400), ("HUB", 400), ("local", 400), ("hub", 200)):
         r = post(url, GEN, native(adapter_id="org/hub-lora", adapter_source=source))
         assert r.status_code == status, (source, r.text)
 
