@@ -15,6 +15,7 @@ import datetime
 import hashlib
 import hmac
 import os
+import re
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ MAX_LISTING_BYTES = 16 << 20  # one ListObjectsV2 page (1000 keys of up to 1024 
 MAX_ERROR_BYTES = 64 << 10
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 TIMEOUT = urllib3.Timeout(connect=10.0, read=60.0)
+PRINTABLE = re.compile(r"^[\x21-\x7e]+$")  # what a key id, secret or session token may hold (they go into headers)
 
 
 class S3Error(Exception):
@@ -50,8 +52,9 @@ class Credentials:
     def parse(cls, text: str) -> Credentials:
         """`ACCESS_KEY_ID:SECRET_ACCESS_KEY[:SESSION_TOKEN]`, the form a request's `api_token` takes."""
         parts = text.split(":", 2)
-        if len(parts) < 2 or not all(parts):
-            raise ValueError("expected ACCESS_KEY_ID:SECRET_ACCESS_KEY[:SESSION_TOKEN]")
+        if len(parts) < 2 or not all(PRINTABLE.match(part) for part in parts):
+            raise ValueError("expected ACCESS_KEY_ID:SECRET_ACCESS_KEY[:SESSION_TOKEN], printable ASCII without "
+                             "spaces")
         return cls(parts[0], parts[1], parts[2] if len(parts) == 3 else None)
 
     def as_token(self) -> str:

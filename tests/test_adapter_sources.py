@@ -166,8 +166,9 @@ def test_adapter_fetched_with_caller_credentials_is_served_only_to_them(s3_serve
     listed = [m["id"] for m in httpx.get(f"{s3_server.url}/v1/models", timeout=10).json()["data"]]
     assert private not in listed, "an adapter bound to a caller's credentials is not listed"
     assert ids_of(generate(s3_server.url, private, token=store.token("alice"))) == alice
-    r = generate(s3_server.url, private, token="not-a-key-pair")
-    assert r.status_code == 400 and "api_token" in r.json()["error"]
+    for token in ("not-a-key-pair", "key:secret\r\nx-injected: 1", "key:sécret"):
+        r = generate(s3_server.url, private, token=token)
+        assert r.status_code == 400 and "api_token" in r.json()["error"], (token, r.text)
 
 
 def test_s3_ids_that_escape_or_name_no_bucket_are_400(s3_server):
