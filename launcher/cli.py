@@ -1,5 +1,5 @@
-"""The `loom` command: parses the flags (LoRAX launcher names), resolves the model, device and token
-limits, and hands the rest to the supervisor."""
+"""The `loom` command: parses the flags (LoRAX launcher names, and vLLM's where they mean the same:
+launcher/vllm_flags.py), resolves the model, device and token limits, and hands the rest to the supervisor."""
 
 from __future__ import annotations
 
@@ -30,7 +30,9 @@ from common.defaults import (
 )
 from common.logs import log_handler
 from launcher.model_source import ModelSourceError, max_position_embeddings, resolve_model
+from launcher.vllm_flags import VllmFlagError, add_vllm_flags, merge_model, router_settings
 from router.reasoning import REASONING_PARSERS
+from router.sources import SOURCES
 from router.tool_parsers import TOOL_CALL_FAMILIES
 
 log = logging.getLogger("loom")
@@ -77,8 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "or hub repo id (org/name[@revision]). "
                    "Unset: the embedded demo model, built once into $LOOM_CACHE (default ~/.cache/loom) and reused.")
     p.add_argument("--port", metavar="PORT", type=port_number, default=8080, help="Port the HTTP server listens on (default: %(default)s).")
-    p.add_argument("--hostname", metavar="HOST", default="127.0.0.1", help="Address the HTTP server listens on; 0.0.0.0 for all interfaces (default: %(default)s).")
-    p.add_argument("--num-shard", metavar="N", type=positive_int, default=None, help="Tensor-parallel ranks, one process each. "
+    p.add_argument("--hostname", "--host", metavar="HOST", default="127.0.0.1", help="Address the HTTP server listens on; 0.0.0.0 for all interfaces (default: %(default)s).")
+    p.add_argument("--num-shard", "--tensor-parallel-size", "-tp", metavar="N", type=positive_int, default=None, help="Tensor-parallel ranks, one process each. "
                    "Must split the model's attention heads evenly. Default: 1 on cpu; on cuda the largest such count that "
                    "divides the number of visible GPUs.")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
@@ -89,15 +91,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="A named adapter (SOURCE: hub repo id or local dir), listed in /v1/models. Repeatable.")
     p.add_argument("--local-adapter-root", action="append", default=[], metavar="DIR",
                    help="Requests may name an adapter by absolute path only inside these directories. Repeatable.")
-    p.add_argument("--adapter-source", choices=["hub", "local"], default="hub",
+    p.add_argument("--adapter-source", choices=sorted(SOURCES), default="hub",
                    help="Source of an adapter id that is neither a --adapter name nor an allowed path (default: %(default)s).")
+    p.add_argument("--s3-endpoint-url", metavar="URL", default=None,
+                   help="S3-compatible object store of s3:// adapters (MinIO, R2, GCS). Default: "
+                   "$AWS_ENDPOINT_URL_S3, $AWS_ENDPOINT_URL, else AWS.")
     p.add_argument("--enable-adapter-api", action="store_true",
                    help="Serve vLLM's runtime adapter routes POST /v1/load_lora_adapter and /v1/unload_lora_adapter.")
     p.add_argument("--preloaded-adapter-ids", nargs="+", action="extend", default=[], metavar="ID",
                    help="Adapters (ids as a request names them) loaded at start-up and never evicted from the pool.")
     p.add_argument("--max-input-length", metavar="N", type=positive_int, default=None,
                    help=f"Most prompt tokens per request. Default: {DEFAULT_MAX_INPUT_LENGTH}, kept below --max-total-tokens.")
-    p.add_argument("--max-total-tokens", metavar="N", type=positive_int, default=None,
+    p.add_argument("--max-total-tokens", "--max-model-len", metavar="N", type=positive_int, default=None,
                    help=f"Most prompt + generated tokens per request. Default: {DEFAULT_MAX_TOTAL_TOKENS}, "
                    "capped at the model's max_position_embeddings.")
     p.add_argument("--max-batch-prefill-tokens", metavar="N", type=positive_int, default=None,
@@ -111,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "Default: whatever fits in the shards' KV cache.")
     p.add_argument("--max-concurrent-requests", metavar="N", type=positive_int, default=DEFAULT_MAX_CONCURRENT_REQUESTS,
                    help="Requests accepted at once (queued + running); more are answered with 429 (default: %(default)s).")
-    p.add_argument("--max-active-adapters", metavar="N", type=positive_int, default=DEFAULT_MAX_ACTIVE_ADAPTERS,
+    p.add_argument("--max-active-adapters", "--max-loras", metavar="N", type=positive_int, default=DEFAULT_MAX_ACTIVE_ADAPTERS,
                    help="Adapters that may be scheduled in the running batch at once (default: %(default)s); "
                    "each takes at least one adapter-pool page, so a smaller pool caps it: the start-up log says "
                    "the real limit, as /info and vllm:lora_requests_info's max_lora do.")
@@ -164,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Split <think> reasoning into reasoning_content (vLLM's names; none: never). Default: "
                    "when the chat template writes <think>.")
     p.add_argument("--json-output", action="store_true", help="Log as JSON lines; the shards and router see LOOM_LOG_FORMAT=json in their environment.")
+    add_vllm_flags(p)
     return p
 
 
@@ -255,9 +261,9 @@ def resolve_adapter_paths(args: argparse.Namespace) -> tuple[dict[str, str], lis
     """Named adapters (local sources made absolute, since the router has its own working dir) and the
     allowed local adapter roots."""
     adapters: dict[str, str] = {}
-    for name, source in args.adapter:
+    for name, source in args.adapter + args.lora_modules:
         if name in adapters:
-            raise FlagError(f"--adapter {name!r} is given twice")
+            raise FlagError(f"--adapter (or --lora-modules) {name!r} is given twice")
         local = Path(source).expanduser()
         adapters[name] = str(local.resolve()) if local.is_dir() else source
     roots = []
@@ -286,10 +292,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     setup_logging(args.json_output)
     try:
+        merge_model(args)
+        vllm = router_settings(args)
         derive_limits(args, None)  # explicit contradictions fail before a slow model download or build
         adapters, adapter_roots = resolve_adapter_paths(args)
         device, dtype, gpus = resolve_device(args)
-    except FlagError as e:
+    except (FlagError, VllmFlagError) as e:
         parser.error(str(e))
     try:
         model = resolve_model(args.model_id)
@@ -303,10 +311,11 @@ def main(argv: list[str] | None = None) -> int:
         num_shard = resolve_num_shard(args.num_shard, device, gpus, model.path)
     except FlagError as e:
         parser.error(str(e))
-    log.info(f"model {model.name} from {model.path} on {device} ({dtype}), {num_shard} shard(s)")
+    model_name = vllm.pop("served_model_name") or model.name
+    log.info(f"model {model_name} from {model.path} on {device} ({dtype}), {num_shard} shard(s)")
     config = RouterConfig(
         model_dir=str(model.path),
-        model_id=model.name,
+        model_id=model_name,
         shard_sockets=[],  # the supervisor fills them in once it has made the socket dir
         hostname=args.hostname,
         port=args.port,
@@ -327,11 +336,13 @@ def main(argv: list[str] | None = None) -> int:
         adapters=adapters,
         local_adapter_roots=adapter_roots,
         adapter_source=args.adapter_source,
+        s3_endpoint_url=args.s3_endpoint_url,
         enable_adapter_api=args.enable_adapter_api,
         preloaded_adapter_ids=list(dict.fromkeys(args.preloaded_adapter_ids)),
         public_metrics=args.public_metrics,
         tool_call_parser=args.tool_call_parser,
         reasoning_parser=args.reasoning_parser,
+        **vllm,
     )
     return launch(config, device=device, dtype=dtype, num_shard=num_shard, shard_flags=shard_flags(args))
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from common.cache import cache_root
 from common.hub import HubError, snapshot, split_revision
 from launcher import gguf
 
@@ -130,13 +131,6 @@ def download(repo_id: str, revision: str | None) -> Path:
 
 
 # ---- the user cache -----------------------------------------------------------------------------------
-
-
-def cache_root() -> Path:
-    if os.environ.get("LOOM_CACHE"):
-        return Path(os.environ["LOOM_CACHE"]).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(xdg).expanduser() / "loom"
 
 
 def cached_model_dir(target: Path, build: Callable[[Path], None], what: str) -> Path:

@@ -14,8 +14,8 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
+import http.client
+import ssl
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -88,8 +88,7 @@ def launch(config: RouterConfig, device: str, dtype: str, num_shard: int, shard_
         config = start(config, device, dtype, num_shard, run_dir, children, stop, list(shard_flags))
         if stop.requested:
             return 0
-        url = f"http://{url_host(config.hostname)}:{config.port}/v1"
-        log.info(f"Loom is ready: {url} (model {config.model_id}, {num_shard} shard(s))")
+        log.info(f"Loom is ready: {router_address(config)} (model {config.model_id}, {num_shard} shard(s))")
         failed = supervise(children, stop)
         if failed is None:
             log.info("shutting down")
@@ -108,7 +107,8 @@ def start(config: RouterConfig, device: str, dtype: str, num_shard: int, run_dir
           children: list[Child], stop: StopRequest, shard_flags: list[str]) -> RouterConfig:
     """Spawns the shards, waits for their Health, then spawns the router and waits for its /health.
     Appends each child to `children` as soon as it exists so that the caller can always stop it."""
-    check_port_free(config.hostname, config.port)
+    if not config.uds:
+        check_port_free(config.hostname, config.port)
     sockets = [str(run_dir / f"shard-{rank}.sock") for rank in range(num_shard)]
     master_port = free_port()
     for rank, path in enumerate(sockets):
@@ -250,16 +250,47 @@ def shard_healthy(socket_path: str) -> bool:
             return False
 
 
+def router_address(config: RouterConfig) -> str:
+    """Where clients reach the router: its base URL, or its Unix socket (--uds)."""
+    if config.uds:
+        return f"unix:{config.uds} (HTTP{'S' if config.ssl_certfile else ''})"
+    scheme = "https" if config.ssl_certfile else "http"
+    return f"{scheme}://{url_host(config.hostname)}:{config.port}/v1"
+
+
 def router_healthy(config: RouterConfig) -> bool:
-    request = urllib.request.Request(f"http://{url_host(config.hostname)}:{config.port}/health")
-    if config.api_key:
-        request.add_header("Authorization", f"Bearer {config.api_key}")
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never via $http_proxy
+    """GET /health answers 200 (over the Unix socket with --uds; over TLS, unverified, with --ssl-*: the
+    probe is this machine's, to its own child)."""
+    headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
+    tls = ssl._create_unverified_context() if config.ssl_certfile else None
+    if config.uds:
+        connection: http.client.HTTPConnection = _UnixConnection(config.uds, tls)
+    elif tls is not None:
+        connection = http.client.HTTPSConnection(url_host(config.hostname).strip("[]"), config.port, timeout=2.0,
+                                                 context=tls)
+    else:
+        connection = http.client.HTTPConnection(url_host(config.hostname).strip("[]"), config.port, timeout=2.0)
     try:
-        with opener.open(request, timeout=2.0) as response:
-            return response.status == 200
-    except (urllib.error.URLError, OSError):
+        connection.request("GET", "/health", headers=headers)
+        return connection.getresponse().status == 200
+    except (http.client.HTTPException, OSError):
         return False
+    finally:
+        connection.close()
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    """HTTP (or HTTPS with `tls`) over a Unix domain socket."""
+
+    def __init__(self, path: str, tls: ssl.SSLContext | None):
+        super().__init__("localhost", timeout=2.0)
+        self.path, self.tls = path, tls
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        sock.connect(self.path)
+        self.sock = self.tls.wrap_socket(sock, server_hostname="localhost") if self.tls else sock
 
 
 def url_host(hostname: str) -> str:

@@ -252,3 +252,15 @@ class PrepareGrammarResponse(_message.Message):
     ERROR_FIELD_NUMBER: _ClassVar[int]
     error: str
     def __init__(self, error: _Optional[str] = ...) -> None: ...
+
+class AdapterResidencyRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class AdapterResidencyResponse(_message.Message):
+    __slots__ = ("device", "host")
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    HOST_FIELD_NUMBER: _ClassVar[int]
+    device: _containers.RepeatedScalarFieldContainer[str]
+    host: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, device: _Optional[_Iterable[str]] = ..., host: _Optional[_Iterable[str]] = ...) -> None: ...

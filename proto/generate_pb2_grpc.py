@@ -74,6 +74,11 @@ class ShardStub:
                 request_serializer=proto_dot_generate__pb2.PrepareGrammarRequest.SerializeToString,
                 response_deserializer=proto_dot_generate__pb2.PrepareGrammarResponse.FromString,
                 _registered_method=True)
+        self.AdapterResidency = channel.unary_unary(
+                '/loom.generate.v1.Shard/AdapterResidency',
+                request_serializer=proto_dot_generate__pb2.AdapterResidencyRequest.SerializeToString,
+                response_deserializer=proto_dot_generate__pb2.AdapterResidencyResponse.FromString,
+                _registered_method=True)
 
 
 class ShardServicer:
@@ -137,6 +142,13 @@ class ShardServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AdapterResidency(self, request, context):
+        """Which adapters are where now: in the device pool, in the host cache (for the residency metrics).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ShardServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -179,6 +191,11 @@ def add_ShardServicer_to_server(servicer, server):
                     servicer.PrepareGrammar,
                     request_deserializer=proto_dot_generate__pb2.PrepareGrammarRequest.FromString,
                     response_serializer=proto_dot_generate__pb2.PrepareGrammarResponse.SerializeToString,
+            ),
+            'AdapterResidency': grpc.unary_unary_rpc_method_handler(
+                    servicer.AdapterResidency,
+                    request_deserializer=proto_dot_generate__pb2.AdapterResidencyRequest.FromString,
+                    response_serializer=proto_dot_generate__pb2.AdapterResidencyResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -397,6 +414,33 @@ class Shard:
             '/loom.generate.v1.Shard/PrepareGrammar',
             proto_dot_generate__pb2.PrepareGrammarRequest.SerializeToString,
             proto_dot_generate__pb2.PrepareGrammarResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AdapterResidency(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loom.generate.v1.Shard/AdapterResidency',
+            proto_dot_generate__pb2.AdapterResidencyRequest.SerializeToString,
+            proto_dot_generate__pb2.AdapterResidencyResponse.FromString,
             options,
             channel_credentials,
             insecure,

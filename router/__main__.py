@@ -25,8 +25,10 @@ def main(argv=None) -> None:
     # log_config=None: uvicorn's own lines go through our handler (and so become JSON when asked).
     # loop="asyncio": grpc.aio's supported loop, even where uvloop is installed.
     protocol = guarded_protocol(connection_cap(config.max_connections), config.header_timeout_s)
-    uvicorn.run(create_app(config), host=config.hostname, port=config.port, log_level="warning",
-                log_config=None, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S, loop="asyncio", http=protocol)
+    listen = {"uds": config.uds} if config.uds else {"host": config.hostname, "port": config.port}
+    uvicorn.run(create_app(config), **listen, ssl_keyfile=config.ssl_keyfile, ssl_certfile=config.ssl_certfile,
+                log_level="warning", log_config=None, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+                loop="asyncio", http=protocol)
 
 
 if __name__ == "__main__":

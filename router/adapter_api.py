@@ -1,8 +1,9 @@
 """vLLM's runtime adapter API: `POST /v1/load_lora_adapter` and `POST /v1/unload_lora_adapter`.
 
 Off unless `--enable-adapter-api`; behind `--api-key` like every route. A loaded adapter is served under its
-`lora_name` and listed in `/v1/models`; `lora_path` is an absolute path inside a `--local-adapter-root` or a hub
-repo id. Success answers are vLLM's plain-text lines, errors the OpenAI error shape.
+`lora_name` and listed in `/v1/models`; `lora_path` is an absolute path inside a `--local-adapter-root`, an
+`s3://` URL or a hub repo id. `load_inplace: true` loads a name again with new weights (router/adapters.py).
+Success answers are vLLM's plain-text lines, errors the OpenAI error shape.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from router.errors import APIError, bad_request
 class LoadLoRAAdapterRequest(StrictModel):
     lora_name: str
     lora_path: str
+    load_inplace: bool = False  # vLLM's: replace the weights of an adapter already loaded under lora_name
 
 
 class UnloadLoRAAdapterRequest(StrictModel):
@@ -45,7 +47,8 @@ async def load_lora_adapter(request: Request):
     if not body.lora_path:
         raise bad_request("`lora_path` must be a directory inside a --local-adapter-root or a hub repo id",
                           param="lora_path")
-    await backend.adapters.register(body.lora_name, body.lora_path)
+    await backend.adapters.register(body.lora_name, body.lora_path, inplace=body.load_inplace,
+                                    users=backend.scheduler.adapter_users)
     return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 
 

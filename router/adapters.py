@@ -1,22 +1,26 @@
 """Adapter resolution: a request's `model` / `adapter_id` → an adapter the shards have registered.
 
-Order (DESIGN.md): "" or the base model id → base; a `--adapter NAME=SOURCE` name; an absolute path inside
-a `--local-adapter-root`; otherwise a hub repo id (`org/name[@revision]`). Hub downloads run in a thread,
-and concurrent requests for one new adapter share a single load.
+Order (DESIGN.md): "" or the base model id → base; a `--adapter NAME=SOURCE` name; an id whose form a source
+claims (an absolute path inside a `--local-adapter-root`, an `s3://bucket/prefix`); otherwise the request's
+`adapter_source` or --adapter-source (default: a hub repo id, `org/name[@revision]`). Sources (router/sources/)
+fetch in a thread, and concurrent requests for one new adapter share a single load.
 
 Every spelling of one directory (`/r/a`, `/r/a/./`, `/r//a`, a hub id and its `@main`) is one adapter: the
 registry keys adapters by their real directory, so a client cannot multiply loads, `/v1/models` entries or
-active-adapter slots. A hub snapshot is its own directory (`snapshots/<commit>`): when a branch moves, the new
-commit is a new adapter beside the old one, never a replacement under its id. The source and the token are
-checked on every request, cache hit or not.
+active-adapter slots. A fetched version is its own directory (a hub `snapshots/<commit>`, an object store's
+listing): when a branch moves, the new version is a new adapter beside the old one, never a replacement under
+its id. The source and the credentials are checked on every request, cache hit or not.
 
 An adapter's id (the key the shards know it by, what `/v1/models` lists and metrics show) is its --adapter or
 runtime name, else the spelling the client first used (a path as written, never its resolved target), made
-unique: a spelling that already names another directory gets the snapshot's `@<commit>` (hub) or `#<n>`.
+unique: a spelling that already names another directory gets the version's ref (`org/name@<commit>`) or `#<n>`.
 Its files are read once, at registration, by router/adapter_files.py.
 
 Operators add names at start-up (`--adapter`, `--preloaded-adapter-ids`) and at run time (`register` /
-`unregister`, vLLM's load/unload routes in router/adapter_api.py).
+`unregister`, vLLM's load/unload routes in router/adapter_api.py). A runtime name may be loaded again in place
+(`load_inplace`): the new weights are registered on the shards under a fresh id, the name points at them for
+every request from then on, and the old load is unloaded once no request holds it (queued or running requests
+keep the weights they were admitted with). Its KV never serves the new load: the cache key is per load.
 """
 
 from __future__ import annotations
@@ -24,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import os
 import re
 import time
 from collections import OrderedDict
@@ -32,19 +35,17 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common.hub import HubError, not_found, repo_cache_dir, snapshot, split_revision
 from common.limits import MAX_MODEL_ID_CHARS
 from router.adapter_files import AdapterFileError, read_adapter_files
+from router.adapter_retire import retire
 from router.errors import APIError, redact_paths
 from router.metrics import Metrics
 from router.shard_client import ShardClient
+from router.sources import AdapterSource, Located
 from router.tokenization import ModelTokenizer, load_adapter_tokenizer
 
 log = logging.getLogger("loom.adapters")
 
-ADAPTER_FILES = ["adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "*.json", "*.jinja",
-                 "*.model", "*.txt"]
-SOURCES = ("hub", "local")
 MAX_ALIASES = 4096  # spellings remembered (LRU); a forgotten one is resolved again, to the same adapter
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 # Characters an id may not carry into a metric label: the picker splits adapter lists at commas.
@@ -53,7 +54,7 @@ _LABEL_UNSAFE = re.compile(r"[%,\s\x00-\x1f\x7f-\x9f\u2028\u2029\"\\]")
 
 @dataclass(slots=True)
 class Adapter:
-    id: str  # the key shards know it by, listed and labelled: a name, a path as written, or `org/name[@rev]`
+    id: str  # the key shards know it by: a name, a path as written, a source's ref (`name#<n>` when reloaded)
     path: Path  # its real directory (never shown to clients)
     rank: int
     pages: int  # adapter-pool pages it takes when it joins the batch (0 when preloaded: held for good)
@@ -63,25 +64,20 @@ class Adapter:
     # Unique to this load: KV computed under it is cached under this key, so a name that is loaded again (other
     # weights, same name) never reuses the old KV.
     cache_key: str = ""
-    # Request tokens it may be served to; None in it: to anyone (fetched without a request's own token).
+    # Request credentials it may be served to; None in it: to anyone (fetched without a request's own).
     tokens: set[str | None] = field(default_factory=lambda: {None})
-    hub_ref: str | None = None  # `org/name@<commit>`: the one hub snapshot it is
+    name: str = ""  # what it is listed and labelled as: its id, or the name it was loaded in place under
+    source: str = "local"  # the source it came from (router/sources/)
+    ref: str | None = None  # the one version fetched (`org/name@<commit>`, `s3://bucket/prefix@<version>`)
 
     def allows(self, token: str | None) -> bool:
         return None in self.tokens or token in self.tokens
 
     @property
     def public(self) -> bool:
-        """Served to anyone; otherwise only to requests with a token it was fetched (or checked) with, and
+        """Served to anyone; otherwise only to requests with credentials it was fetched (or checked) with, and
         neither listed nor labelled."""
         return None in self.tokens
-
-
-@dataclass(slots=True, frozen=True)
-class _Located:
-    path: Path  # the real directory
-    root: Path  # the allowed root every file it reads must resolve into
-    hub: bool
 
 
 BASE = None  # what resolve() returns for the base model
@@ -90,21 +86,25 @@ _load_serials = itertools.count(1)
 
 class AdapterRegistry:
     def __init__(self, base_id: str, base_tokenizer: ModelTokenizer, client: ShardClient, named: dict[str, str],
-                 local_roots: list[str], default_source: str, pool_pages: int, metrics: Metrics):
+                 sources: dict[str, AdapterSource], default_source: str, pool_pages: int, metrics: Metrics,
+                 max_rank: int = 0):
         self.base_id = base_id
         self.base_tokenizer = base_tokenizer
         self.client = client
         self.named = dict(named)
-        self.local_roots = [Path(r).resolve() for r in local_roots]
+        self.sources = sources
         self.default_source = default_source
         self.pool_pages = pool_pages
         self.metrics = metrics
+        self.max_rank = max_rank  # `--max-lora-rank`: larger adapters are refused; 0: any
         self._loaded: dict[Path, Adapter] = {}  # real directory → adapter
         self._ids: dict[str, Adapter] = {}  # id → adapter
         self._aliases: OrderedDict[tuple[str, str | None], Path] = OrderedDict()  # (spelling, source) → dir
         self._loading: dict[tuple[str, str | None], asyncio.Task] = {}
         self._registering: dict[Path, asyncio.Task] = {}  # loads under way, by directory
         self._claimed: set[str] = set()  # ids of registrations on their way to the shards
+        self._current: dict[str, str] = {}  # a name loaded again in place → the id of its newest load
+        self._retiring: set[asyncio.Task] = set()  # old loads waiting for their last request
 
     async def resolve(self, name: str | None, source: str | None = None, api_token: str | None = None,
                       param: str = "model") -> Adapter | None:
@@ -112,28 +112,28 @@ class AdapterRegistry:
         if name in (None, "", self.base_id):
             return BASE
         _check_name(name, param)
-        if source is not None and source not in SOURCES:
-            raise APIError(400, f"adapter_source {source[:32]!r} is not supported: use 'hub' or 'local'",
-                           param="adapter_source")
-        token = api_token or None
-        if token is not None and token == os.environ.get("HF_TOKEN"):
-            token = None  # the server's own token: what it fetches with anyway
+        if source is not None and source not in self.sources:
+            raise APIError(400, f"adapter_source {source[:32]!r} is not supported: use one of "
+                           f"{', '.join(map(repr, self.sources))}", param="adapter_source")
+        token = self._caller(name, source, api_token)
         key = (name, source)
-        adapter = self._ids.get(name) if name in self.named else None  # a name keeps its first directory
+        adapter = self._named(name)  # a name keeps its directory until it is loaded again in place
         adapter = adapter or self._loaded.get(self._aliases.get(key))
         if adapter is None:
             adapter = await self._load_once(key, lambda: self._load(name, source, token, param))
         else:
             self._aliases.move_to_end(key)
         if not adapter.allows(token):
-            await self._verify_access(adapter, name, source, token, param)
+            await self._verify_access(adapter, name, token, param)
         return adapter
 
     def listed(self) -> list[dict]:
         """`/v1/models` entries: named adapters and every public adapter loaded so far (one per directory)."""
-        ids = list(self.named) + [i for i, a in self._ids.items() if i not in self.named and a.public]
-        return [{"id": i, "object": "model", "created": self._ids[i].created if i in self._ids else 0,
-                 "owned_by": "loom", "parent": self.base_id} for i in ids]
+        ids = list(self.named) + [i for i, a in self._ids.items()
+                                  if i not in self.named and a.public and a.name == i]
+        found = {i: self._named(i) or self._ids.get(i) for i in ids}
+        return [{"id": i, "object": "model", "created": a.created if a else 0, "owned_by": "loom",
+                 "parent": self.base_id} for i, a in found.items()]
 
     def label(self, adapter_id: str) -> str | None:
         """How metrics name an adapter: its id with `%`, commas, whitespace, quotes and control characters
@@ -141,7 +141,11 @@ class AdapterRegistry:
         adapter = self._ids.get(adapter_id)
         if adapter is None or not adapter.public:
             return None
-        return _LABEL_UNSAFE.sub(lambda m: "".join(f"%{b:02X}" for b in m.group().encode()), adapter_id)
+        return _LABEL_UNSAFE.sub(lambda m: "".join(f"%{b:02X}" for b in m.group().encode()), adapter.name)
+
+    def get(self, adapter_id: str) -> Adapter | None:
+        """The registered adapter known to the shards as `adapter_id`."""
+        return self._ids.get(adapter_id)
 
     # -- at start-up and at run time (router/adapter_api.py) ------------------------------------------
 
@@ -152,18 +156,27 @@ class AdapterRegistry:
             _check_name(name, "--preloaded-adapter-ids")
             await self._load(name, None, None, "--preloaded-adapter-ids", preloaded=True)
 
-    async def register(self, name: str, source: str) -> Adapter:
+    async def register(self, name: str, source: str, inplace: bool = False,
+                       users: Callable[[str], int] | None = None) -> Adapter:
         """`POST /v1/load_lora_adapter`: adapter `name` from `source`, an absolute path inside a
-        --local-adapter-root or a hub repo id. Served under `name` from then on, like an `--adapter` name."""
+        --local-adapter-root, an `s3://` URL or a hub repo id. Served under `name` from then on, like an
+        `--adapter` name. `inplace`: a name already loaded gets the new weights (`users` counts an id's
+        requests, so that the old load is unloaded after its last)."""
         _check_name(name, "lora_name")
         _check_name(source, "lora_path")
-        if name in (self.base_id, "") or name in self.named or name in self._ids or \
-                any(key[0] == name for key in self._loading):
+        loading = any(key[0] == name for key in self._loading)
+        old = self._named(name) if inplace and not loading else None
+        if inplace and old is None and not loading and name in self.named and name not in self._ids:
+            del self.named[name]  # a name not used yet: loading it in place is its first load
+        if name in (self.base_id, "") or loading or (old is None and (name in self.named or name in self._ids)):
             raise APIError(400, f"the adapter '{name}' has already been loaded", param="lora_name")
-        path = Path(source)
-        located = await asyncio.to_thread(self._local, path, source, "lora_path") if path.is_absolute() else \
-            await asyncio.to_thread(self._hub, source, None, "lora_path")
-        self.named[name] = str(located.path) if not located.hub else source
+        if old is not None and (old.preloaded or name not in self.named):
+            raise APIError(400, f"the adapter '{name}' cannot be loaded in place: only runtime and --adapter "
+                           "names that are not preloaded can", param="lora_name")
+        located = await asyncio.to_thread(self._source(source, None, "hub").fetch, source, None, "lora_path")
+        if old is not None:
+            return await self._reload(name, source, located, old, users or (lambda _: 0))
+        self.named[name] = str(located.path) if located.ref is None else source
         try:
             load = lambda: self._load(name, None, None, "lora_path", located=located)  # noqa: E731
             return await self._load_once((name, None), load)
@@ -174,16 +187,17 @@ class AdapterRegistry:
     async def unregister(self, name: str, users: Callable[[str], int]) -> None:
         """`POST /v1/unload_lora_adapter`: forgets adapter `name` on the router and the shards. Refused (409)
         while `users(name)` requests hold it, so a request never loses its adapter mid-generation."""
-        adapter = self._ids.get(name)
+        adapter = self._named(name) or self._ids.get(name)
         if adapter is None and name not in self.named:
             raise APIError(404, f"the adapter '{name}' cannot be found", param="lora_name", code="model_not_found")
         if adapter is not None and adapter.preloaded:
             raise APIError(400, f"the adapter '{name}' was preloaded (--preloaded-adapter-ids) and stays loaded",
                            param="lora_name")
-        if count := users(name):
+        if count := users(adapter.id if adapter else name):
             raise APIError(409, f"the adapter '{name}' is in use by {count} request(s): unload it once they finish",
                            param="lora_name", code="adapter_in_use")
         named = self.named.pop(name, None)
+        current = self._current.pop(name, None)
         if adapter is None:
             return  # a name never used: nothing on the shards
         aliases = {k: p for k, p in self._aliases.items() if p == adapter.path}
@@ -195,9 +209,39 @@ class AdapterRegistry:
             self._aliases.update(aliases)
             if named is not None:
                 self.named[name] = named
+            if current is not None:
+                self._current[name] = current
             raise APIError(409, f"the adapter '{name}' cannot be unloaded: {redact_paths(error)}",
                            param="lora_name", code="adapter_in_use")
         log.info("adapter %s unloaded", name)
+
+    async def _reload(self, name: str, source: str, located: Located, old: Adapter,
+                      users: Callable[[str], int]) -> Adapter:
+        """`name` loaded again in place from `located` (its files read afresh, even from the same directory)."""
+        adapter = await self._register(name, located, "lora_path", False, bound_to=None, public_name=name)
+        if old.path != adapter.path and self._loaded.get(old.path) is old:
+            del self._loaded[old.path]  # another spelling of the old directory loads it afresh
+        for key in [k for k, p in self._aliases.items() if p == old.path]:
+            del self._aliases[key]
+        self._remember((name, None), adapter.path)
+        self.named[name] = str(located.path) if located.ref is None else source
+        self._current[name] = adapter.id
+        task = asyncio.create_task(retire(self.client, old.id, users, lambda: self._retired(old)))
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+        log.info("adapter %s loaded in place as %s; %s goes once its requests end", name, adapter.id, old.id)
+        return adapter
+
+    def _retired(self, old: Adapter) -> None:
+        """Forgets a load replaced in place, once the shards have unloaded it."""
+        if self._ids.get(old.id) is old:
+            del self._ids[old.id]
+        if self._loaded.get(old.path) is old:
+            del self._loaded[old.path]
+
+    def _named(self, name: str) -> Adapter | None:
+        """The newest load of a --adapter or runtime name, once used."""
+        return self._ids.get(self._current.get(name, name)) if name in self.named else None
 
     async def _load_once(self, key: tuple[str, str | None], load: Callable[[], Awaitable[Adapter]]) -> Adapter:
         """`load()` run once for concurrent requests naming `key`; each waits on it (shielded: a request that
@@ -224,7 +268,7 @@ class AdapterRegistry:
             self._aliases.popitem(last=False)
 
     async def _load(self, name: str, source: str | None, token: str | None, param: str,
-                    preloaded: bool = False, located: _Located | None = None) -> Adapter:
+                    preloaded: bool = False, located: Located | None = None) -> Adapter:
         """The adapter `name` denotes, registered on the shards once per directory (`located`: where it is,
         when already known)."""
         if located is None:
@@ -237,13 +281,13 @@ class AdapterRegistry:
                 self._registering[located.path] = task
                 task.add_done_callback(lambda _: self._registering.pop(located.path, None))
             adapter = await asyncio.shield(task)
-        elif located.hub and token is not None and not _hub_offline():
-            adapter.tokens.add(token)  # fetched just now with this token: it may read the repo
+        elif located.bound:
+            adapter.tokens.add(token)  # fetched just now with these credentials: they may read it
         self._remember((name, source), located.path)
         return adapter
 
-    async def _register(self, name: str, located: _Located, param: str, preloaded: bool,
-                        bound_to: str | None) -> Adapter:
+    async def _register(self, name: str, located: Located, param: str, preloaded: bool,
+                        bound_to: str | None, public_name: str | None = None) -> Adapter:
         """Reads the adapter's files once (router/adapter_files.py), builds its tokenizer, and registers it on
         the shards under a fresh id. Whatever is refused leaves nothing registered."""
         started = time.perf_counter()
@@ -259,96 +303,85 @@ class AdapterRegistry:
             log.warning("adapter %s: its tokenizer failed to load: %r", name, e)
             raise APIError(400, f"adapter '{name}' cannot be used: its tokenizer files cannot be loaded",
                            param=param, code="invalid_adapter") from None
-        hub_ref = f"{split_revision(self.named.get(name, name))[0]}@{located.path.name}" if located.hub else None
-        adapter_id = self._fresh_id(name, hub_ref)
+        adapter_id = self._fresh_id(name, located.ref)
         self._claimed.add(adapter_id)  # no other registration takes this id while the shards load it
         try:
             error, rank, pages = await self.client.load_adapter(adapter_id, str(located.path), preloaded)
-            if not error and pages > self.pool_pages:
+            refusal = self._refusal(rank, pages) if not error else None
+            if refusal:
                 await self.client.unload_adapter(adapter_id)
-                error = f"it needs {pages} adapter-pool pages and the pool has {self.pool_pages}"
+                error = refusal
         finally:
             self._claimed.discard(adapter_id)
         if error:
             raise APIError(400, f"adapter '{name}' cannot be used with this model: {redact_paths(error)}",
                            param=param, code="invalid_adapter")
-        # Offline, the cache answers whatever the token: only a token the hub has checked binds the adapter.
-        bound = located.hub and bound_to is not None and not _hub_offline()
         if preloaded:
             self.pool_pages -= pages
         adapter = Adapter(adapter_id, located.path, rank, 0 if preloaded else pages, tokenizer, int(time.time()),
-                          preloaded, f"{adapter_id}#{next(_load_serials)}", tokens={bound_to} if bound else {None},
-                          hub_ref=hub_ref)
+                          preloaded, f"{adapter_id}#{next(_load_serials)}",
+                          tokens={bound_to} if located.bound else {None}, name=public_name or adapter_id,
+                          source=located.source, ref=located.ref)
         self._keep(adapter)
         seconds = time.perf_counter() - started
         self.metrics.adapter_loads.inc()
         self.metrics.adapter_load_seconds.observe(seconds)
+        self.metrics.vllm.observe_adapter_load(seconds)
         log.info("adapter %s %s from %s (rank %d, %d pages) in %.2fs", adapter_id,
                  "preloaded" if preloaded else "loaded", located.path, rank, pages, seconds)
         return adapter
 
-    def _fresh_id(self, name: str, hub_ref: str | None) -> str:
+    def _refusal(self, rank: int, pages: int) -> str | None:
+        """Why an adapter the shards loaded is refused all the same, if it is."""
+        if pages > self.pool_pages:
+            return f"it needs {pages} adapter-pool pages and the pool has {self.pool_pages}"
+        if self.max_rank and rank > self.max_rank:
+            return f"its rank {rank} is larger than --max-lora-rank {self.max_rank}"
+        return None
+
+    def _fresh_id(self, name: str, ref: str | None) -> str:
         """`name` (a path as written, without `.` parts or doubled slashes), unless it already names another
-        adapter (a branch that moved, a link pointed elsewhere): then the snapshot's `org/name@<commit>`, or
-        `name#<n>`."""
+        adapter (a branch that moved, a link pointed elsewhere): then the version's ref (`org/name@<commit>`),
+        or `name#<n>`."""
         taken = lambda i: i in self._ids or i in self._claimed  # noqa: E731
         wanted = name if name in self.named or not name.startswith("/") else str(Path(name))
         if not taken(wanted):
             return wanted
-        if hub_ref is not None and not taken(hub_ref):
-            return hub_ref
+        if ref is not None and not taken(ref):
+            return ref
         return next(f"{wanted}#{n}" for n in itertools.count(2) if not taken(f"{wanted}#{n}"))
 
-    async def _verify_access(self, adapter: Adapter, name: str, source: str | None, token: str | None,
-                             param: str) -> None:
-        """A hub adapter fetched with another caller's token: served only if the hub lets this caller read it
-        too. The refusal reads exactly like a missing adapter."""
-        repo_id, revision = split_revision(adapter.hub_ref or self.named.get(adapter.id, adapter.id))
-        try:
-            await asyncio.to_thread(snapshot, repo_id, revision, ADAPTER_FILES, "adapter", token)
-        except HubError:
-            raise _hub_api_error(not_found(name, "adapter"), param) from None
+    async def _verify_access(self, adapter: Adapter, name: str, token: str | None, param: str) -> None:
+        """An adapter fetched with another caller's credentials: served only if its source lets this caller read
+        it too. The refusal reads exactly like a missing adapter."""
+        source = self.sources[adapter.source]
+        await asyncio.to_thread(source.check_access, adapter.ref or adapter.id, name, token, param)
         adapter.tokens.add(token)
 
-    def _locate(self, name: str, source: str | None, token: str | None, param: str) -> _Located:
-        """Where the adapter's files are on disk, downloading from the hub if that is its source."""
-        if name in self.named:  # the operator's own --adapter NAME=SOURCE: a local dir or a hub id
+    def _source(self, ref: str, source: str | None, fallback: str | None = None) -> AdapterSource:
+        """The source `ref` comes from: `source` when the request names one, else the one its form names,
+        else `fallback` (default: --adapter-source)."""
+        if source is not None:
+            return self.sources[source]
+        claimed = next((s for s in self.sources.values() if s.claims(ref)), None)
+        return claimed or self.sources[fallback or self.default_source]
+
+    def _caller(self, name: str, source: str | None, api_token: str | None) -> str | None:
+        """The request's credentials as the source of `name` keys them (None: the server's own)."""
+        if name in self.named:
+            target = self.named[name]
+            return None if Path(target).is_dir() else self._source(target, None, "hub").caller(api_token)
+        return self._source(name, source).caller(api_token)
+
+    def _locate(self, name: str, source: str | None, token: str | None, param: str) -> Located:
+        """Where the adapter's files are on disk, fetched by its source."""
+        if name in self.named:  # the operator's own --adapter NAME=SOURCE: a local dir or a source's ref
             target = self.named[name]
             if Path(target).is_dir():
                 path = Path(target).resolve()
-                return _Located(path, path, hub=False)
-            return self._hub(target, None, param)
-        path = Path(name)
-        source = source or ("local" if path.is_absolute() else self.default_source)
-        if source == "local":
-            return self._local(path, name, param)
-        return self._hub(name, token, param)
-
-    def _hub(self, ref: str, token: str | None, param: str) -> _Located:
-        repo_id, revision = split_revision(ref)
-        try:
-            path = snapshot(repo_id, revision, ADAPTER_FILES, what="adapter", token=token)
-        except HubError as e:
-            raise _hub_api_error(e, param) from None
-        return _Located(path, repo_cache_dir(repo_id), hub=True)
-
-    def _local(self, path: Path, name: str, param: str) -> _Located:
-        if not path.is_absolute():
-            raise APIError(400, f"local adapter '{name}' must be an absolute path", param=param)
-        resolved = path.resolve()
-        root = next((r for r in self.local_roots if resolved.is_relative_to(r)), None)
-        if root is None:
-            raise APIError(400, f"adapter path '{name}' is outside every --local-adapter-root", param=param)
-        if not resolved.is_dir():
-            raise APIError(404, f"adapter '{name}' not found: no such directory", param=param,
-                           code="model_not_found")
-        return _Located(resolved, root, hub=False)
-
-
-def _hub_offline() -> bool:
-    from huggingface_hub import constants
-
-    return bool(constants.HF_HUB_OFFLINE)
+                return Located(path, path, "local")
+            return self._source(target, None, "hub").fetch(target, token, param)
+        return self._source(name, source).fetch(name, token, param)
 
 
 def _check_name(name: str, param: str) -> None:
@@ -356,11 +389,3 @@ def _check_name(name: str, param: str) -> None:
         raise APIError(400, f"`{param}` is longer than {MAX_MODEL_ID_CHARS} characters", param=param)
     if _CONTROL.search(name):
         raise APIError(400, f"`{param}` must not contain control characters", param=param)
-
-
-def _hub_api_error(e: HubError, param: str) -> APIError:
-    """A malformed id is a 400; any other miss is a 404, whether or not the hub could be reached (as vLLM
-    answers an unknown adapter): the message says which."""
-    if e.invalid:
-        return APIError(400, str(e), param=param)
-    return APIError(404, str(e), param=param, code="model_not_found")

@@ -12,6 +12,7 @@ import uuid
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -37,6 +38,7 @@ from router.generation import (
 )
 from router.scheduler import Scheduler
 from router.shard_client import ShardClient
+from router.sources import build_sources
 from router.structured import GrammarChecker
 from router.sse import DONE, sse_event
 from router.templates import TemplateRenderer
@@ -88,7 +90,7 @@ async def ping(request: Request):
 
 
 async def metrics(request: Request):
-    return Response(request.app.state.metrics.render(), media_type="text/plain; version=0.0.4")
+    return Response(await request.app.state.metrics.render(), media_type="text/plain; version=0.0.4")
 
 
 ROUTES = [
@@ -341,8 +343,12 @@ async def _start_backend(app: Starlette, config: RouterConfig) -> None:
         raise RuntimeError(f"the KV cache holds {capacity} tokens, fewer than --max-total-tokens="
                            f"{config.max_total_tokens}: lower it or give the shards more memory")
     tokenizer = await asyncio.to_thread(ModelTokenizer.from_dir, config.model_dir)
-    adapters = AdapterRegistry(config.model_id, tokenizer, client, config.adapters, config.local_adapter_roots,
-                               config.adapter_source, warm.adapter_pages, app.state.metrics)
+    if config.chat_template:  # `--chat-template` (vLLM's flag)
+        tokenizer = tokenizer.with_chat_template(config.chat_template)
+    adapters = AdapterRegistry(config.model_id, tokenizer, client, config.adapters, build_sources(config),
+                               config.adapter_source, warm.adapter_pages, app.state.metrics,
+                               max_rank=config.max_lora_rank)
+    app.state.metrics.vllm.bind(config.model_id)  # before the preloads, whose load times it counts
     try:
         await adapters.preload(config.preloaded_adapter_ids)
     except APIError as e:
@@ -359,7 +365,7 @@ async def _start_backend(app: Starlette, config: RouterConfig) -> None:
     app.state.backend = Backend(config, tokenizer, scheduler, capacity, app.state.shard_info.vocab_size, adapters,
                                 GrammarChecker(tokenizer, client), TemplateRenderer())
     app.state.backend.templates.warm()
-    app.state.metrics.watch(scheduler, config.model_id, adapters.label)
+    app.state.metrics.watch(scheduler, config.model_id, adapters.label, adapters.get)
     log.info("KV cache: %d blocks of %d tokens (%d tokens), prefix caching %s", warm.num_blocks, warm.block_size,
              capacity, "on" if prefix_caching else "off")
     log.info("%s", adapter_pool_line(warm, scheduler.adapters.max_running, config.max_active_adapters))
@@ -396,6 +402,15 @@ def _open_paths(config: RouterConfig) -> frozenset[str]:
     return frozenset(probes | {"/metrics"} if config.public_metrics else probes)
 
 
+def _cors(config: RouterConfig) -> list[Middleware]:
+    """`--allowed-origins`: browsers on those origins may call every route (preflights answered before the
+    API key is asked for, as a preflight carries none)."""
+    if not config.allowed_origins:
+        return []
+    return [Middleware(CORSMiddleware, allow_origins=config.allowed_origins, allow_methods=["*"],
+                       allow_headers=["*"])]
+
+
 def create_app(config: RouterConfig) -> Starlette:
     metrics = Metrics()
 
@@ -414,9 +429,9 @@ def create_app(config: RouterConfig) -> Starlette:
             await app.state.backend.scheduler.client.close()
 
     app = Starlette(routes=ROUTES, lifespan=lifespan,
-                    middleware=[Middleware(GuardMiddleware, api_key=config.api_key, metrics=metrics,
-                                           open_paths=_open_paths(config),
-                                           max_request_bytes=config.max_request_bytes)],
+                    middleware=_cors(config) + [
+                        Middleware(GuardMiddleware, api_key=config.api_key, metrics=metrics,
+                                   open_paths=_open_paths(config), max_request_bytes=config.max_request_bytes)],
                     exception_handlers={HTTPException: _http_exception})
     app.state.metrics = metrics
     app.state.responses = responses_api.ResponseStore()

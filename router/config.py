@@ -42,6 +42,7 @@ class RouterConfig:
     adapters: dict[str, str] = field(default_factory=dict)  # `--adapter NAME=SOURCE`
     local_adapter_roots: list[str] = field(default_factory=list)
     adapter_source: str = "hub"
+    s3_endpoint_url: str | None = None  # `--s3-endpoint-url`; None: AWS_ENDPOINT_URL(_S3), else AWS
     step_timeout_s: float = 120.0  # a shard step slower than this counts as a hung shard
     max_queue_time_s: float = DEFAULT_MAX_QUEUE_TIME_S  # a request not admitted within this fails with 503 (`--max-queue-time`)
     enable_adapter_api: bool = False  # `--enable-adapter-api`: POST /v1/load_lora_adapter, /v1/unload_lora_adapter
@@ -52,6 +53,13 @@ class RouterConfig:
     header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S  # to send a request head (`--header-timeout`)
     tool_call_parser: str | None = None  # `--tool-call-parser`; None: from the chat template
     reasoning_parser: str | None = None  # `--reasoning-parser`; None: from the chat template
+    # vLLM's serving flags (launcher/vllm_flags.py)
+    max_lora_rank: int = 0  # `--max-lora-rank`: adapters of a larger rank are refused; 0: any
+    chat_template: str | None = None  # `--chat-template`: replaces the base model's
+    uds: str | None = None  # `--uds`: listen on this Unix socket instead of hostname:port
+    ssl_keyfile: str | None = None  # `--ssl-keyfile` / `--ssl-certfile`: HTTPS
+    ssl_certfile: str | None = None
+    allowed_origins: list[str] = field(default_factory=list)  # `--allowed-origins`: CORS
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -11,7 +12,10 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from proto import generate_pb2 as pb
 from router.generation import GenerationStats
 from router.scheduler import Scheduler
-from router.vllm_metrics import VllmMetrics
+from router.vllm_metrics import LoraResidency, VllmMetrics
+
+if TYPE_CHECKING:
+    from router.adapters import Adapter
 
 # Latency buckets from a few ms (one decode step on a GPU) to minutes (a long generation in a queue).
 SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
@@ -76,12 +80,15 @@ class Metrics:
         for reason in FAILURE_REASONS:  # so that dashboards see zeros, not missing series
             self.request_failures.labels(reason)
         self.vllm = VllmMetrics(r)  # vLLM's request and token families, for vLLM's dashboards
+        self.residency: LoraResidency | None = None  # which adapters are resident where (`watch`)
 
-    def watch(self, scheduler: Scheduler, model_name: str, label: Callable[[str], str | None]) -> None:
+    def watch(self, scheduler: Scheduler, model_name: str, label: Callable[[str], str | None],
+              lookup: Callable[[str], Adapter | None]) -> None:
         """Gauges read the scheduler at scrape time, so the step loop pays nothing for them. `label` names an
-        adapter id in labels (None: not to be named)."""
+        adapter id in labels (None: not to be named), `lookup` finds the registered adapter of an id."""
         self.registry.register(InferenceExtensionCollector(scheduler, model_name, label))
-        self.vllm.bind(model_name)
+        self.residency = LoraResidency(scheduler.client, lookup, label, scheduler.adapters, model_name)
+        self.registry.register(self.residency)
         self.running.set_function(lambda: scheduler.num_running)
         self.waiting.set_function(lambda: scheduler.num_waiting)
         blocks = scheduler.blocks
@@ -110,7 +117,10 @@ class Metrics:
             self.tpot.observe(tpot)
         self.vllm.observe(stats)
 
-    def render(self) -> bytes:
+    async def render(self) -> bytes:
+        """The exposition, with the shards' adapter residency asked for first."""
+        if self.residency is not None:
+            await self.residency.refresh()
         return generate_latest(self.registry)
 
 

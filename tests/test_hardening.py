@@ -103,7 +103,7 @@ POISON = [
     (GEN, native(temperature=1e308), 400, "temperature"),
     (GEN, native(repetition_penalty=1e9), 400, "repetition_penalty"),
     (GEN, native(truncate=2**40), 400, "truncate"),
-    (GEN, native(adapter_source="s3", adapter_id="org/hub-lora"), 400, "adapter_source"),
+    (GEN, native(adapter_source="ftp", adapter_id="org/hub-lora"), 400, "adapter_source"),
     (CHAT, {"model": "x\nFORGED status=200", "messages": USER}, 400, "control characters"),
     (CHAT, {"model": "a" * 600, "messages": USER}, 400, "model"),
     (COMP, b'{"model": "", "prompt": "hi", "temperature": NaN}', 400, "not valid JSON"),
@@ -185,7 +185,7 @@ def test_hub_ids_and_revisions_that_are_fine(hardened, roots):
     r = post(url, GEN, native(adapter_id="org/hub-lora@no-such-branch"))
     assert r.status_code == 404 and str(roots["hf_home"]) not in r.text
     # The source is checked on every request, cache hit or not.
-    for source, status in (("s3", 400), ("HUB", 400), ("local", 400), ("hub", 200)):
+    for source, status in (("ftp", 400), ("HUB", 400), ("local", 400), ("hub", 200)):
         r = post(url, GEN, native(adapter_id="org/hub-lora", adapter_source=source))
         assert r.status_code == status, (source, r.text)
 
@@ -320,8 +320,10 @@ def test_adapter_fetched_with_a_token_is_served_and_named_only_with_that_token(l
     """The hub cannot run here: `snapshot` stands in for it, with one private repo that only the token
     'secret' may read. Everything else (registry, shard, engine) is real."""
     from common import hub
-    from router import adapters as registry_module
     from router.adapters import AdapterRegistry
+    from router.config import RouterConfig
+    from router.sources import build_sources
+    from router.sources import hub as registry_module
     from router.errors import APIError
     from router.metrics import Metrics
     from router.tokenization import ModelTokenizer
@@ -338,7 +340,7 @@ def test_adapter_fetched_with_a_token_is_served_and_named_only_with_that_token(l
 
     monkeypatch.setattr(registry_module, "snapshot", private_hub)
     monkeypatch.setattr(registry_module, "repo_cache_dir", lambda repo_id: snap.parent.parent)
-    monkeypatch.setattr(registry_module, "_hub_offline", lambda: False)
+    monkeypatch.setattr(registry_module, "hub_offline", lambda: False)
     monkeypatch.delenv("HF_TOKEN", raising=False)
     engine = Engine(str(llama_dir), kv_cache_bytes=1 << 20, adapter_pool_pages=4)
     engine.warmup(64)
@@ -351,12 +353,13 @@ def test_adapter_fetched_with_a_token_is_served_and_named_only_with_that_token(l
 
     async def run():
         async with Stack(engine, tmp_path) as stack:
-            registry = AdapterRegistry("base", ModelTokenizer.from_dir(llama_dir), stack.client, {}, [], "hub",
-                                       engine.adapter_pages, Metrics())
+            sources = build_sources(RouterConfig(model_dir=str(llama_dir), model_id="base", shard_sockets=[]))
+            registry = AdapterRegistry("base", ModelTokenizer.from_dir(llama_dir), stack.client, {}, sources,
+                                       "hub", engine.adapter_pages, Metrics())
             adapter = await registry.resolve("org/private", api_token="secret")
             # Named to nobody: not in /v1/models, not in metric labels.
             assert registry.listed() == [] and registry.label(adapter.id) is None
-            assert adapter.hub_ref == f"org/private@{snap.name}"
+            assert adapter.ref == f"org/private@{snap.name}"
             for token in (None, "guess"):
                 for name in ("org/private", "org/private@main"):
                     message = await refused(registry, name, token)
