@@ -60,6 +60,7 @@ class Recipe:
     density: float
     majority_sign_method: str
     seed: int
+    scale: float = 1.0  # the merged update times this (lora_B scaled): a per-request adapter scale
 
 
 def _regular_file(directory: Path, name: str, limit: int) -> Path | None:
@@ -194,8 +195,9 @@ def merge_adapters(recipe: Recipe, out_dir: Path) -> None:
         if odd is not None:
             raise MergeError(f"adapters '{recipe.sources[having[0]][0]}' and '{recipe.sources[odd][0]}' differ in "
                              "tensor shapes: they are not adapters of one base model")
-        merged[key] = merge_tensor(tensors, [recipe.weights[i] for i in having], recipe.strategy, recipe.density,
-                                   recipe.majority_sign_method, generator).contiguous()
+        tensor = merge_tensor(tensors, [recipe.weights[i] for i in having], recipe.strategy, recipe.density,
+                              recipe.majority_sign_method, generator)
+        merged[key] = (tensor * recipe.scale if key.endswith(".lora_B.weight") else tensor).contiguous()
     if not all(bool(torch.isfinite(t).all()) for t in merged.values()):
         raise MergeError("the merged weights are not finite", "weights")
     first = configs[0]

@@ -40,8 +40,14 @@ log = logging.getLogger("loom.adapters")
 
 MAX_MERGE_IDS = 8  # adapters one recipe may merge
 MAX_MERGE_WEIGHT = 1e3  # |weight|: past it the merged update would swamp the base model
+MAX_ADAPTER_SCALE = 1e3
 DEFAULT_MAX_MERGES = 16
 DEFAULT_MIN_IDLE_S = 30.0
+
+
+# A request's adapter scale: the adapter's update (scale * B A) times this, as PEFT's set_scale / llama.cpp's
+# --lora-scaled do.
+AdapterScale = Annotated[float, Field(ge=-MAX_ADAPTER_SCALE, le=MAX_ADAPTER_SCALE)]
 
 
 class MergedAdaptersSpec(StrictModel):
@@ -101,10 +107,10 @@ class MergedAdapters:
         self._root = Path(tempfile.mkdtemp(prefix="loom-merged-adapters-"))
         atexit.register(shutil.rmtree, self._root, True)
 
-    async def resolve(self, spec: MergedAdaptersSpec, source: str | None, api_token: str | None,
-                      param: str) -> Adapter:
-        """The merged adapter of `spec` (its ids resolved like a request's adapter id), merged and registered on
-        first use."""
+    async def resolve(self, spec: MergedAdaptersSpec, source: str | None, api_token: str | None, param: str,
+                      scale: float = 1.0) -> Adapter:
+        """The merged adapter of `spec` (its ids resolved like a request's adapter id), its update times `scale`,
+        merged and registered on first use."""
         sources = []
         for i, name in enumerate(spec.ids):
             adapter = await self.registry.resolve(name, source, api_token, param=f"{param}.ids")
@@ -112,15 +118,25 @@ class MergedAdapters:
                 raise APIError(400, f"`{param}.ids[{i}]` names the base model, which has no adapter weights to merge",
                                param=f"{param}.ids")
             sources.append((name, adapter))
-        weights, strategy, density, method, seed = spec.normalized()
-        identity = [[a.cache_key for _, a in sources], weights, strategy, density, method, seed]
+        return await self._merged(sources, spec.normalized(), scale, param)
+
+    async def scaled(self, name: str, adapter: Adapter, scale: float, param: str) -> Adapter:
+        """`adapter` with its update (lora_B) times `scale`: a recipe of one adapter, cached like merges."""
+        return await self._merged([(name, adapter)], ((1.0,), "linear", 1.0, "total", 0), scale, param, False)
+
+    async def _merged(self, sources: list[tuple[str, Adapter]], how: tuple, scale: float, param: str,
+                      nested: bool = True) -> Adapter:
+        """`nested`: `param` is a recipe object, whose field at fault errors name (else `param` itself)."""
+        weights, strategy, density, method, seed = how
+        identity = [[a.cache_key for _, a in sources], weights, strategy, density, method, seed, scale]
         key = hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:24]
         merge = self._merges.get(key)
         if merge is None:
             task = self._building.get(key)
             if task is None:
-                recipe = Recipe(tuple((n, a.path) for n, a in sources), weights, strategy, density, method, seed)
-                task = asyncio.create_task(self._build(key, recipe, param))
+                recipe = Recipe(tuple((n, a.path) for n, a in sources), weights, strategy, density, method, seed,
+                                scale)
+                task = asyncio.create_task(self._build(key, recipe, param, nested))
                 self._building[key] = task
                 task.add_done_callback(lambda _: self._building.pop(key, None))
             merge = await asyncio.shield(task)
@@ -128,7 +144,7 @@ class MergedAdapters:
         merge.resolved_at = time.monotonic()
         return merge.adapter
 
-    async def _build(self, key: str, recipe: Recipe, param: str) -> _Merge:
+    async def _build(self, key: str, recipe: Recipe, param: str, nested: bool) -> _Merge:
         await self._make_room(param)
         directory = self._root / key
         try:
@@ -136,8 +152,8 @@ class MergedAdapters:
             adapter = await self.registry.register_derived(f"merged-{key}", directory, param)
         except MergeError as e:
             shutil.rmtree(directory, ignore_errors=True)
-            raise APIError(400, f"`{param}.{e.field}`: {e}", param=f"{param}.{e.field}", code="invalid_adapter") \
-                from None
+            field = f"{param}.{e.field}" if nested else param
+            raise APIError(400, f"`{field}`: {e}", param=field, code="invalid_adapter") from None
         except BaseException:
             shutil.rmtree(directory, ignore_errors=True)
             raise

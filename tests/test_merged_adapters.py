@@ -76,27 +76,25 @@ def reference_adapter(sources: list, recipe: dict, out):
 # ---- fixtures -------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory, model_dirs):
-    root = tmp_path_factory.mktemp("merge-adapters")
-    built = {}
-    for base_name in ("llama", "qwen2"):
-        base = model_dirs[base_name]
-        adapters = {n: build_tiny_adapter(root / base_name / n, base, 8, 16, t, seed=60 + i)
-                    for i, (n, t) in enumerate(TARGETS.items())}
-        adapters["rank4"] = build_tiny_adapter(root / base_name / "rank4", base, 4, 8, ["q_proj"], seed=70)
-        adapters["dora"] = build_tiny_adapter(root / base_name / "dora", base, 8, 16, ["q_proj"], seed=71,
-                                              use_dora=True)
-        refs = [reference_adapter([adapters[n] for n in TARGETS], r, root / base_name / f"ref{i}")
-                for i, r in enumerate(RECIPES)]
-        built[base_name] = (base, adapters, refs)
-    return root, built
+def build(base, root):
+    """The three rank-8 sources, a rank-4 and a DoRA adapter, and the reference merge of each recipe."""
+    adapters = {n: build_tiny_adapter(root / n, base, 8, 16, t, seed=60 + i) for i, (n, t) in enumerate(TARGETS.items())}
+    adapters["rank4"] = build_tiny_adapter(root / "rank4", base, 4, 8, ["q_proj"], seed=70)
+    adapters["dora"] = build_tiny_adapter(root / "dora", base, 8, 16, ["q_proj"], seed=71, use_dora=True)
+    refs = [reference_adapter([adapters[n] for n in TARGETS], r, root / f"ref{i}") for i, r in enumerate(RECIPES)]
+    return base, adapters, refs
 
 
 @pytest.fixture(scope="module")
-def server(setup):
-    root, built = setup
-    srv = LoomServer(built["llama"][0], "--local-adapter-root", str(root), "--max-batch-total-tokens", "8192").start()
+def llama(tmp_path_factory, model_dirs):
+    return build(model_dirs["llama"], tmp_path_factory.mktemp("merge-llama"))
+
+
+@pytest.fixture(scope="module")
+def server(llama):
+    base, adapters, _ = llama
+    srv = LoomServer(base, "--local-adapter-root", str(adapters["m0"].parent),
+                     "--max-batch-total-tokens", "8192").start()
     yield srv
     srv.stop()
 
@@ -137,9 +135,8 @@ def check_batch(url: str, base, adapters: dict, refs: list, reference):
 # ---- tests ----------------------------------------------------------------------------------------------------
 
 
-def test_each_strategy_matches_loraxs_rule_batched(server, setup, reference):
-    _, built = setup
-    base, adapters, refs = built["llama"]
+def test_each_strategy_matches_loraxs_rule_batched(server, llama, reference):
+    base, adapters, refs = llama
     check_batch(server.url, base, adapters, refs, reference)
     plain = reference.greedy(base, AutoTokenizer.from_pretrained(base)("x")["input_ids"], NEW_TOKENS, False,
                              adapters["m0"])
@@ -149,9 +146,8 @@ def test_each_strategy_matches_loraxs_rule_batched(server, setup, reference):
     assert not any(i.startswith("merged-") for i in listed)
 
 
-def test_same_recipe_is_merged_once(server, setup):
-    _, built = setup
-    _, adapters, _ = built["llama"]
+def test_same_recipe_is_merged_once(server, llama):
+    _, adapters, _ = llama
     recipe = {"merged_adapters": merged(adapters, RECIPES[1])}
     before = httpx.get(f"{server.url}/metrics", timeout=10).text
     first, again = run_all(server.url, [("same recipe", recipe), ("same recipe", recipe)])
@@ -161,9 +157,8 @@ def test_same_recipe_is_merged_once(server, setup):
     assert loads == [line for line in before.splitlines() if line.startswith("loom_adapter_loads_total")]
 
 
-def test_openai_extra_body_and_lorax_client(server, setup, reference):
-    _, built = setup
-    base, adapters, refs = built["llama"]
+def test_openai_extra_body_and_lorax_client(server, llama, reference):
+    base, adapters, refs = llama
     tokenizer = AutoTokenizer.from_pretrained(base)
     prompt = "merged through the SDK"
     want = reference.greedy(base, tokenizer(prompt)["input_ids"], NEW_TOKENS, stop_at_eos=False, adapter_dir=refs[3])
@@ -193,9 +188,8 @@ def test_openai_extra_body_and_lorax_client(server, setup, reference):
     ({"ids": ["dora"]}, "parameters.merged_adapters.ids"),
     ({"ids": [""], "weights": [1.0]}, "parameters.merged_adapters.ids"),
 ])
-def test_refused_recipes_name_the_field(server, setup, change, field):
-    _, built = setup
-    adapters = built["llama"][1]
+def test_refused_recipes_name_the_field(server, llama, change, field):
+    adapters = llama[1]
     recipe = merged(adapters, {"weights": [1.0, 1.0, 1.0]}) | change
     if change.get("ids") in (["rank4"], ["dora"]):
         recipe["ids"] = [str(adapters["m0"]), str(adapters[change["ids"][0]])]
@@ -210,9 +204,8 @@ def test_refused_recipes_name_the_field(server, setup, change, field):
     assert "/" not in message, r.text  # no host path but the ids as sent
 
 
-def test_refused_combinations(server, setup):
-    _, built = setup
-    adapters = built["llama"][1]
+def test_refused_combinations(server, llama):
+    adapters = llama[1]
     recipe = merged(adapters, {"weights": [1.0, 1.0, 1.0]})
     r = httpx.post(f"{server.url}/generate", json={"inputs": "x", "parameters": {
         "merged_adapters": recipe, "adapter_id": str(adapters["m0"])}}, timeout=60)
@@ -228,12 +221,87 @@ def test_refused_combinations(server, setup):
     assert r.status_code == 400 and r.json()["error"]["param"] == "model"
 
 
-def test_merges_at_two_ranks(setup, reference):
-    root, built = setup
-    base, adapters, refs = built["qwen2"]
-    srv = LoomServer(base, "--num-shard", "2", "--local-adapter-root", str(root),
+def scaled_copy(adapter_dir, scale: float, out):
+    """A PEFT adapter whose update is `scale` times `adapter_dir`'s (lora_B scaled)."""
+    state = load_file(adapter_dir / "adapter_model.safetensors")
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: (t * scale if ".lora_B." in k else t).contiguous() for k, t in state.items()},
+              out / "adapter_model.safetensors")
+    (out / "adapter_config.json").write_text((adapter_dir / "adapter_config.json").read_text())
+    return out
+
+
+def test_adapter_scale(server, llama, reference, tmp_path):
+    base, adapters, refs = llama
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    jobs = [("scaled down", {"adapter_id": str(adapters["m2"]), "adapter_scale": 0.5}),
+            ("scaled merge", {"merged_adapters": merged(adapters, RECIPES[1]), "adapter_scale": 1.5}),
+            ("unscaled", {"adapter_id": str(adapters["m2"])})]
+    wants = [scaled_copy(adapters["m2"], 0.5, tmp_path / "half"), scaled_copy(refs[1], 1.5, tmp_path / "more"),
+             adapters["m2"]]
+    for (prompt, params), response, adapter_dir in zip(jobs, run_all(server.url, jobs), wants):
+        want = reference.greedy(base, tokenizer(prompt)["input_ids"], NEW_TOKENS, stop_at_eos=False,
+                                adapter_dir=adapter_dir)
+        assert ids_of(response) == want, params
+    r = httpx.post(f"{server.url}/generate", json={"inputs": "x", "parameters": {"adapter_scale": 2.0}}, timeout=60)
+    assert r.status_code == 400 and "parameters.adapter_scale" in r.text
+    r = httpx.post(f"{server.url}/generate", json={"inputs": "x", "parameters": {
+        "adapter_id": str(adapters["dora"]), "adapter_scale": 2.0}}, timeout=60)
+    assert r.status_code == 400 and "`parameters.adapter_scale`" in r.text and "use_dora" in r.text, r.text
+    client = OpenAI(api_key="EMPTY", base_url=f"{server.url}/v1", max_retries=0)
+    out = client.completions.create(model=str(adapters["m2"]), prompt="scaled down", max_tokens=NEW_TOKENS,
+                                    temperature=0, extra_body={"adapter_scale": 0.5, "ignore_eos": True})
+    assert out.choices[0].text == tokenizer.decode(reference.greedy(
+        base, tokenizer("scaled down")["input_ids"], NEW_TOKENS, stop_at_eos=False, adapter_dir=wants[0]))
+
+
+def test_merges_at_two_ranks(model_dirs, tmp_path_factory, reference):
+    base, adapters, refs = build(model_dirs["qwen2"], tmp_path_factory.mktemp("merge-qwen2"))
+    srv = LoomServer(base, "--num-shard", "2", "--local-adapter-root", str(adapters["m0"].parent),
                      "--max-batch-total-tokens", "8192").start()
     try:
         check_batch(srv.url, base, adapters, refs, reference)
     finally:
         srv.stop()
+
+
+def test_merges_are_evicted_least_recently_used_but_never_in_use(small_engine, ops_adapters, llama_dir, tmp_path):
+    """At most max_merges recipes registered: a new one unloads the least recently used idle merge (pages, entry
+    and directory); a merge a request holds stays, and a recipe that would need its place is a 429."""
+    from router.adapters import AdapterRegistry
+    from router.errors import APIError
+    from router.merged_adapters import MergedAdapters, MergedAdaptersSpec
+    from router.metrics import Metrics
+    from router.tokenization import ModelTokenizer
+    from tests.inprocess import Stack, collect, request
+
+    source = str(ops_adapters[0])
+
+    async def main():
+        async with Stack(small_engine, tmp_path) as stack:
+            registry = AdapterRegistry(str(llama_dir), ModelTokenizer.from_dir(str(llama_dir)), stack.client, {},
+                                       [str(ops_adapters[0].parent)], "local", small_engine.adapter_pages, Metrics())
+            merges = MergedAdapters(registry, stack.scheduler.adapter_users, max_merges=2, min_idle_s=0)
+
+            async def merge(weight: float):
+                spec = MergedAdaptersSpec(ids=[source], weights=[weight])
+                return await merges.resolve(spec, None, None, "merged_adapters")
+
+            first, second = await merge(0.5), await merge(0.6)
+            assert await merge(0.5) is first  # cached, and now the more recently used
+            third = await merge(0.7)
+            registered = small_engine.adapters.entries
+            assert first.id in registered and third.id in registered and second.id not in registered
+            assert not second.path.exists() and first.path.exists()
+            held = [asyncio.create_task(collect(stack.scheduler.generate(
+                request([1, 2, 3], 200, a.id, a.pages)))) for a in (first, third)]
+            await asyncio.sleep(0.3)
+            with pytest.raises(APIError) as refused:
+                await merge(0.8)
+            assert refused.value.status == 429 and refused.value.param == "merged_adapters"
+            await asyncio.gather(*held)
+            assert (await merge(0.8)).id in registered and first.id not in registered
+            merges.close()
+            assert not first.path.parent.exists()
+
+    asyncio.run(main())
