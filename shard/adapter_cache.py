@@ -198,6 +198,8 @@ class AdapterCache:
         if entry.pages is not None:
             self.free_pages.extend(reversed(entry.pages))
             entry.pages = None
+            if entry.dora is not None:
+                entry.dora.release()
             self.stacks.drop(adapter_id)
             del self.resident[adapter_id]
 
@@ -319,11 +321,12 @@ class AdapterCache:
         experts = {a: e for a, e in entries.items() if e.expert_pages}
         entries = {a: e for a, e in entries.items() if len(e.projection_pages)}
         hook = self._projection_lora(entries, segments, offset, triton) if entries else None
-        dora = [(segments[a], e.dora) for a, e in entries.items() if e.dora is not None]
+        dora = {a: e.dora for a, e in entries.items() if e.dora is not None}
         if dora:
-            for _, weights in dora:  # every rank reaches this in the same step: finish's all-reduce lines up
-                weights.finish(self.device, self.dtype, self.tp_size)
-            hook = DoraHook(hook, dora, self.device)
+            for weights in dora.values():  # every rank reaches this in the same step: finish's all-reduce lines up
+                weights.finish(self.device, self.tp_size)
+            hook = DoraHook(hook, [(segments[a], w.on(self.device, self.dtype)) for a, w in dora.items()],
+                            self.device)
         if not experts:
             return hook
         return MoeLora(hook, ExpertLora(self.layout.experts, self.pool, [

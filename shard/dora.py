@@ -28,10 +28,13 @@ import torch.distributed as dist
 
 from shard.layers import ColumnParallelLinear, RowParallelLinear
 from shard.lora import AdapterError, PageLayout
+from shard.lora_batch import _runs
 
 _MAGNITUDE = re.compile(r"base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_magnitude_vector")
 # A segment whose rows come in at most this many runs is rescaled through slices, else through one gather.
 _MAX_SLICED_RUNS = 4
+# Rows of W + scale * B A formed at once for the norms (a bounded transient on the weights' device).
+_NORM_ROWS = 256
 
 
 def is_magnitude_key(key: str) -> bool:
@@ -83,23 +86,23 @@ class DoraTarget:
     row_parallel: bool
 
 
+Scales = dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor | None]]  # (layer, target) -> (g, c or None)
+
+
 @dataclass(slots=True)
 class DoraWeights:
-    """An adapter's DoRA factors. `scales` ((layer, target) -> (g, c or None) on the device) exist once
-    `finish` ran; until then only the load-time parts (`targets`) do."""
+    """An adapter's DoRA factors: the load-time parts (`targets`) until `finish` turns them into `scales` (host,
+    float32, kept with the adapter's entry); `on` copies those to the device while the adapter is resident, and
+    `release` (at eviction) lets the copy go, so that device memory holds the factors of resident adapters only:
+    two vectors over each target's output features, per layer."""
 
     targets: list[DoraTarget]
-    scales: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor | None]] | None = field(default=None)
+    scales: Scales | None = None
+    _device: Scales | None = field(default=None, repr=False)
 
-    @property
-    def nbytes(self) -> int:
-        """Host bytes of the load-time parts (the device factors take at most as much)."""
-        tensors = [t for d in self.targets for t in (d.magnitude, d.squares, d.bias) if t is not None]
-        return sum(t.numel() * t.element_size() for t in tensors)
-
-    def finish(self, device: torch.device, dtype: torch.dtype, tp_size: int = 1) -> None:
-        """Adds up the row-parallel targets' partial sums of squares over the ranks (one all-reduce; every rank
-        calls this in the same step) and makes g and c. Idempotent."""
+    def finish(self, device: torch.device, tp_size: int = 1) -> None:
+        """Adds up the row-parallel targets' partial sums of squares over the ranks (one all-reduce on `device`;
+        every rank calls this in the same step) and makes g and c. Idempotent."""
         if self.scales is not None:
             return
         rows = [d for d in self.targets if d.row_parallel]
@@ -111,9 +114,18 @@ class DoraWeights:
         scales = {}
         for d in self.targets:
             g = d.magnitude / d.squares.sqrt()
-            c = None if d.bias is None else -(g - 1) * d.bias
-            scales[d.layer, d.proj] = (g.to(device, dtype), None if c is None else c.to(device, dtype))
-        self.scales = scales
+            scales[d.layer, d.proj] = (g, None if d.bias is None else -(g - 1) * d.bias)
+        self.scales, self.targets = scales, []
+
+    def on(self, device: torch.device, dtype: torch.dtype) -> Scales:
+        """The finished scales on `device` in `dtype` (copied once while resident)."""
+        if self._device is None:
+            self._device = {k: (g.to(device, dtype), None if c is None else c.to(device, dtype))
+                            for k, (g, c) in self.scales.items()}
+        return self._device
+
+    def release(self) -> None:
+        self._device = None
 
 
 def read_dora(name: str, modules: list, magnitudes: dict[str, list[int]], read, layout: PageLayout,
@@ -149,14 +161,22 @@ def read_dora(name: str, modules: list, magnitudes: dict[str, list[int]], read, 
     return DoraWeights(targets)
 
 
+def _row_squares(weight: torch.Tensor, scale: float, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Each row's sum of squares of W + scale * (B @ A) (PEFT's norm, before the root), in float32 on the host;
+    formed _NORM_ROWS rows at a time on the weights' device."""
+    a, b = a.to(weight.device), b.to(weight.device)
+    parts = [(weight[i:i + _NORM_ROWS].float() + scale * (b[i:i + _NORM_ROWS] @ a)).square().sum(dim=1)
+             for i in range(0, weight.shape[0], _NORM_ROWS)]
+    return torch.cat(parts).cpu()
+
+
 def _target(name: str, where: str, module, magnitude: torch.Tensor, read, linear: BaseLinear,
             slice_rows) -> DoraTarget:
     a = slice_rows(module, "A", read(module.a_key)).float()
     b = slice_rows(module, "B", read(module.b_key)).float()
     magnitude = slice_rows(module, "B", magnitude[:, None])[:, 0].float()
-    # Like PEFT: the norm of W + scale * (B @ A), each row of W's output, in float32 here.
-    squares = (linear.weight.float() + module.scale * (b @ a)).square().sum(dim=1)
-    bias = None if linear.bias is None else linear.bias.detach().float().clone()
+    squares = _row_squares(linear.weight.detach(), module.scale, a, b)
+    bias = None if linear.bias is None else linear.bias.detach().to("cpu", torch.float32)
     if not bool(torch.isfinite(magnitude).all()) or not bool(torch.isfinite(squares).all()):
         raise AdapterError(f"adapter {name}: {where}: its lora_magnitude_vector or weight norm is not finite")
     if not linear.row_parallel and not bool((squares > 0).all()):
@@ -165,27 +185,19 @@ def _target(name: str, where: str, module, magnitude: torch.Tensor, read, linear
     return DoraTarget(module.layer, module.proj, magnitude, squares, bias, linear.row_parallel)
 
 
-def _runs(rows: list[int]) -> list[slice]:
-    runs, start = [], 0
-    for j in range(1, len(rows) + 1):
-        if j == len(rows) or rows[j] != rows[j - 1] + 1:
-            runs.append(slice(rows[start], rows[j - 1] + 1))
-            start = j
-    return runs
-
-
 class DoraHook:
     """A step's LoRA hook for a batch where some segments' adapters are DoRA: the inner hook (shard/lora_batch.py)
     adds every segment's LoRA delta, then each DoRA segment's rows of the target's output are rescaled by g and
     shifted by c. Other rows are untouched."""
 
-    def __init__(self, inner, segments: list[tuple[list[int], DoraWeights]], device: torch.device):
+    def __init__(self, inner, segments: list[tuple[list[int], Scales]], device: torch.device):
+        """`segments`: each DoRA segment's rows and its adapter's scales on `device`."""
         self.inner = inner
         self.segments = []
-        for rows, weights in segments:
+        for rows, scales in segments:
             runs = _runs(rows)
             where = runs if len(runs) <= _MAX_SLICED_RUNS else torch.tensor(rows, device=device)
-            self.segments.append((where, weights.scales))
+            self.segments.append((where, scales))
 
     def apply(self, layer_idx: int, proj: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         y = self.inner.apply(layer_idx, proj, x, y)
