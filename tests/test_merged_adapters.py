@@ -78,7 +78,8 @@ def reference_adapter(sources: list, recipe: dict, out):
 
 def build(base, root):
     """The three rank-8 sources, a rank-4 and a DoRA adapter, and the reference merge of each recipe."""
-    adapters = {n: build_tiny_adapter(root / n, base, 8, 16, t, seed=60 + i) for i, (n, t) in enumerate(TARGETS.items())}
+    adapters = {n: build_tiny_adapter(root / n, base, 8, 16, t, seed=60 + i)
+                for i, (n, t) in enumerate(TARGETS.items())}
     adapters["rank4"] = build_tiny_adapter(root / "rank4", base, 4, 8, ["q_proj"], seed=70)
     adapters["dora"] = build_tiny_adapter(root / "dora", base, 8, 16, ["q_proj"], seed=71, use_dora=True)
     refs = [reference_adapter([adapters[n] for n in TARGETS], r, root / f"ref{i}") for i, r in enumerate(RECIPES)]
