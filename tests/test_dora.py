@@ -93,3 +93,18 @@ def test_dora_at_two_ranks(model_dirs, tmp_path_factory, reference):
             assert got == want, (prompt, adapter)
     finally:
         srv.stop()
+
+
+@pytest.mark.parametrize("family_name, targets", [("phi3", ["qkv_proj", "gate_up_proj", "down_proj"]),
+                                                  ("gemma2", ["q_proj", "o_proj", "up_proj"])])
+def test_dora_on_fused_projections_and_gemma(family_name, targets, model_dirs, tmp_path):
+    """Phi-3's fused qkv_proj / gate_up_proj (one magnitude vector over the fused outputs) and Gemma 2."""
+    base = model_dirs[family_name]
+    dora = build_tiny_adapter(tmp_path / "dora", base, 8, 16, targets, seed=50, use_dora=True)
+    engine = make_engine(base)
+    engine.load_adapter("dora", str(dora))
+    prompts = [[5, 17, 99, 3, 42, 8], [11, 12, 13, 14]]
+    out = engine.generate([SequenceRequest(0, prompts[0], adapter_id="dora"), SequenceRequest(1, prompts[1])],
+                          NEW_TOKENS)
+    assert out[0] == peft_greedy(base, dora, prompts[0])
+    assert out[1] == peft_greedy(base, None, prompts[1])
