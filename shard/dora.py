@@ -33,6 +33,8 @@ from shard.lora_batch import _runs
 _MAGNITUDE = re.compile(r"base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_magnitude_vector")
 # A segment whose rows come in at most this many runs is rescaled through slices, else through one gather.
 _MAX_SLICED_RUNS = 4
+# Largest DoRA rescale g = magnitude / norm accepted (trained adapters stay near 1).
+MAX_DORA_RESCALE = 1e4
 # Rows of W + scale * B A formed at once for the norms (a bounded transient on the weights' device).
 _NORM_ROWS = 256
 
@@ -179,9 +181,12 @@ def _target(name: str, where: str, module, magnitude: torch.Tensor, read, linear
     bias = None if linear.bias is None else linear.bias.detach().to("cpu", torch.float32)
     if not bool(torch.isfinite(magnitude).all()) or not bool(torch.isfinite(squares).all()):
         raise AdapterError(f"adapter {name}: {where}: its lora_magnitude_vector or weight norm is not finite")
-    if not linear.row_parallel and not bool((squares > 0).all()):
-        raise AdapterError(f"adapter {name}: {where}: a row of its adapted weight is all zero (DoRA divides by "
-                           "its norm)")
+    # g = m / norm, or (a row split across ranks, whose norm is at least this rank's part) a bound of it: a zero
+    # norm or an absurd magnitude is refused here, before it could put inf or NaN into a step.
+    rescale = float((magnitude.abs() / squares.sqrt()).max()) if squares.numel() else 0.0
+    if not rescale <= MAX_DORA_RESCALE:
+        raise AdapterError(f"adapter {name}: {where}: its magnitude over its weight norm reaches {rescale:.3g}, past "
+                           f"the bound of {MAX_DORA_RESCALE:g} (a zero row or a magnitude out of range)")
     return DoraTarget(module.layer, module.proj, magnitude, squares, bias, linear.row_parallel)
 
 

@@ -76,6 +76,13 @@ def test_dora_files_are_checked(family, tmp_path):
     (unflagged / "adapter_config.json").write_text(json.dumps(config | {"use_dora": "yes"}))
     with pytest.raises(AdapterError, match="use_dora must be true or false"):
         engine.load_adapter("unflagged", str(unflagged))
+    huge = tmp_path / "huge-magnitude"
+    shutil.copytree(adapters["dora-qv"], huge)
+    tensors = load_file(huge / "adapter_model.safetensors")
+    save_file({k: v * 1e9 if k.endswith("lora_magnitude_vector") else v for k, v in tensors.items()},
+              huge / "adapter_model.safetensors")
+    with pytest.raises(AdapterError, match="past the bound"):
+        engine.load_adapter("huge", str(huge))
 
 
 def test_dora_at_two_ranks(model_dirs, tmp_path_factory, reference):
