@@ -14,10 +14,11 @@ and for each tensor the adapters in the recipe's order: a recipe always merges t
 equal; the merged adapter takes the first adapter's lora_alpha and use_rslora (as LoRAX copies its config), and
 targets the union of their modules.
 
-The sources are files of adapters the shards already accepted; they are read again here, so the same bounds hold:
-each file must be a regular file inside the adapter's directory and within MAX_SOURCE_BYTES, the config a small
-JSON object, every tensor a lora_A / lora_B matrix of the same shape in every adapter that has it. The merged
-adapter is written as a PEFT adapter directory, which the shards then read and check like any other.
+The sources are files of adapters the shards already accepted; they are read again here, so bounds hold again:
+each file must be a regular file inside the adapter's directory within MAX_SOURCE_BYTES (all of a recipe's weights
+within MAX_RECIPE_BYTES, checked before any is read), the config a small JSON object, every tensor a lora_A /
+lora_B matrix of the same shape in every adapter that has it. The merged adapter is written as a PEFT adapter
+directory, which the shards then read and check like any other.
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ CONFIG_FILE = "adapter_config.json"
 SAFETENSORS_FILE = "adapter_model.safetensors"
 BIN_FILE = "adapter_model.bin"
 MAX_CONFIG_BYTES = 1 << 20
-MAX_SOURCE_BYTES = 2 << 30  # one adapter's weights file
+MAX_SOURCE_BYTES = 1 << 30  # one adapter's weights file
+MAX_RECIPE_BYTES = 2 << 30  # the weights files of one recipe together (held in memory while it merges)
 # Config fields whose adapters hold more than lora_A / lora_B pairs of one rank: LoRAX's rule does not say how
 # to merge them.
 _UNMERGEABLE = ("use_dora", "rank_pattern", "alpha_pattern", "modules_to_save", "target_parameters",
@@ -94,21 +96,23 @@ def _config(directory: Path) -> dict:
     return config
 
 
-def _tensors(directory: Path) -> dict:
+def _weights_file(directory: Path) -> Path:
+    path = _regular_file(directory, SAFETENSORS_FILE, MAX_SOURCE_BYTES) or \
+        _regular_file(directory, BIN_FILE, MAX_SOURCE_BYTES)
+    if path is None:
+        raise MergeError("it has no weights file")
+    return path
+
+
+def _tensors(path: Path) -> dict:
     import torch
     from safetensors.torch import load_file
 
-    path = _regular_file(directory, SAFETENSORS_FILE, MAX_SOURCE_BYTES)
     try:
-        if path is not None:
+        if path.name == SAFETENSORS_FILE:
             tensors = load_file(str(path))
         else:
-            path = _regular_file(directory, BIN_FILE, MAX_SOURCE_BYTES)
-            if path is None:
-                raise MergeError("it has no weights file")
             tensors = torch.load(path, map_location="cpu", weights_only=True)
-    except MergeError:
-        raise
     except Exception as e:  # a corrupt or truncated file, named without its content
         raise MergeError(f"its weights cannot be read ({type(e).__name__})") from None
     if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
@@ -175,11 +179,18 @@ def merge_adapters(recipe: Recipe, out_dir: Path) -> None:
     import torch
     from safetensors.torch import save_file
 
-    configs, sources = [], []
+    configs, files, sources = [], [], []
     for adapter_id, directory in recipe.sources:
         try:
             configs.append(_config(directory))
-            sources.append({k: t.float() for k, t in _tensors(directory).items()})
+            files.append(_weights_file(directory))
+        except MergeError as e:
+            raise MergeError(f"adapter '{adapter_id}' cannot be merged: {e}") from None
+    if sum(f.stat().st_size for f in files) > MAX_RECIPE_BYTES:
+        raise MergeError(f"the adapters' weights files together are larger than {MAX_RECIPE_BYTES} bytes")
+    for (adapter_id, _), file in zip(recipe.sources, files):
+        try:
+            sources.append({k: t.float() for k, t in _tensors(file).items()})
         except MergeError as e:
             raise MergeError(f"adapter '{adapter_id}' cannot be merged: {e}") from None
     ranks = {c["r"] for c in configs}
