@@ -214,11 +214,13 @@ def build_tiny_adapter(
     seed: int = 0,
     init_scale: float = 0.1,
     target_parameters: list[str] = (),
+    use_dora: bool = False,
 ) -> Path:
     """Writes a PEFT LoRA adapter of the model at `base_model_dir` to `path` (peft's own save_pretrained:
     adapter_config.json + adapter_model.safetensors) and returns the path. lora_B is drawn at random
     (peft initialises it to zero) so that the adapter changes the model's outputs. `target_parameters`: tensors
-    peft adapts directly (a mixture of experts' fused experts.gate_up_proj / experts.down_proj)."""
+    peft adapts directly (a mixture of experts' fused experts.gate_up_proj / experts.down_proj). `use_dora`: a
+    DoRA adapter, its magnitude vectors moved off the base weights' norms (where peft starts them)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -229,12 +231,14 @@ def build_tiny_adapter(
     targets = target_modules if isinstance(target_modules, str) else list(target_modules)
     config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, use_rslora=use_rslora,
                         lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
-                        target_parameters=list(target_parameters) or None)
+                        target_parameters=list(target_parameters) or None, use_dora=use_dora)
     model = get_peft_model(base, config)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_B" in name:
                 param.normal_(0.0, init_scale)
+            elif "lora_magnitude_vector" in name:
+                param.mul_(1 + init_scale * torch.randn_like(param))
     model.save_pretrained(path)
     return path
 

@@ -243,6 +243,19 @@ class AdapterRegistry:
         """The newest load of a --adapter or runtime name, once used."""
         return self._ids.get(self._current.get(name, name)) if name in self.named else None
 
+    async def register_derived(self, name: str, directory: Path, param: str) -> Adapter:
+        """An adapter the router wrote itself from loaded ones (a merge, router/merged_adapters.py), registered on
+        the shards under `name` (made unique). No spelling resolves to it and it is neither listed nor labelled:
+        its owner hands it to requests and unloads it (`forget_derived`)."""
+        adapter = await self._register(name, Located(directory, directory, "derived"), param, False, bound_to=None)
+        adapter.tokens = set()
+        return adapter
+
+    async def forget_derived(self, adapter: Adapter) -> None:
+        self._forget(adapter)
+        if error := await self.client.unload_adapter(adapter.id):
+            log.warning("adapter %s could not be unloaded: %s", adapter.id, redact_paths(error))
+
     async def _load_once(self, key: tuple[str, str | None], load: Callable[[], Awaitable[Adapter]]) -> Adapter:
         """`load()` run once for concurrent requests naming `key`; each waits on it (shielded: a request that
         goes away does not cancel the others' load)."""

@@ -21,6 +21,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from proto import generate_pb2 as pb
 from router import adapter_api, native_api, openai_api, responses_api, tokenize_api
 from router.adapters import AdapterRegistry
+from router.merged_adapters import MergedAdapters
 from router.backend import Backend
 from router.config import RouterConfig
 from router.connections import OVER_CAPACITY, quiet_accept_errors
@@ -363,7 +364,8 @@ async def _start_backend(app: Starlette, config: RouterConfig) -> None:
                           config.max_queue_time_s, prefix_caching,
                           adapter_cycle_time_s=config.adapter_cycle_time_s)
     app.state.backend = Backend(config, tokenizer, scheduler, capacity, app.state.shard_info.vocab_size, adapters,
-                                GrammarChecker(tokenizer, client), TemplateRenderer())
+                                GrammarChecker(tokenizer, client), TemplateRenderer(),
+                                MergedAdapters(adapters, scheduler.adapter_users))
     app.state.backend.templates.warm()
     app.state.metrics.watch(scheduler, config.model_id, adapters.label, adapters.get)
     log.info("KV cache: %d blocks of %d tokens (%d tokens), prefix caching %s", warm.num_blocks, warm.block_size,
@@ -426,6 +428,7 @@ def create_app(config: RouterConfig) -> Starlette:
             with contextlib.suppress(asyncio.CancelledError):
                 await loop_task
             await app.state.backend.templates.close()
+            app.state.backend.merges.close()
             await app.state.backend.scheduler.client.close()
 
     app = Starlette(routes=ROUTES, lifespan=lifespan,

@@ -10,7 +10,7 @@ import time
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.requests import Request
@@ -26,6 +26,9 @@ from router.scheduler import Scheduler
 from router.structured import GrammarChecker
 from router.templates import TemplateRenderError, TemplateRenderer
 from router.tokenization import ChatTemplateError, ModelTokenizer, continued
+
+if TYPE_CHECKING:
+    from router.merged_adapters import MergedAdapters, MergedAdaptersSpec
 
 
 class StrictModel(BaseModel):
@@ -50,12 +53,29 @@ class Backend:
     adapters: AdapterRegistry
     grammars: GrammarChecker
     templates: TemplateRenderer
+    merges: MergedAdapters | None = None
     started: int = field(default_factory=lambda: int(time.time()))
 
     async def resolve_model(self, name: str | None, source: str | None = None, api_token: str | None = None,
-                            param: str = "model") -> tuple[Adapter | None, ModelTokenizer]:
-        """A request's model / adapter_id → (the adapter or None for the base model, the tokenizer to use)."""
-        adapter = await self.adapters.resolve(name, source, api_token, param)
+                            param: str = "model", merged: MergedAdaptersSpec | None = None,
+                            merged_param: str = "merged_adapters", scale: float | None = None,
+                            scale_param: str = "adapter_scale") -> tuple[Adapter | None, ModelTokenizer]:
+        """A request's model / adapter_id → (the adapter or None for the base model, the tokenizer to use);
+        with `merged`, the merge of its adapters (router/merged_adapters.py), and `name` may only be the base;
+        with a `scale`, the adapter (or merge) with its update scaled, a virtual adapter like merges."""
+        scale = 1.0 if scale is None else scale
+        if merged is not None:
+            if name not in (None, "", self.config.model_id):
+                raise bad_request(f"`{param}` names an adapter: with `{merged_param}` it must be the base model "
+                                  "or omitted", param=param)
+            adapter = await self.merges.resolve(merged, source, api_token, merged_param, scale)
+        else:
+            adapter = await self.adapters.resolve(name, source, api_token, param)
+            if scale != 1.0:
+                if adapter is None:
+                    raise bad_request(f"`{scale_param}` scales an adapter's update: the base model has none",
+                                      param=scale_param)
+                adapter = await self.merges.scaled(name, adapter, scale, scale_param)
         return adapter, (adapter.tokenizer if adapter else self.tokenizer)
 
     def check_chars(self, text: str | list | dict, tokenizer: ModelTokenizer, param: str) -> None:

@@ -23,6 +23,7 @@ from router.adapters import Adapter
 from router.backend import Backend, ModelId, StopList, StrictModel, gather_all, parse_body, sampling_parameters
 from router.errors import APIError
 from router.generation import Generation, GenerationFailed
+from router.merged_adapters import AdapterScale, MergedAdaptersSpec
 from router.sse import sse_event, sse_response
 from router.structured import response_format_grammar
 from router.text_stream import TextChunk, generate_text
@@ -34,7 +35,8 @@ class Parameters(StrictModel):
     adapter_id: ModelId | None = None
     adapter_source: str | None = Field(None, max_length=16)
     adapter_parameters: dict | None = None
-    merged_adapters: dict | None = None
+    merged_adapters: MergedAdaptersSpec | None = None
+    adapter_scale: AdapterScale | None = None
     api_token: str | None = Field(None, max_length=1024)
     best_of: int | None = Field(None, ge=1, le=MAX_CHOICES)
     decoder_input_details: bool = False
@@ -55,7 +57,7 @@ class Parameters(StrictModel):
     response_format: dict | None = None
     return_k_alternatives: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
 
-    @field_validator("adapter_parameters", "merged_adapters")
+    @field_validator("adapter_parameters")
     @classmethod
     def _not_yet(cls, value, info: ValidationInfo):
         if value not in (None, 1):
@@ -184,7 +186,9 @@ async def _prepare(request: Request, body: GenerateRequest | None = None) -> _Na
     p = body.parameters
     backend.check_choices(p.best_of or 1, "parameters.best_of")
     adapter, tokenizer = await backend.resolve_model(p.adapter_id, p.adapter_source, p.api_token,
-                                                     param="parameters.adapter_id")
+                                                     param="parameters.adapter_id", merged=p.merged_adapters,
+                                                     merged_param="parameters.merged_adapters", scale=p.adapter_scale,
+                                                     scale_param="parameters.adapter_scale")
     input_ids = await backend.encode(tokenizer, body.inputs, "inputs")
     if p.truncate is not None and len(input_ids) > p.truncate:
         input_ids = input_ids[-p.truncate:]

@@ -195,7 +195,8 @@ async def chat_completions(request: Request):
     backend = _backend(request)
     body: ChatCompletionRequest = await parse_body(request, ChatCompletionRequest)
     backend.check_choices(body.n, "n")
-    adapter, tokenizer = await backend.resolve_model(body.model)
+    adapter, tokenizer = await backend.resolve_model(body.model, merged=body.merged_adapters,
+                                                     scale=body.adapter_scale)
     tools = body.tool_dicts
     prompt = await render_prompt(backend, adapter, tokenizer, template_messages(body), tools, body)
     grammar, param = body.grammar()
@@ -218,7 +219,8 @@ async def completions(request: Request):
     backend = _backend(request)
     body: CompletionRequest = await parse_body(request, CompletionRequest)
     backend.check_choices(len(body.prompts()) * (body.best_of or body.n), "best_of" if body.best_of else "n")
-    adapter, tokenizer = await backend.resolve_model(body.model)
+    adapter, tokenizer = await backend.resolve_model(body.model, merged=body.merged_adapters,
+                                                     scale=body.adapter_scale)
     prompts = []
     for prompt in body.prompts():
         if isinstance(prompt, str):

@@ -26,6 +26,7 @@ from common.limits import (
 from router.backend import ModelId, StopList, StopString, StrictModel, sampling_parameters
 from router.chat_prompt import ChatTemplateFields
 from router.errors import bad_request
+from router.merged_adapters import AdapterScale, MergedAdaptersSpec
 from router.structured import guided_grammar, response_format_grammar, tool_choice_grammar
 
 GrammarText = Annotated[str, Field(min_length=1, max_length=MAX_GUIDED_GRAMMAR_CHARS)]
@@ -127,6 +128,9 @@ class SamplingFields(Sampling):
     guided_choice: ChoiceList | None = None
     guided_grammar: GrammarText | None = None
     structured_outputs: StructuredOutputs | None = None
+    # LoRAX's merged_adapters (an `extra_body` field for the OpenAI SDK): `model` is then the base model.
+    merged_adapters: MergedAdaptersSpec | None = None
+    adapter_scale: AdapterScale | None = None  # the adapter's (or merge's) update times this
 
     @model_validator(mode="after")
     def _no_streamed_prompt_logprobs(self) -> "SamplingFields":

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from shard.dora import BaseLinear, DoraHook, DoraWeights
 from shard.expert_lora import ExpertLora, MoeLora
 from shard.lora import AdapterError, HostAdapter, PageLayout
 from shard.peft_adapter import load_adapter
@@ -45,6 +46,7 @@ class AdapterEntry:
     preloaded: bool = False  # --preloaded-adapter-ids: paged in at registration and never evicted
     spilled: Path | None = None  # its pages in the spill directory, once the host cache let them go
     expert_pages: int = 0  # the trailing pages that hold expert rows (shard/expert_lora.py)
+    dora: DoraWeights | None = None  # a DoRA adapter's factors (shard/dora.py), kept with the entry
 
     @property
     def projection_pages(self) -> list[int]:
@@ -53,8 +55,11 @@ class AdapterEntry:
 
 
 class AdapterCache:
-    def __init__(self, layout: PageLayout, dtype: torch.dtype, device: torch.device, host_cache_bytes: int):
+    def __init__(self, layout: PageLayout, dtype: torch.dtype, device: torch.device, host_cache_bytes: int,
+                 base: dict[tuple[int, str], BaseLinear] | None = None, tp_size: int = 1):
+        """`base`: the model's target weights, which DoRA adapters are read against (None: no DoRA)."""
         self.layout, self.dtype, self.device = layout, dtype, device
+        self.base, self.tp_size = base, tp_size
         self.host_cache_bytes = host_cache_bytes
         self.entries: dict[str, AdapterEntry] = {}
         self.host: OrderedDict[str, torch.Tensor] = OrderedDict()  # LRU host copies, oldest first
@@ -107,7 +112,7 @@ class AdapterCache:
         """Reads and checks an adapter dir into host pages. Touches no state of the cache, so it may run off the
         engine thread (a slow or large adapter then stalls no step); `register` takes its result."""
         return load_adapter(adapter_id, path, self.layout, self.dtype, self.max_adapter_pages,
-                            pin_memory=self.device.type == "cuda")
+                            pin_memory=self.device.type == "cuda", base=self.base)
 
     def _keep_on_host(self, adapter_id: str, pages: torch.Tensor) -> None:
         self._drop_host(adapter_id)
@@ -155,7 +160,8 @@ class AdapterCache:
             raise AdapterError(f"adapter {adapter_id}: in use by running requests, cannot replace it")
         if old is not None:
             self._forget(adapter_id)
-        entry = AdapterEntry(path, host.rank, host.pages.shape[0], host.targets, expert_pages=host.expert_pages)
+        entry = AdapterEntry(path, host.rank, host.pages.shape[0], host.targets, expert_pages=host.expert_pages,
+                             dora=host.dora)
         self.entries[adapter_id] = entry
         self._keep_on_host(adapter_id, host.pages)
         return entry
@@ -192,6 +198,8 @@ class AdapterCache:
         if entry.pages is not None:
             self.free_pages.extend(reversed(entry.pages))
             entry.pages = None
+            if entry.dora is not None:
+                entry.dora.release()
             self.stacks.drop(adapter_id)
             del self.resident[adapter_id]
 
@@ -313,6 +321,12 @@ class AdapterCache:
         experts = {a: e for a, e in entries.items() if e.expert_pages}
         entries = {a: e for a, e in entries.items() if len(e.projection_pages)}
         hook = self._projection_lora(entries, segments, offset, triton) if entries else None
+        dora = {a: e.dora for a, e in entries.items() if e.dora is not None}
+        if dora:
+            for weights in dora.values():  # every rank reaches this in the same step: finish's all-reduce lines up
+                weights.finish(self.device, self.tp_size)
+            hook = DoraHook(hook, [(segments[a], w.on(self.device, self.dtype)) for a, w in dora.items()],
+                            self.device)
         if not experts:
             return hook
         return MoeLora(hook, ExpertLora(self.layout.experts, self.pool, [

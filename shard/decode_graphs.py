@@ -139,7 +139,9 @@ class DecodeRunner:
             return None
         segments = self.adapters.segments(adapter_ids, [1] * len(ids)) if any(adapter_ids) else {}
         key = smallest_bucket(self.keys, len(ids), len(segments))
-        if key is None or any(len(self.adapters.entries[a].pages) > self.lora_pages for a in segments):
+        entries = [self.adapters.entries[a] for a in segments]
+        # DoRA's per-row rescale (shard/dora.py) is not part of the captured step: such steps run unpadded.
+        if key is None or any(len(e.pages) > self.lora_pages or e.dora is not None for e in entries):
             return None
         self._fill(ids, positions, slots, tables, lengths, segments, *key)
         self.padded_steps += 1

@@ -25,6 +25,7 @@ from common.defaults import (
 from shard.adapter_cache import AdapterCache
 from shard.attention import batch_metadata, decode_kernel, decode_metadata, prefill_metadata
 from shard.decode_graphs import DecodeRunner, graphs_requested
+from shard.dora import base_linears
 from shard.expert_lora import expert_layout
 from shard.kv_cache import DEFAULT_BLOCK_SIZE, allocate_kv_cache
 from shard.lora import AdapterError, HostAdapter, PageLayout, projection_shapes
@@ -106,7 +107,8 @@ class Engine:
         self.sequences: dict[int, Sequence] = {}
         layout = PageLayout.build(config.num_hidden_layers, adapter_page_rank, projection_shapes(self.model))
         layout.experts = expert_layout(self.model, layout.page_numel, adapter_page_rank)
-        self.adapters = AdapterCache(layout, dtype, self.device, adapter_host_cache_bytes)
+        self.adapters = AdapterCache(layout, dtype, self.device, adapter_host_cache_bytes, base_linears(self.model),
+                                     tp_size)
         # Triton SGMV instead of the torch LoRA path: CUDA only, opt-in until checked on a GPU.
         self.triton_lora = self.device.type == "cuda" and os.environ.get("LOOM_TRITON_LORA") == "1"
         # Built now, never while serving.

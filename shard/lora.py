@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
+    from shard.dora import DoraWeights
     from shard.expert_lora import ExpertLayout
 
 # The projections PEFT targets on Llama-style families; each family declares its own (shard/models/).
@@ -105,3 +106,4 @@ class HostAdapter:
     targets: frozenset[str]
     pages: torch.Tensor  # [pages for its rank + expert_pages, page_numel]
     expert_pages: int = 0  # the trailing pages that hold expert rows (shard/expert_lora.py)
+    dora: DoraWeights | None = None  # a DoRA adapter's factors (shard/dora.py)

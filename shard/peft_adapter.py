@@ -28,6 +28,7 @@ import torch
 from safetensors import safe_open
 
 from shard import peft_experts
+from shard.dora import BaseLinear, is_magnitude_key, read_dora
 from shard.lora import AdapterError, HostAdapter, PageLayout
 from shard.models.base import apply_renames
 from shard.peft_experts import TARGET_PARAMETERS
@@ -138,7 +139,7 @@ def _check_config(name: str, config: dict) -> None:
         (config.get("peft_type", "LORA") == "LORA", "peft_type is not LORA"),
         (not config.get("fan_in_fan_out", False), "fan_in_fan_out adapters are not supported"),
         (config.get("bias", "none") == "none", "bias is not supported (only 'none')"),
-        (not config.get("use_dora", False), "DoRA adapters are not supported"),
+        (isinstance(config.get("use_dora", False), bool), "use_dora must be true or false"),
         (not config.get("modules_to_save"), "modules_to_save is not supported"),
         (not config.get("lora_bias", False), "lora_bias is not supported"),
         (config.get("target_parameters") is None or (isinstance(config["target_parameters"], list) and all(
@@ -314,9 +315,15 @@ def _check_pages(name: str, layout: PageLayout, modules: list[_Module], experts:
 
 
 def _read_weights(name: str, file: Path, shapes: dict[str, list[int]], read, layout: PageLayout, config: dict,
-                  patterns: _Patterns, max_pages: int | None, dtype: torch.dtype) -> HostAdapter:
+                  patterns: _Patterns, max_pages: int | None, dtype: torch.dtype,
+                  base: dict[tuple[int, str], BaseLinear] | None) -> HostAdapter:
     """Plans every tensor from `shapes` (checks before any tensor is read), then reads them (`read(key)`) into
-    pages: the page layout's, then the experts' (shard/peft_experts.py)."""
+    pages: the page layout's, then the experts' (shard/peft_experts.py); a DoRA adapter's factors besides
+    (shard/dora.py, from `base`: the model's target weights)."""
+    magnitudes = {k: shapes.pop(k) for k in [k for k in shapes if is_magnitude_key(k)]}
+    if magnitudes and not config.get("use_dora"):
+        raise AdapterError(f"adapter {name}: {file.name} holds lora_magnitude_vector tensors but {CONFIG_FILE} "
+                           "does not set use_dora")
     experts_layout = layout.experts
     if experts_layout is not None and experts_layout.renames:  # an adapter of the model as older releases named it
         original = {apply_renames(k, experts_layout.renames): k for k in shapes}
@@ -335,6 +342,8 @@ def _read_weights(name: str, file: Path, shapes: dict[str, list[int]], read, lay
                                     lookup)
     if not modules and not experts:
         raise AdapterError(f"adapter {name}: no LoRA tensors on a supported target module")
+    if config.get("use_dora") and experts:
+        raise AdapterError(f"adapter {name}: DoRA on expert parameters is not supported")
     _check_pages(name, layout, modules, experts, max_pages)
     pages = _lay_out(name, layout, modules, read, dtype)
     expert_pages = peft_experts.lay_out(name, experts_layout, experts, layout.page_numel, read,
@@ -342,14 +351,17 @@ def _read_weights(name: str, file: Path, shapes: dict[str, list[int]], read, lay
                                         dtype) if experts else pages[:0]
     ranks = [m.rank for m in modules] + [t.rank for t in experts]
     targets = {m.proj for m in modules} | {f"experts.{t.target}" for t in experts}
-    return HostAdapter(max(ranks), frozenset(targets), torch.cat([pages, expert_pages]), expert_pages.shape[0])
+    dora = read_dora(name, modules, magnitudes, read, layout, base, lambda m, ab, src: _slice(layout, m, ab, src)) \
+        if config.get("use_dora") else None
+    return HostAdapter(max(ranks), frozenset(targets), torch.cat([pages, expert_pages]), expert_pages.shape[0], dora)
 
 
 def load_adapter(name: str, path: str | Path, layout: PageLayout, dtype: torch.dtype, max_pages: int | None = None,
-                 pin_memory: bool = False) -> HostAdapter:
+                 pin_memory: bool = False, base: dict[tuple[int, str], BaseLinear] | None = None) -> HostAdapter:
     """Reads and checks a PEFT LoRA adapter dir and lays it out as pages, each file read once; `max_pages`: the
-    most pool pages an adapter may take (checked before any tensor is read). Raises AdapterError naming the
-    file, field or tensor that is wrong."""
+    most pool pages an adapter may take (checked before any tensor is read); `base`: the model's target weights
+    (shard/dora.base_linears), which DoRA adapters need. Raises AdapterError naming the file, field or tensor
+    that is wrong."""
     path = Path(path)
     config = _read_config(name, path)
     patterns = _Patterns(name)
@@ -361,13 +373,13 @@ def load_adapter(name: str, path: str | Path, layout: PageLayout, dtype: torch.d
             with safe_open(str(file), framework="pt", device="cpu") as f:
                 sources = {key: f.get_slice(key) for key in f.keys()}
                 host = _read_weights(name, file, {k: list(s.get_shape()) for k, s in sources.items()},
-                                     sources.__getitem__, layout, config, patterns, max_pages, dtype)
+                                     sources.__getitem__, layout, config, patterns, max_pages, dtype, base)
         else:
             state = torch.load(file, map_location="cpu", weights_only=True)
             if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
                 raise AdapterError(f"adapter {name}: {file.name} does not hold a dict of tensors")
             host = _read_weights(name, file, {k: list(t.shape) for k, t in state.items()}, state.__getitem__, layout,
-                                 config, patterns, max_pages, dtype)
+                                 config, patterns, max_pages, dtype, base)
     except AdapterError:
         raise
     except Exception as e:  # a corrupt or truncated file: this adapter's error, named without its content
