@@ -1,0 +1,326 @@
+"""Adapters on the vocabulary: LoRA on `embed_tokens` and `lm_head`, PEFT's trainable tokens, and whole
+embedding / LM-head matrices (`modules_to_save`, or the resized base layers PEFT saves with an adapter that
+added tokens). Reading them (from the PEFT keys, planned from names and shapes before any data is read) and
+applying them per request: a step's rows of such an adapter get its embeddings before the layers and its
+logits after; every other row keeps the base model's, so these requests share a step with plain LoRA and
+base-model requests.
+
+An adapter's vocabulary tensors are held whole on every tensor-parallel rank (the base embedding and lm_head
+stay split by vocabulary rows): they apply after the base lookup's all-reduce and the logits' all-gather, so
+no rank runs a collective another does not. They are bounded in bytes (the adapter cache's vocabulary budget)
+before they are read.
+
+PEFT's key names (after `base_model.model.`) under `model.embed_tokens` and `lm_head`:
+- `lora_embedding_A` [r, V], `lora_embedding_B` [H, r]: embedding LoRA, e(ids) + (A^T[ids] @ B^T) * scale;
+- `lora_A.weight` [r, H], `lora_B.weight` [V, r]: lm_head LoRA;
+- `token_adapter.trainable_tokens_delta` [k, H]: the rows of `trainable_token_indices` (for a tied lm_head, the
+  same rows of its weight);
+- `modules_to_save.weight` [V', H]: the adapter's own matrix;
+- `weight`, `base_layer.weight`, `token_adapter.base_layer.weight`, `original_module.weight`: the base layer as
+  saved with the adapter. Of the base model's shape it is the base model's own weights and is not kept; of
+  another vocabulary size (resize_token_embeddings) it is the adapter's matrix.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+from shard.lora import AdapterError
+
+VOCAB_MODULES = ("embed_tokens", "lm_head")
+_KEY = re.compile(r"base_model\.model\.(?:model\.)?(embed_tokens|lm_head)\.([\w.]+)")
+_EMBED_LORA = ("lora_embedding_A", "lora_embedding_B")
+_HEAD_LORA = ("lora_A.weight", "lora_B.weight")
+_SAVED_BASE = ("weight", "base_layer.weight", "token_adapter.base_layer.weight", "original_module.weight")
+_ROLES = {"lora_embedding_A": "lora_a", "lora_embedding_B": "lora_b", "lora_A.weight": "lora_a",
+          "lora_B.weight": "lora_b", "token_adapter.trainable_tokens_delta": "rows",
+          "modules_to_save.weight": "full", **{k: "saved" for k in _SAVED_BASE}}
+# The largest vocabulary an adapter may bring, relative to the base model's (added tokens, not a new model).
+MAX_VOCAB_GROWTH = 2
+# Default bound on the vocabulary tensors all registered adapters hold on a rank.
+DEFAULT_VOCAB_BUDGET_BYTES = 1 << 30
+_MAX_ELEMENT_BYTES = 8
+_COPIES_PER_MODULE = 4  # what a weights file may hold per module: its matrix and the saved base layers
+
+
+@dataclass(frozen=True, slots=True)
+class VocabShape:
+    """The base model's vocabulary: rows of its embedding, its hidden size, whether lm_head is the embedding."""
+
+    vocab_size: int
+    hidden_size: int
+    tied: bool
+
+
+def file_allowance(shape: VocabShape | None) -> int:
+    """Bytes a weights file may spend on vocabulary tensors beyond its LoRA pages."""
+    if shape is None:
+        return 0
+    rows = MAX_VOCAB_GROWTH * shape.vocab_size
+    return len(VOCAB_MODULES) * _COPIES_PER_MODULE * rows * shape.hidden_size * _MAX_ELEMENT_BYTES
+
+
+def is_vocab_key(key: str) -> bool:
+    return _KEY.fullmatch(key) is not None
+
+
+def check_config(name: str, config: dict) -> None:
+    """modules_to_save and trainable_token_indices name only the vocabulary modules, with integer ids."""
+    saved = config.get("modules_to_save") or []
+    if not isinstance(saved, list) or not all(isinstance(m, str) for m in saved):
+        raise AdapterError(f"adapter {name}: adapter_config.json: modules_to_save must be a list of module names")
+    for module in saved:
+        if module.rpartition(".")[2] not in VOCAB_MODULES:
+            shown = module if len(module) <= 64 else module[:64] + "..."
+            raise AdapterError(f"adapter {name}: modules_to_save names {shown!r}: only embed_tokens and lm_head are "
+                               "supported")
+    indices = _token_indices(config)
+    if indices is None:
+        raise AdapterError(f"adapter {name}: adapter_config.json: trainable_token_indices must be a list of token "
+                           "ids or map embed_tokens to one")
+
+
+def _token_indices(config: dict) -> list[int] | None:
+    """trainable_token_indices as the embedding's ids ([] when absent); None when malformed."""
+    value = config.get("trainable_token_indices") or []
+    if isinstance(value, dict):
+        if not set(value) <= {"embed_tokens", "model.embed_tokens"} or len(value) > 1:
+            return None
+        value = next(iter(value.values()), [])
+    if not isinstance(value, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in value):
+        return None
+    return value
+
+
+# ---- planned from the names and shapes, then read ---------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _ModulePlan:
+    keys: dict[str, str] = field(default_factory=dict)  # role -> tensor key
+    rank: int = 0
+    scale: float = 0.0
+
+
+@dataclass(slots=True)
+class VocabPlan:
+    vocab_size: int  # the adapter's vocabulary (the base model's unless it brings a matrix of another size)
+    modules: dict[str, _ModulePlan]
+    indices: list[int]
+    nbytes: int  # what the kept tensors take in the pool's dtype
+
+
+def plan(name: str, file: str, shapes: dict[str, list[int]], base: VocabShape | None, config: dict, lookup,
+         element_bytes: int, max_bytes: int | None) -> VocabPlan | None:
+    """The vocabulary tensors among `shapes` (keys is_vocab_key), checked against the model and the config from
+    their names and shapes alone; None when there are none. `lookup(field, module path, default)`: PEFT's
+    rank_pattern / alpha_pattern rule. Raises AdapterError naming the tensor or field."""
+    if not shapes:
+        if _token_indices(config):
+            raise AdapterError(f"adapter {name}: {file}: trainable_token_indices without trainable_tokens_delta")
+        return None
+    if base is None:
+        raise AdapterError(f"adapter {name}: this model serves no adapters on embed_tokens or lm_head")
+    modules: dict[str, _ModulePlan] = {}
+    for key in shapes:
+        module, suffix = _KEY.fullmatch(key).groups()
+        role = _ROLES.get(suffix)
+        if role is None or suffix in (_HEAD_LORA if module == "embed_tokens" else _EMBED_LORA):
+            raise AdapterError(f"adapter {name}: {file}: a tensor of {module} is of a kind Loom does not serve")
+        if role == "saved":  # the base layer as saved: the adapter's own matrix only when resized
+            if shapes[key][0] == base.vocab_size:
+                continue
+            role = "full" if "full" not in modules.get(module, _ModulePlan()).keys else "ignored"
+        if role != "ignored":
+            modules.setdefault(module, _ModulePlan()).keys.setdefault(role, key)
+    vocab = _vocab_size(name, file, shapes, modules, base)
+    for module, m in modules.items():
+        _check_module(name, file, module, m, shapes, base, vocab, config, lookup)
+    indices = _token_indices(config) or []
+    if any("rows" in m.keys for m in modules.values()):
+        rows = shapes[next(m.keys["rows"] for m in modules.values() if "rows" in m.keys)][0]
+        if len(indices) != rows or len(set(indices)) != rows or not all(0 <= i < vocab for i in indices):
+            raise AdapterError(f"adapter {name}: trainable_token_indices must be {rows} distinct ids in [0, {vocab}) "
+                               "(one per row of trainable_tokens_delta)")
+    elif indices:
+        raise AdapterError(f"adapter {name}: {file}: trainable_token_indices without trainable_tokens_delta")
+    if vocab != base.vocab_size and "full" not in modules.get("lm_head", _ModulePlan()).keys and not base.tied:
+        raise AdapterError(f"adapter {name}: {file}: its vocabulary has {vocab} tokens but it holds no lm_head of "
+                           "that size")
+    nbytes = sum(math.prod(shapes[k]) for m in modules.values() for k in m.keys.values()) * element_bytes
+    if max_bytes is not None and nbytes > max_bytes:
+        raise AdapterError(f"adapter {name}: its embedding / lm_head tensors take {nbytes} bytes, more than the "
+                           f"{max_bytes} bytes left for adapter vocabularies")
+    return VocabPlan(vocab, modules, indices, nbytes)
+
+
+def _vocab_size(name: str, file: str, shapes: dict, modules: dict[str, _ModulePlan], base: VocabShape) -> int:
+    sizes = {shapes[m.keys["full"]][0] for m in modules.values() if "full" in m.keys}
+    if len(sizes) > 1:
+        raise AdapterError(f"adapter {name}: {file}: its embed_tokens and lm_head matrices have different "
+                           "vocabulary sizes")
+    vocab = sizes.pop() if sizes else base.vocab_size
+    if not 0 < vocab <= MAX_VOCAB_GROWTH * base.vocab_size:
+        raise AdapterError(f"adapter {name}: {file}: a vocabulary of {vocab} tokens, the base model has "
+                           f"{base.vocab_size} (at most {MAX_VOCAB_GROWTH}x)")
+    return vocab
+
+
+def _check_module(name: str, file: str, module: str, m: _ModulePlan, shapes: dict, base: VocabShape, vocab: int,
+                  config: dict, lookup) -> None:
+    h = base.hidden_size
+    expected = {"full": [vocab, h], "rows": [None, h]}
+    if "lora_a" in m.keys or "lora_b" in m.keys:
+        if not ("lora_a" in m.keys and "lora_b" in m.keys):
+            raise AdapterError(f"adapter {name}: {module} has only one of its two LoRA tensors")
+        path = "model.embed_tokens" if module == "embed_tokens" else "lm_head"
+        m.rank = lookup("rank_pattern", path, config["r"])
+        alpha = lookup("alpha_pattern", path, config.get("lora_alpha", 8))
+        m.scale = alpha / (math.sqrt(m.rank) if config.get("use_rslora") else m.rank)
+        if module == "embed_tokens":
+            expected |= {"lora_a": [m.rank, vocab], "lora_b": [h, m.rank]}
+        else:
+            expected |= {"lora_a": [m.rank, h], "lora_b": [vocab, m.rank]}
+    for role, key in m.keys.items():
+        shape, want = shapes[key], expected[role]
+        if len(shape) != 2 or any(w is not None and s != w for s, w in zip(shape, want)) or not shape[0]:
+            shown = ", ".join("k" if w is None else str(w) for w in want)
+            raise AdapterError(f"adapter {name}: {file}: {module}.{key.rpartition(module + '.')[2]} has shape "
+                               f"{shape}, the base model needs [{shown}]")
+
+
+# ---- held per adapter --------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class VocabWeights:
+    """One adapter's vocabulary tensors, in the model's dtype, whole on this rank."""
+
+    vocab_size: int
+    embed: torch.Tensor | None = None  # [V', H] replaces the embedding
+    head: torch.Tensor | None = None  # [V', H] replaces lm_head
+    token_ids: torch.Tensor | None = None  # [k] trainable token ids
+    embed_rows: torch.Tensor | None = None  # [k, H] their embedding rows
+    head_rows: torch.Tensor | None = None  # [k, H] their lm_head rows (a tied lm_head)
+    embed_lora: tuple[torch.Tensor, torch.Tensor] | None = None  # (A^T [V, r], scale * B^T [r, H])
+    head_lora: tuple[torch.Tensor, torch.Tensor] | None = None  # (A^T [H, r], scale * B^T [r, V])
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self._tensors())
+
+    def _tensors(self):
+        for value in (self.embed, self.head, self.token_ids, self.embed_rows, self.head_rows,
+                      *(self.embed_lora or ()), *(self.head_lora or ())):
+            if value is not None:
+                yield value
+
+    def to(self, device: torch.device) -> VocabWeights:
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        pair = lambda p: None if p is None else (move(p[0]), move(p[1]))  # noqa: E731
+        return VocabWeights(self.vocab_size, move(self.embed), move(self.head), move(self.token_ids),
+                            move(self.embed_rows), move(self.head_rows), pair(self.embed_lora), pair(self.head_lora))
+
+    def embeddings(self, ids: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+        """This adapter's embeddings of `ids`, given the base model's `base` (rows of ids past the base
+        vocabulary hold anything)."""
+        h = base if self.embed is None else self.embed[ids]
+        if self.embed_rows is not None:
+            h = _replace_rows(h, ids, self.token_ids, self.embed_rows, self.vocab_size)
+        if self.embed_lora is not None:
+            a_t, b_t = self.embed_lora
+            h = h + a_t[ids] @ b_t
+        return h
+
+    def logits(self, hidden: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+        """This adapter's raw logits [n, V'] of `hidden`, given the base model's `base` [n, V]."""
+        logits = base if self.head is None else hidden @ self.head.t()
+        if self.head_rows is not None:
+            logits = logits.index_copy(1, self.token_ids, hidden @ self.head_rows.t())
+        if self.head_lora is not None:
+            a_t, b_t = self.head_lora
+            logits = logits + (hidden @ a_t) @ b_t
+        return logits
+
+
+def _replace_rows(h: torch.Tensor, ids: torch.Tensor, token_ids: torch.Tensor, rows: torch.Tensor,
+                  vocab: int) -> torch.Tensor:
+    """h with the rows whose id is one of `token_ids` replaced by that token's row."""
+    where = torch.full((vocab,), -1, dtype=torch.long, device=ids.device)
+    where[token_ids] = torch.arange(len(token_ids), device=ids.device)
+    slot = where[ids]
+    hit = slot >= 0
+    return torch.where(hit[:, None], rows[slot.clamp(min=0)], h)
+
+
+def read(name: str, vocab_plan: VocabPlan, base: VocabShape, read_tensor, fold, dtype: torch.dtype) -> VocabWeights:
+    """The planned tensors read (`read_tensor(key)`), checked finite and converted to `dtype`. `fold(where,
+    scale, a, b)` -> (A, scale * B^T): the LoRA pages' own checks and bound."""
+    weights = VocabWeights(vocab_plan.vocab_size)
+    for module, m in vocab_plan.modules.items():
+        keys = m.keys
+        for role, attr in (("full", "embed" if module == "embed_tokens" else "head"),
+                           ("rows", "embed_rows" if module == "embed_tokens" else "head_rows")):
+            if role in keys:
+                setattr(weights, attr, _finite(name, f"{module}.{role}", read_tensor(keys[role])[:], dtype))
+        if "lora_a" in keys:
+            a, bt = fold(module, m.scale, read_tensor(keys["lora_a"])[:], read_tensor(keys["lora_b"])[:])
+            if module == "embed_tokens":
+                weights.embed_lora = (a.t().contiguous(), bt)
+            else:
+                weights.head_lora = (a.t().contiguous(), bt)
+    if weights.embed_rows is not None or weights.head_rows is not None:
+        weights.token_ids = torch.tensor(vocab_plan.indices, dtype=torch.long)
+        if weights.head_rows is None and base.tied and weights.head is None:
+            weights.head_rows = weights.embed_rows  # PEFT adapts a tied lm_head with the embedding's rows
+    if weights.head is None and weights.embed is not None and base.tied and vocab_plan.vocab_size != base.vocab_size:
+        weights.head = weights.embed  # a resized tied model: its lm_head is its embedding
+    return weights
+
+
+def _finite(name: str, where: str, tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    converted = tensor.to(dtype)
+    if not bool(torch.isfinite(tensor.float()).all()) or not bool(torch.isfinite(converted).all()):
+        raise AdapterError(f"adapter {name}: {where} holds weights that are not finite (after conversion to "
+                           f"{str(dtype).removeprefix('torch.')})")
+    return converted.contiguous()
+
+
+# ---- per step ----------------------------------------------------------------------------------------------
+
+
+class VocabBatch:
+    """A step's vocabulary adapters: `parts` holds each adapter's weights and its rows of the step (token rows
+    for the embeddings, sampled rows for the logits). Rows of other adapters and of the base model keep the
+    base model's values. Logits are as wide as the widest vocabulary in the step; a row's columns past its own
+    vocabulary are -inf, so they are never sampled."""
+
+    __slots__ = ("parts", "base_vocab", "width")
+
+    def __init__(self, parts: list[tuple[VocabWeights, torch.Tensor]], base_vocab: int):
+        self.parts, self.base_vocab = parts, base_vocab
+        self.width = max([base_vocab] + [w.vocab_size for w, _ in parts])
+
+    def base_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """`ids` as the base embedding may look them up: ids of added tokens read row 0 (replaced afterwards)."""
+        return ids if self.width == self.base_vocab else ids.masked_fill(ids >= self.base_vocab, 0)
+
+    def embeddings(self, ids: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        for weights, rows in self.parts:
+            h = h.index_copy(0, rows, weights.embeddings(ids[rows], h[rows]))
+        return h
+
+    def logits(self, hidden: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        if self.width > logits.shape[1]:
+            logits = torch.cat([logits, logits.new_full((logits.shape[0], self.width - logits.shape[1]),
+                                                        float("-inf"))], dim=1)
+        for weights, rows in self.parts:
+            own = weights.logits(hidden[rows], logits[rows, :self.base_vocab])
+            if own.shape[1] < self.width:
+                own = torch.cat([own, own.new_full((own.shape[0], self.width - own.shape[1]), float("-inf"))], 1)
+            logits = logits.index_copy(0, rows, own)
+        return logits
