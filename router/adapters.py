@@ -66,6 +66,7 @@ class Adapter:
     # Request tokens it may be served to; None in it: to anyone (fetched without a request's own token).
     tokens: set[str | None] = field(default_factory=lambda: {None})
     hub_ref: str | None = None  # `org/name@<commit>`: the one hub snapshot it is
+    vocab_size: int = 0  # its requests' vocabulary when it brings its own embeddings (0: the model's)
 
     def allows(self, token: str | None) -> bool:
         return None in self.tokens or token in self.tokens
@@ -263,7 +264,7 @@ class AdapterRegistry:
         adapter_id = self._fresh_id(name, hub_ref)
         self._claimed.add(adapter_id)  # no other registration takes this id while the shards load it
         try:
-            error, rank, pages = await self.client.load_adapter(adapter_id, str(located.path), preloaded)
+            error, rank, pages, vocab_size = await self.client.load_adapter(adapter_id, str(located.path), preloaded)
             if not error and pages > self.pool_pages:
                 await self.client.unload_adapter(adapter_id)
                 error = f"it needs {pages} adapter-pool pages and the pool has {self.pool_pages}"
@@ -278,7 +279,7 @@ class AdapterRegistry:
             self.pool_pages -= pages
         adapter = Adapter(adapter_id, located.path, rank, 0 if preloaded else pages, tokenizer, int(time.time()),
                           preloaded, f"{adapter_id}#{next(_load_serials)}", tokens={bound_to} if bound else {None},
-                          hub_ref=hub_ref)
+                          hub_ref=hub_ref, vocab_size=vocab_size)
         self._keep(adapter)
         seconds = time.perf_counter() - started
         self.metrics.adapter_loads.inc()

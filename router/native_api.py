@@ -185,7 +185,7 @@ async def _prepare(request: Request, body: GenerateRequest | None = None) -> _Na
     backend.check_choices(p.best_of or 1, "parameters.best_of")
     adapter, tokenizer = await backend.resolve_model(p.adapter_id, p.adapter_source, p.api_token,
                                                      param="parameters.adapter_id")
-    input_ids = await backend.encode(tokenizer, body.inputs, "inputs")
+    input_ids = await backend.encode(tokenizer, body.inputs, "inputs", adapter=adapter)
     if p.truncate is not None and len(input_ids) > p.truncate:
         input_ids = input_ids[-p.truncate:]
     grammar = response_format_grammar(p.response_format, "parameters.response_format")
