@@ -126,17 +126,19 @@ def plan(name: str, file: str, shapes: dict[str, list[int]], base: VocabShape | 
     if base is None:
         raise AdapterError(f"adapter {name}: this model serves no adapters on embed_tokens or lm_head")
     modules: dict[str, _ModulePlan] = {}
+    saved: dict[str, str] = {}  # module -> a resized base layer saved with the adapter
     for key in shapes:
         module, suffix = _KEY.fullmatch(key).groups()
         role = _ROLES.get(suffix)
         if role is None or suffix in (_HEAD_LORA if module == "embed_tokens" else _EMBED_LORA):
             raise AdapterError(f"adapter {name}: {file}: a tensor of {module} is of a kind Loom does not serve")
         if role == "saved":  # the base layer as saved: the adapter's own matrix only when resized
-            if shapes[key][0] == base.vocab_size:
-                continue
-            role = "full" if "full" not in modules.get(module, _ModulePlan()).keys else "ignored"
-        if role != "ignored":
-            modules.setdefault(module, _ModulePlan()).keys.setdefault(role, key)
+            if shapes[key][0] != base.vocab_size:
+                saved.setdefault(module, key)
+            continue
+        modules.setdefault(module, _ModulePlan()).keys[role] = key
+    for module, key in saved.items():  # modules_to_save's matrix, where there is one, is the one used
+        modules.setdefault(module, _ModulePlan()).keys.setdefault("full", key)
     vocab = _vocab_size(name, file, shapes, modules, base)
     for module, m in modules.items():
         _check_module(name, file, module, m, shapes, base, vocab, config, lookup)
