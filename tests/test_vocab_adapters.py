@@ -215,3 +215,6 @@ def test_two_ranks_serve_every_kind_in_one_batch_with_the_adapters_tokenizer(two
     for (kind, want, text), got in zip(expected, _generate_all(two_ranks.url, jobs)):
         assert [t["id"] for t in got["details"]["tokens"]] == want, kind
         assert got["generated_text"] == text, kind
+        if kind in RESIZING and len(want) < NEW_TOKENS:  # stopped at the adapter's own EOS, an added token
+            assert want[-1] == vocab + 1 and got["details"]["finish_reason"] == "eos_token", kind
+    assert any(t >= vocab for kind, want, _ in expected if kind in RESIZING for t in want)
