@@ -413,7 +413,7 @@ class Engine:
                           batch_metadata(decode, prefill), lora, vocab)
 
     def _sample(self, logits: torch.Tensor, rows: list[SamplerRow]) -> SamplerOutput:
-        out = sample(logits, rows)
+        out = sample(logits, rows, self.vocab_size)
         if self._distributed:
             # Unseeded draws differ between ranks; every rank must feed the same tokens to the next step.
             tokens = torch.tensor(out.token_ids, device=self.device)

@@ -218,3 +218,24 @@ def test_two_ranks_serve_every_kind_in_one_batch_with_the_adapters_tokenizer(two
         if kind in RESIZING and len(want) < NEW_TOKENS:  # stopped at the adapter's own EOS, an added token
             assert want[-1] == vocab + 1 and got["details"]["finish_reason"] == "eos_token", kind
     assert any(t >= vocab for kind, want, _ in expected if kind in RESIZING for t in want)
+
+
+def test_a_grammar_row_shares_a_step_with_an_added_vocabulary(model_dirs, adapters):
+    """Logits as wide as the adapter's vocabulary; the base row's grammar masks the base vocabulary. A grammar
+    for an adapter that brings its own vocabulary fails alone."""
+    from router.structured import json_grammar
+
+    engine = Engine(str(model_dirs["llama"]))
+    engine.warmup(max_batch_prefill_tokens=512, max_batch_total_tokens=4096)
+    engine.load_adapter("added", str(adapters["llama"]["modules_to_save"]))
+    grammar = json_grammar({"type": "object"})
+    assert engine.grammars.prepare(grammar) == ""
+    driver, vocab = EngineDriver(engine), engine.vocab_size
+
+    def constrained(i: int) -> SequenceRequest:
+        return SequenceRequest(id=i, input_ids=[5, 6, 7], grammar=grammar, sampling=SamplingParams())
+    alone = driver.generate([constrained(0)], 4)[0]
+    results = driver.step([constrained(1), SequenceRequest(id=2, input_ids=[vocab + 1, 6], adapter_id="added"),
+                           SequenceRequest(id=3, input_ids=[5], adapter_id="added", grammar=grammar)], [], [])
+    assert results[0].token_id == alone[0] and not results[1].error
+    assert "constrained decoding is not supported" in results[2].error
