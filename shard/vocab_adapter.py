@@ -17,8 +17,9 @@ PEFT's key names (after `base_model.model.`) under `model.embed_tokens` and `lm_
   same rows of its weight);
 - `modules_to_save.weight` [V', H]: the adapter's own matrix;
 - `weight`, `base_layer.weight`, `token_adapter.base_layer.weight`, `original_module.weight`: the base layer as
-  saved with the adapter. Of the base model's shape it is the base model's own weights and is not kept; of
-  another vocabulary size (resize_token_embeddings) it is the adapter's matrix.
+  saved with the adapter, the base model's own weights (PEFT trains none of them): of the base model's shape it
+  is not kept; resized (resize_token_embeddings), only its rows past the base vocabulary are, the added
+  tokens' (its first rows are the base model's, which keep serving them).
 """
 
 from __future__ import annotations
@@ -138,7 +139,10 @@ def plan(name: str, file: str, shapes: dict[str, list[int]], base: VocabShape | 
             continue
         modules.setdefault(module, _ModulePlan()).keys[role] = key
     for module, key in saved.items():  # modules_to_save's matrix, where there is one, is the one used
-        modules.setdefault(module, _ModulePlan()).keys.setdefault("full", key)
+        if "full" not in modules.get(module, _ModulePlan()).keys:
+            modules.setdefault(module, _ModulePlan()).keys["extra"] = key
+    if base.tied and "lm_head" not in modules and "embed_tokens" in saved:  # a resized tied lm_head: the embedding
+        modules["lm_head"] = _ModulePlan({"extra": saved["embed_tokens"]})
     vocab = _vocab_size(name, file, shapes, modules, base)
     for module, m in modules.items():
         _check_module(name, file, module, m, shapes, base, vocab, config, lookup)
@@ -150,18 +154,25 @@ def plan(name: str, file: str, shapes: dict[str, list[int]], base: VocabShape | 
                                "(one per row of trainable_tokens_delta)")
     elif indices:
         raise AdapterError(f"adapter {name}: {file}: trainable_token_indices without trainable_tokens_delta")
-    if vocab != base.vocab_size and "full" not in modules.get("lm_head", _ModulePlan()).keys and not base.tied:
+    head = modules.get("lm_head", _ModulePlan()).keys
+    if vocab != base.vocab_size and "full" not in head and "extra" not in head and not base.tied:
         raise AdapterError(f"adapter {name}: {file}: its vocabulary has {vocab} tokens but it holds no lm_head of "
                            "that size")
-    nbytes = sum(math.prod(shapes[k]) for m in modules.values() for k in m.keys.values()) * element_bytes
+    nbytes = sum(_kept_numel(role, shapes[k], base.vocab_size) for m in modules.values()
+                 for role, k in m.keys.items()) * element_bytes
     if max_bytes is not None and nbytes > max_bytes:
         raise AdapterError(f"adapter {name}: its embedding / lm_head tensors take {nbytes} bytes, more than the "
                            f"{max_bytes} bytes left for adapter vocabularies")
     return VocabPlan(vocab, modules, indices, nbytes)
 
 
+def _kept_numel(role: str, shape: list[int], base_vocab: int) -> int:
+    """Elements kept of a planned tensor: a resized base layer's rows past the base vocabulary, else all."""
+    return max(shape[0] - base_vocab, 0) * shape[1] if role == "extra" else math.prod(shape)
+
+
 def _vocab_size(name: str, file: str, shapes: dict, modules: dict[str, _ModulePlan], base: VocabShape) -> int:
-    sizes = {shapes[m.keys["full"]][0] for m in modules.values() if "full" in m.keys}
+    sizes = {shapes[m.keys[r]][0] for m in modules.values() for r in ("full", "extra") if r in m.keys}
     if len(sizes) > 1:
         raise AdapterError(f"adapter {name}: {file}: its embed_tokens and lm_head matrices have different "
                            "vocabulary sizes")
@@ -175,7 +186,7 @@ def _vocab_size(name: str, file: str, shapes: dict, modules: dict[str, _ModulePl
 def _check_module(name: str, file: str, module: str, m: _ModulePlan, shapes: dict, base: VocabShape, vocab: int,
                   config: dict, lookup) -> None:
     h = base.hidden_size
-    expected = {"full": [vocab, h], "rows": [None, h]}
+    expected = {"full": [vocab, h], "extra": [vocab, h], "rows": [None, h]}
     if "lora_a" in m.keys or "lora_b" in m.keys:
         if not ("lora_a" in m.keys and "lora_b" in m.keys):
             raise AdapterError(f"adapter {name}: {module} has only one of its two LoRA tensors")
@@ -202,35 +213,49 @@ def _check_module(name: str, file: str, module: str, m: _ModulePlan, shapes: dic
 class VocabWeights:
     """One adapter's vocabulary tensors, in the model's dtype, whole on this rank."""
 
-    vocab_size: int
+    vocab_size: int  # its requests' vocabulary
+    base_vocab: int  # the base model's
     embed: torch.Tensor | None = None  # [V', H] replaces the embedding
     head: torch.Tensor | None = None  # [V', H] replaces lm_head
+    embed_extra: torch.Tensor | None = None  # [V' - V, H] embedding rows of the added tokens (the rest: the base's)
+    head_extra: torch.Tensor | None = None  # [V' - V, H] their lm_head rows
     token_ids: torch.Tensor | None = None  # [k] trainable token ids
     embed_rows: torch.Tensor | None = None  # [k, H] their embedding rows
     head_rows: torch.Tensor | None = None  # [k, H] their lm_head rows (a tied lm_head)
-    embed_lora: tuple[torch.Tensor, torch.Tensor] | None = None  # (A^T [V, r], scale * B^T [r, H])
-    head_lora: tuple[torch.Tensor, torch.Tensor] | None = None  # (A^T [H, r], scale * B^T [r, V])
+    embed_lora: tuple[torch.Tensor, torch.Tensor] | None = None  # (A^T [V', r], scale * B^T [r, H])
+    head_lora: tuple[torch.Tensor, torch.Tensor] | None = None  # (A^T [H, r], scale * B^T [r, V'])
+
+    _TENSORS = ("embed", "head", "embed_extra", "head_extra", "token_ids", "embed_rows", "head_rows")
 
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self._tensors())
 
     def _tensors(self):
-        for value in (self.embed, self.head, self.token_ids, self.embed_rows, self.head_rows,
-                      *(self.embed_lora or ()), *(self.head_lora or ())):
+        for value in (*(getattr(self, a) for a in self._TENSORS), *(self.embed_lora or ()), *(self.head_lora or ())):
             if value is not None:
                 yield value
 
     def to(self, device: torch.device) -> VocabWeights:
-        move = lambda t: None if t is None else t.to(device)  # noqa: E731
-        pair = lambda p: None if p is None else (move(p[0]), move(p[1]))  # noqa: E731
-        return VocabWeights(self.vocab_size, move(self.embed), move(self.head), move(self.token_ids),
-                            move(self.embed_rows), move(self.head_rows), pair(self.embed_lora), pair(self.head_lora))
+        moved = VocabWeights(self.vocab_size, self.base_vocab)
+        for attr in self._TENSORS:
+            value = getattr(self, attr)
+            setattr(moved, attr, None if value is None else value.to(device))
+        for attr in ("embed_lora", "head_lora"):
+            pair = getattr(self, attr)
+            setattr(moved, attr, None if pair is None else (pair[0].to(device), pair[1].to(device)))
+        return moved
 
     def embeddings(self, ids: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
         """This adapter's embeddings of `ids`, given the base model's `base` (rows of ids past the base
         vocabulary hold anything)."""
-        h = base if self.embed is None else self.embed[ids]
+        if self.embed is not None:
+            h = self.embed[ids]
+        elif self.embed_extra is not None:
+            added = ids - self.base_vocab
+            h = torch.where((added >= 0)[:, None], self.embed_extra[added.clamp(min=0)], base)
+        else:
+            h = base
         if self.embed_rows is not None:
             h = _replace_rows(h, ids, self.token_ids, self.embed_rows, self.vocab_size)
         if self.embed_lora is not None:
@@ -240,7 +265,12 @@ class VocabWeights:
 
     def logits(self, hidden: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
         """This adapter's raw logits [n, V'] of `hidden`, given the base model's `base` [n, V]."""
-        logits = base if self.head is None else hidden @ self.head.t()
+        if self.head is not None:
+            logits = hidden @ self.head.t()
+        else:
+            logits = base[:, :self.vocab_size]
+            if self.head_extra is not None:
+                logits = torch.cat([logits, hidden @ self.head_extra.t()], dim=1)
         if self.head_rows is not None:
             logits = logits.index_copy(1, self.token_ids, hidden @ self.head_rows.t())
         if self.head_lora is not None:
@@ -260,27 +290,24 @@ def _replace_rows(h: torch.Tensor, ids: torch.Tensor, token_ids: torch.Tensor, r
 
 
 def read(name: str, vocab_plan: VocabPlan, base: VocabShape, read_tensor, fold, dtype: torch.dtype) -> VocabWeights:
-    """The planned tensors read (`read_tensor(key)`), checked finite and converted to `dtype`. `fold(where,
-    scale, a, b)` -> (A, scale * B^T): the LoRA pages' own checks and bound."""
-    weights = VocabWeights(vocab_plan.vocab_size)
+    """The planned tensors read (`read_tensor(key)`: a tensor or a safetensors slice; of a resized base layer
+    only its added rows), checked finite and converted to `dtype`. `fold(where, scale, a, b)` -> (A, scale *
+    B^T): the LoRA pages' own checks and bound."""
+    weights = VocabWeights(vocab_plan.vocab_size, base.vocab_size)
     for module, m in vocab_plan.modules.items():
-        keys = m.keys
-        for role, attr in (("full", "embed" if module == "embed_tokens" else "head"),
-                           ("rows", "embed_rows" if module == "embed_tokens" else "head_rows")):
-            if role in keys:
-                setattr(weights, attr, _finite(name, f"{module}.{role}", read_tensor(keys[role])[:], dtype))
+        keys, prefix = m.keys, "embed" if module == "embed_tokens" else "head"
+        for role, attr in (("full", prefix), ("extra", f"{prefix}_extra"), ("rows", f"{prefix}_rows")):
+            if role == "extra" and role in keys and vocab_plan.vocab_size > base.vocab_size:
+                setattr(weights, attr, _finite(name, module, read_tensor(keys[role])[base.vocab_size:], dtype))
+            elif role in keys and role != "extra":
+                setattr(weights, attr, _finite(name, module, read_tensor(keys[role])[:], dtype))
         if "lora_a" in keys:
             a, bt = fold(module, m.scale, read_tensor(keys["lora_a"])[:], read_tensor(keys["lora_b"])[:])
-            if module == "embed_tokens":
-                weights.embed_lora = (a.t().contiguous(), bt)
-            else:
-                weights.head_lora = (a.t().contiguous(), bt)
+            setattr(weights, f"{prefix}_lora", (a.t().contiguous(), bt))
     if weights.embed_rows is not None or weights.head_rows is not None:
         weights.token_ids = torch.tensor(vocab_plan.indices, dtype=torch.long)
         if weights.head_rows is None and base.tied and weights.head is None:
             weights.head_rows = weights.embed_rows  # PEFT adapts a tied lm_head with the embedding's rows
-    if weights.head is None and weights.embed is not None and base.tied and vocab_plan.vocab_size != base.vocab_size:
-        weights.head = weights.embed  # a resized tied model: its lm_head is its embedding
     return weights
 
 

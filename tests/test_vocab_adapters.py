@@ -128,6 +128,10 @@ def test_each_kind_alone_and_all_in_one_batch_equal_peft(family, model_dirs, ada
     for kind, path in adapters[family].items():
         info = engine.load_adapter(kind, str(path))
         assert info.vocab_size == (vocab + len(ADDED) if kind in RESIZING else vocab)
+    # Added tokens keep only their own rows (the resized base layers' added rows, the trained rows): no copy of
+    # the base vocabulary's.
+    hidden = engine.info.hidden_size
+    assert engine.adapters.entries["trainable_tokens"].vocab.nbytes <= 4 * len(ADDED) * hidden * 4 + 64
     jobs = [None, *adapters[family]]
     want = {kind: peft_greedy(base, adapters[family].get(kind), _prompt(kind, vocab)) for kind in jobs}
     requests = [SequenceRequest(id=i, input_ids=_prompt(kind, vocab), adapter_id=kind or "", sampling=SamplingParams())
