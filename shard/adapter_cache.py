@@ -28,7 +28,8 @@ from shard.expert_lora import ExpertLora, MoeLora
 from shard.lora import AdapterError, HostAdapter, PageLayout
 from shard.peft_adapter import load_adapter
 from shard.lora_batch import AdapterStacks, LoraBatch, PageGather, TritonLoraBatch
-from shard.vocab_adapter import DEFAULT_VOCAB_BUDGET_BYTES, VocabBatch, VocabWeights
+from common.defaults import DEFAULT_ADAPTER_VOCAB_BYTES
+from shard.vocab_adapter import VocabBatch, VocabWeights
 
 # Share of the adapter memory budget that holds the running adapters' dense rows (AdapterStacks) on the torch
 # LoRA path; the rest is pool pages. The Triton path reads pages directly and gives the pool everything.
@@ -56,7 +57,7 @@ class AdapterEntry:
 
 class AdapterCache:
     def __init__(self, layout: PageLayout, dtype: torch.dtype, device: torch.device, host_cache_bytes: int,
-                 vocab_budget_bytes: int = DEFAULT_VOCAB_BUDGET_BYTES):
+                 vocab_budget_bytes: int = DEFAULT_ADAPTER_VOCAB_BYTES):
         self.layout, self.dtype, self.device = layout, dtype, device
         self.host_cache_bytes = host_cache_bytes
         # Registered adapters' vocabulary tensors (shard/vocab_adapter.py) are held on the device, whole, for as

@@ -19,6 +19,7 @@ from common.defaults import (
     DEFAULT_ADAPTER_HOST_CACHE_BYTES,
     DEFAULT_ADAPTER_MEMORY_FRACTION,
     DEFAULT_ADAPTER_PAGE_RANK,
+    DEFAULT_ADAPTER_VOCAB_BYTES,
     DEFAULT_MAX_ACTIVE_ADAPTERS,
     DEFAULT_MAX_CONCURRENT_REQUESTS,
 )
@@ -31,7 +32,7 @@ from shard.lora import AdapterError, HostAdapter, PageLayout, projection_shapes
 from shard.models import head_dim_of
 from shard.sampler import SamplerOutput, SamplerRow, SamplingParams, sample
 from shard.sequence import Chunk, Sequence, SequenceRequest, TokenResult, accept, error_result
-from shard.vocab_adapter import DEFAULT_VOCAB_BUDGET_BYTES, VocabBatch, VocabShape
+from shard.vocab_adapter import VocabBatch, VocabShape
 from shard.grammar import Grammars
 from shard.weights import load_model
 
@@ -75,7 +76,7 @@ class Engine:
                  adapter_pool_pages: int | None = None,
                  adapter_host_cache_bytes: int = DEFAULT_ADAPTER_HOST_CACHE_BYTES,
                  adapter_page_rank: int = DEFAULT_ADAPTER_PAGE_RANK, enforce_eager: bool = False,
-                 padded_decode: bool | None = None, adapter_vocab_bytes: int = DEFAULT_VOCAB_BUDGET_BYTES):
+                 padded_decode: bool | None = None, adapter_vocab_bytes: int = DEFAULT_ADAPTER_VOCAB_BYTES):
         """padded_decode: decode-only steps padded to fixed buckets (shard/decode_graphs.py), captured as CUDA
         graphs on CUDA unless enforce_eager; None: where LOOM_CUDA_GRAPHS=1 asks for graphs. Never for a family
         whose decode is not of fixed shapes (CausalLM.padded_decode: the mixtures of experts)."""

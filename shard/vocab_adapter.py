@@ -42,8 +42,6 @@ _ROLES = {"lora_embedding_A": "lora_a", "lora_embedding_B": "lora_b", "lora_A.we
           "modules_to_save.weight": "full", **{k: "saved" for k in _SAVED_BASE}}
 # The largest vocabulary an adapter may bring, relative to the base model's (added tokens, not a new model).
 MAX_VOCAB_GROWTH = 2
-# Default bound on the vocabulary tensors all registered adapters hold on a rank.
-DEFAULT_VOCAB_BUDGET_BYTES = 1 << 30
 _MAX_ELEMENT_BYTES = 8
 _COPIES_PER_MODULE = 4  # what a weights file may hold per module: its matrix and the saved base layers
 

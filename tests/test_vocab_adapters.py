@@ -180,7 +180,7 @@ def test_a_vocabulary_past_its_budget_or_of_the_wrong_shape_is_refused(model_dir
 def two_ranks(model_dirs, adapters):
     root = adapters["qwen2"]["plain"].parent
     srv = LoomServer(model_dirs["qwen2"], "--num-shard", "2", "--local-adapter-root", str(root),
-                     "--max-batch-total-tokens", "8192").start()
+                     "--max-batch-total-tokens", "8192", "--adapter-vocab-memory-mb", "1").start(timeout=300)
     yield srv
     srv.stop()
 
@@ -243,3 +243,22 @@ def test_a_grammar_row_shares_a_step_with_an_added_vocabulary(model_dirs, adapte
                            SequenceRequest(id=3, input_ids=[5], adapter_id="added", grammar=grammar)], [], [])
     assert results[0].token_id == alone[0] and not results[1].error
     assert "constrained decoding is not supported" in results[2].error
+
+
+def test_adapters_past_the_vocabulary_memory_are_a_400(two_ranks, adapters):
+    """--adapter-vocab-memory-mb 1: copies of the modules_to_save adapter (its two matrices: 193 KiB) fill it."""
+    import shutil
+
+    source = adapters["qwen2"]["modules_to_save"]
+    copies = source.parent / "copies"
+    refused = []
+    for i in range(6):
+        path = shutil.copytree(source, copies / str(i), dirs_exist_ok=True)
+        r = httpx.post(f"{two_ranks.url}/generate", timeout=60, json={
+            "inputs": "ship", "parameters": {"max_new_tokens": 1, "adapter_id": str(path)}})
+        if r.status_code != 200:
+            refused.append(r)
+    assert refused, "six copies fit in 1 MB"
+    assert all(r.status_code == 400 for r in refused)
+    error = refused[0].json()
+    assert "bytes left for adapter vocabularies" in error["error"] and str(copies) not in error["error"]
