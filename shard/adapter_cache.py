@@ -163,7 +163,7 @@ class AdapterCache:
         vocab_bytes = host.vocab.nbytes if host.vocab is not None else 0
         freed = old.vocab.nbytes if old is not None and old.vocab is not None else 0
         if vocab_bytes > self.vocab_bytes_free + freed:  # adapters registered since `read` checked it
-            raise AdapterError(f"adapter {adapter_id}: its embedding / lm_head tensors take {vocab_bytes} bytes, "
+            raise AdapterError(f"adapter {adapter_id}: its embedding and lm_head tensors take {vocab_bytes} bytes, "
                                f"more than the {self.vocab_bytes_free + freed} bytes left for adapter vocabularies")
         if old is not None:
             self._forget(adapter_id)

@@ -159,7 +159,7 @@ def plan(name: str, file: str, shapes: dict[str, list[int]], base: VocabShape | 
     nbytes = sum(_kept_numel(role, shapes[k], base.vocab_size) for m in modules.values()
                  for role, k in m.keys.items()) * element_bytes
     if max_bytes is not None and nbytes > max_bytes:
-        raise AdapterError(f"adapter {name}: its embedding / lm_head tensors take {nbytes} bytes, more than the "
+        raise AdapterError(f"adapter {name}: its embedding and lm_head tensors take {nbytes} bytes, more than the "
                            f"{max_bytes} bytes left for adapter vocabularies")
     return VocabPlan(vocab, modules, indices, nbytes)
 
