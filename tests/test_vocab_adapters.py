@@ -1,7 +1,7 @@
 """Adapters on the vocabulary against transformers + peft, token for token in float32: LoRA on embed_tokens and
 on lm_head, added tokens saved with trainable_token_indices and with modules_to_save (a resized vocabulary and
 the adapter's own tokenizer), alone and in one batch with plain LoRA and base-model requests; in-process on an
-untied (Llama) and a tied (Qwen2) model, and over HTTP on two tensor-parallel ranks."""
+untied (Llama), a tied (Qwen2) and a Gemma 2 model, and over HTTP on two tensor-parallel ranks."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ NEW_TOKENS = 8
 ADDED = ["<tool>", "</tool>"]
 KINDS = ("embed_lora", "head_lora", "trainable_tokens", "modules_to_save")
 RESIZING = ("trainable_tokens", "modules_to_save")
+FAMILIES = ("llama", "qwen2", "gemma2")
 
 
 def _likely_tokens(base) -> list[int]:
@@ -99,10 +100,11 @@ def peft_greedy(base_dir: Path, adapter_dir: Path | None, prompt: list[int], n: 
 
 @pytest.fixture(scope="module")
 def adapters(model_dirs, tmp_path_factory) -> dict[str, dict[str, Path]]:
-    """Per family (untied llama, tied qwen2): every kind, plus a plain LoRA to batch them with."""
+    """Per family (untied llama, tied qwen2, gemma2: scaled embeddings, soft-capped logits): every kind, plus a
+    plain LoRA to batch them with."""
     root = tmp_path_factory.mktemp("vocab-adapters")
     out = {}
-    for family in ("llama", "qwen2"):
+    for family in FAMILIES:
         base = model_dirs[family]
         out[family] = {kind: build_vocab_adapter(root / family / kind, base, kind, seed=i)
                        for i, kind in enumerate(KINDS)}
@@ -118,7 +120,7 @@ def _prompt(kind: str | None, base_vocab: int) -> list[int]:
     return {"embed_lora": [7, 8, 9, 100, 200], "head_lora": [1, 2, 3], "plain": [9, 33, 4]}.get(kind, [5, 17, 99, 3])
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_each_kind_alone_and_all_in_one_batch_equal_peft(family, model_dirs, adapters):
     base = model_dirs[family]
     engine = Engine(str(base))
