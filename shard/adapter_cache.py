@@ -164,7 +164,8 @@ class AdapterCache:
         freed = old.vocab.nbytes if old is not None and old.vocab is not None else 0
         if vocab_bytes > self.vocab_bytes_free + freed:  # adapters registered since `read` checked it
             raise AdapterError(f"adapter {adapter_id}: its embedding and lm_head tensors take {vocab_bytes} bytes, "
-                               f"more than the {self.vocab_bytes_free + freed} bytes left for adapter vocabularies")
+                               f"more than the {self.vocab_bytes_free + freed} bytes left for adapter vocabularies "
+                               "(--adapter-vocab-memory-mb)")
         if old is not None:
             self._forget(adapter_id)
         entry = AdapterEntry(path, host.rank, host.pages.shape[0], host.targets, expert_pages=host.expert_pages,

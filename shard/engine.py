@@ -283,8 +283,7 @@ class Engine:
     def _validate(self, req: SequenceRequest, taken: set[int]) -> str:
         if not req.input_ids:
             return "empty prompt: input_ids must hold at least one token"
-        vocab = self.adapters.vocab_size(req.adapter_id, self.vocab_size) if req.adapter_id in self.adapters.entries \
-            else self.vocab_size
+        vocab = self.adapters.vocab_size(req.adapter_id, self.vocab_size)
         bad = [t for t in itertools.chain(req.input_ids, req.generated_ids) if not 0 <= t < vocab]
         if bad:
             return f"token id {bad[0]} is outside the vocabulary [0, {vocab})"

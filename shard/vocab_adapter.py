@@ -160,7 +160,7 @@ def plan(name: str, file: str, shapes: dict[str, list[int]], base: VocabShape | 
                  for role, k in m.keys.items()) * element_bytes
     if max_bytes is not None and nbytes > max_bytes:
         raise AdapterError(f"adapter {name}: its embedding and lm_head tensors take {nbytes} bytes, more than the "
-                           f"{max_bytes} bytes left for adapter vocabularies")
+                           f"{max_bytes} bytes left for adapter vocabularies (--adapter-vocab-memory-mb)")
     return VocabPlan(vocab, modules, indices, nbytes)
 
 
