@@ -109,7 +109,8 @@ class Engine:
         self.sequences: dict[int, Sequence] = {}
         layout = PageLayout.build(config.num_hidden_layers, adapter_page_rank, projection_shapes(self.model))
         layout.experts = expert_layout(self.model, layout.page_numel, adapter_page_rank)
-        layout.vocab = VocabShape(config.vocab_size, config.hidden_size, bool(config.tie_word_embeddings))
+        layout.vocab = VocabShape(config.vocab_size, config.hidden_size, bool(config.tie_word_embeddings), tp_rank,
+                                  tp_size)
         self.adapters = AdapterCache(layout, dtype, self.device, adapter_host_cache_bytes, adapter_vocab_bytes)
         # Triton SGMV instead of the torch LoRA path: CUDA only, opt-in until checked on a GPU.
         self.triton_lora = self.device.type == "cuda" and os.environ.get("LOOM_TRITON_LORA") == "1"

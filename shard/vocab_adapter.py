@@ -5,10 +5,12 @@ applying them per request: a step's rows of such an adapter get its embeddings b
 logits after; every other row keeps the base model's, so these requests share a step with plain LoRA and
 base-model requests.
 
-An adapter's vocabulary tensors are held whole on every tensor-parallel rank (the base embedding and lm_head
-stay split by vocabulary rows): they apply after the base lookup's all-reduce and the logits' all-gather, so
-no rank runs a collective another does not. They are bounded in bytes (the adapter cache's vocabulary budget)
-before they are read.
+An adapter's whole matrices (modules_to_save) are split by vocabulary rows across the tensor-parallel ranks
+like the base model's (shard/layers.py VocabParallelEmbedding / ParallelLMHead: a masked lookup then an
+all-reduce, a slice of logits then an all-gather), once per adapter part of a step, in the same order on every
+rank. Its small tensors (LoRA factors, trained and added rows) are held whole on every rank and apply after the
+base lookup's all-reduce and the logits' all-gather. They are bounded in bytes (the adapter cache's vocabulary
+budget, per rank) before they are read.
 
 PEFT's key names (after `base_model.model.`) under `model.embed_tokens` and `lm_head`:
 - `lora_embedding_A` [r, V], `lora_embedding_B` [H, r]: embedding LoRA, e(ids) + (A^T[ids] @ B^T) * scale;
@@ -29,7 +31,9 @@ import re
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 
+from shard.layers import ParallelLMHead, VocabParallelEmbedding
 from shard.lora import AdapterError
 
 VOCAB_MODULES = ("embed_tokens", "lm_head")
@@ -53,6 +57,8 @@ class VocabShape:
     vocab_size: int
     hidden_size: int
     tied: bool
+    tp_rank: int = 0
+    tp_size: int = 1
 
 
 def file_allowance(shape: VocabShape | None) -> int:
@@ -156,7 +162,7 @@ def plan(name: str, file: str, shapes: dict[str, list[int]], base: VocabShape | 
     if vocab != base.vocab_size and "full" not in head and "extra" not in head and not base.tied:
         raise AdapterError(f"adapter {name}: {file}: its vocabulary has {vocab} tokens but it holds no lm_head of "
                            "that size")
-    nbytes = sum(_kept_numel(role, shapes[k], base.vocab_size) for m in modules.values()
+    nbytes = sum(_kept_numel(role, shapes[k], base) for m in modules.values()
                  for role, k in m.keys.items()) * element_bytes
     if max_bytes is not None and nbytes > max_bytes:
         raise AdapterError(f"adapter {name}: its embedding and lm_head tensors take {nbytes} bytes, more than the "
@@ -164,9 +170,14 @@ def plan(name: str, file: str, shapes: dict[str, list[int]], base: VocabShape | 
     return VocabPlan(vocab, modules, indices, nbytes)
 
 
-def _kept_numel(role: str, shape: list[int], base_vocab: int) -> int:
-    """Elements kept of a planned tensor: a resized base layer's rows past the base vocabulary, else all."""
-    return max(shape[0] - base_vocab, 0) * shape[1] if role == "extra" else math.prod(shape)
+def _kept_numel(role: str, shape: list[int], base: VocabShape) -> int:
+    """Elements this rank keeps of a planned tensor: a resized base layer's rows past the base vocabulary, its
+    share of the rows of a whole matrix, else all."""
+    if role == "extra":
+        return max(shape[0] - base.vocab_size, 0) * shape[1]
+    if role == "full":
+        return -(-shape[0] // base.tp_size) * shape[1]
+    return math.prod(shape)
 
 
 def _vocab_size(name: str, file: str, shapes: dict, modules: dict[str, _ModulePlan], base: VocabShape) -> int:
@@ -213,8 +224,8 @@ class VocabWeights:
 
     vocab_size: int  # its requests' vocabulary
     base_vocab: int  # the base model's
-    embed: torch.Tensor | None = None  # [V', H] replaces the embedding
-    head: torch.Tensor | None = None  # [V', H] replaces lm_head
+    embed: VocabParallelEmbedding | None = None  # [V', H] replaces the embedding (this rank's rows)
+    head: ParallelLMHead | None = None  # [V', H] replaces lm_head (this rank's rows)
     embed_extra: torch.Tensor | None = None  # [V' - V, H] embedding rows of the added tokens (the rest: the base's)
     head_extra: torch.Tensor | None = None  # [V' - V, H] their lm_head rows
     token_ids: torch.Tensor | None = None  # [k] trainable token ids
@@ -232,7 +243,7 @@ class VocabWeights:
     def _tensors(self):
         for value in (*(getattr(self, a) for a in self._TENSORS), *(self.embed_lora or ()), *(self.head_lora or ())):
             if value is not None:
-                yield value
+                yield value.weight if isinstance(value, nn.Module) else value
 
     def to(self, device: torch.device) -> VocabWeights:
         moved = VocabWeights(self.vocab_size, self.base_vocab)
@@ -248,7 +259,7 @@ class VocabWeights:
         """This adapter's embeddings of `ids`, given the base model's `base` (rows of ids past the base
         vocabulary hold anything)."""
         if self.embed is not None:
-            h = self.embed[ids]
+            h = self.embed(ids)
         elif self.embed_extra is not None:
             added = ids - self.base_vocab
             h = torch.where((added >= 0)[:, None], self.embed_extra[added.clamp(min=0)], base)
@@ -264,7 +275,7 @@ class VocabWeights:
     def logits(self, hidden: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
         """This adapter's raw logits [n, V'] of `hidden`, given the base model's `base` [n, V]."""
         if self.head is not None:
-            logits = hidden @ self.head.t()
+            logits = self.head(hidden)
         else:
             logits = base[:, :self.vocab_size]
             if self.head_extra is not None:
@@ -297,7 +308,10 @@ def read(name: str, vocab_plan: VocabPlan, base: VocabShape, read_tensor, fold, 
         for role, attr in (("full", prefix), ("extra", f"{prefix}_extra"), ("rows", f"{prefix}_rows")):
             if role == "extra" and role in keys and vocab_plan.vocab_size > base.vocab_size:
                 setattr(weights, attr, _finite(name, module, read_tensor(keys[role])[base.vocab_size:], dtype))
-            elif role in keys and role != "extra":
+            elif role == "full" and role in keys:
+                setattr(weights, attr, _split(name, module, read_tensor(keys[role]), vocab_plan.vocab_size, base,
+                                              dtype))
+            elif role == "rows" and role in keys:
                 setattr(weights, attr, _finite(name, module, read_tensor(keys[role])[:], dtype))
         if "lora_a" in keys:
             a, bt = fold(module, m.scale, read_tensor(keys["lora_a"])[:], read_tensor(keys["lora_b"])[:])
@@ -309,12 +323,27 @@ def read(name: str, vocab_plan: VocabPlan, base: VocabShape, read_tensor, fold, 
     return weights
 
 
+def _split(name: str, module: str, source, vocab: int, base: VocabShape,
+           dtype: torch.dtype) -> VocabParallelEmbedding:
+    """This rank's rows of a whole matrix (`source`: a tensor or a safetensors slice, only those rows read), as
+    the base model's own vocabulary-parallel layer of that module."""
+    cls = VocabParallelEmbedding if module == "embed_tokens" else ParallelLMHead
+    layer = cls(vocab, base.hidden_size, dtype, "cpu", base.tp_rank, base.tp_size)
+    layer.load(module, source)
+    _check_finite(name, module, [layer.weight], dtype)
+    return layer
+
+
 def _finite(name: str, where: str, tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    converted = tensor.to(dtype)
-    if not bool(torch.isfinite(tensor.float()).all()) or not bool(torch.isfinite(converted).all()):
+    converted = tensor.to(dtype).contiguous()
+    _check_finite(name, where, [tensor, converted], dtype)
+    return converted
+
+
+def _check_finite(name: str, where: str, tensors: list[torch.Tensor], dtype: torch.dtype) -> None:
+    if not all(bool(torch.isfinite(t).all()) for t in tensors):
         raise AdapterError(f"adapter {name}: {where} holds weights that are not finite (after conversion to "
                            f"{str(dtype).removeprefix('torch.')})")
-    return converted.contiguous()
 
 
 # ---- per step ----------------------------------------------------------------------------------------------
