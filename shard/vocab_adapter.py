@@ -371,12 +371,15 @@ class VocabBatch:
         return h
 
     def logits(self, hidden: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        if self.width > logits.shape[1]:
-            logits = torch.cat([logits, logits.new_full((logits.shape[0], self.width - logits.shape[1]),
-                                                        float("-inf"))], dim=1)
+        logits = _widen(logits, self.width)
         for weights, rows in self.parts:
             own = weights.logits(hidden[rows], logits[rows, :self.base_vocab])
-            if own.shape[1] < self.width:
-                own = torch.cat([own, own.new_full((own.shape[0], self.width - own.shape[1]), float("-inf"))], 1)
-            logits = logits.index_copy(0, rows, own)
+            logits = logits.index_copy(0, rows, _widen(own, self.width))
         return logits
+
+
+def _widen(logits: torch.Tensor, width: int) -> torch.Tensor:
+    """`logits` with -inf columns appended up to `width`."""
+    if logits.shape[1] >= width:
+        return logits
+    return torch.cat([logits, logits.new_full((logits.shape[0], width - logits.shape[1]), float("-inf"))], dim=1)
