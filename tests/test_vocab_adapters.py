@@ -151,7 +151,11 @@ def test_a_vocabulary_past_its_budget_or_of_the_wrong_shape_is_refused(model_dir
     engine = Engine(str(base), adapter_vocab_bytes=64 << 10)
     with pytest.raises(AdapterError, match="embedding and lm_head tensors take .* bytes left for adapter vocab"):
         engine.load_adapter("big", str(adapters["llama"]["modules_to_save"]))
+    free = engine.adapters.vocab_bytes_free
     engine.load_adapter("small", str(adapters["llama"]["embed_lora"]))  # rank-4 LoRA: a few kB
+    assert 0 < free - engine.adapters.vocab_bytes_free < 16 << 10
+    engine.unload_adapter("small")
+    assert engine.adapters.vocab_bytes_free == free
     # A trainable_token_indices list that does not match its rows, and a matrix of another hidden size.
     bad = tmp_path / "bad"
     bad.mkdir()
