@@ -26,6 +26,8 @@ DEFAULT_MAX_CONNECTIONS = 4096  # `--max-connections` (lowered to fit the open-f
 DEFAULT_ADAPTER_MEMORY_FRACTION = 0.1  # `--adapter-memory-fraction`: the adapter pool's share of shard memory
 DEFAULT_ADAPTER_HOST_CACHE_BYTES = 2 << 30  # `--adapter-host-cache-mb`: host LRU of adapters paged out
 DEFAULT_ADAPTER_PAGE_RANK = 8  # LoRA ranks of every layer in one adapter pool page (`--adapter-pool-pages`)
+# `--adapter-vocab-memory-mb`: per rank, the adapters' embedding / lm_head tensors (shard/vocab_adapter.py).
+DEFAULT_ADAPTER_VOCAB_BYTES = 1 << 30
 
 # `--kv-cache-mb` when not given: this share of free GPU memory after the weights, or this budget per rank on CPU.
 DEFAULT_GPU_MEMORY_FRACTION = 0.9

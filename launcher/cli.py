@@ -14,6 +14,7 @@ from common.defaults import (
     DEFAULT_ADAPTER_HOST_CACHE_BYTES,
     DEFAULT_ADAPTER_MEMORY_FRACTION,
     DEFAULT_ADAPTER_PAGE_RANK,
+    DEFAULT_ADAPTER_VOCAB_BYTES,
     DEFAULT_CPU_KV_BYTES,
     DEFAULT_GPU_MEMORY_FRACTION,
     DEFAULT_HEADER_TIMEOUT_S,
@@ -136,6 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
                    default=DEFAULT_ADAPTER_HOST_CACHE_BYTES >> 20,
                    help="Bound of the host-memory LRU cache of adapters paged out of the pool; adapters "
                    "evicted from it go to a spill file of the shard's own (default: %(default)s).")
+    p.add_argument("--adapter-vocab-memory-mb", metavar="MB", type=positive_int,
+                   default=DEFAULT_ADAPTER_VOCAB_BYTES >> 20,
+                   help="Per shard, the memory adapters' own embedding / lm_head tensors may take (LoRA on "
+                   "embed_tokens / lm_head, added tokens, modules_to_save), kept free of the KV cache on cuda; an "
+                   "adapter past what is left is refused (default: %(default)s).")
     p.add_argument("--kv-cache-mb", metavar="MB", type=positive_int, default=None,
                    help=f"KV cache memory per shard. Default: {DEFAULT_GPU_MEMORY_FRACTION * 100:.0f}%% of free GPU "
                    f"memory after the weights on cuda, {DEFAULT_CPU_KV_BYTES >> 20} MB on cpu.")
@@ -350,7 +356,8 @@ def main(argv: list[str] | None = None) -> int:
 def shard_flags(args: argparse.Namespace) -> list[str]:
     """Memory and execution settings every shard gets on its command line."""
     flags = ["--adapter-memory-fraction", str(args.adapter_memory_fraction),
-             "--adapter-host-cache-bytes", str(args.adapter_host_cache_mb << 20)]
+             "--adapter-host-cache-bytes", str(args.adapter_host_cache_mb << 20),
+             "--adapter-vocab-bytes", str(args.adapter_vocab_memory_mb << 20)]
     if args.adapter_pool_pages:
         flags += ["--adapter-pool-pages", str(args.adapter_pool_pages)]
     if args.kv_cache_mb:

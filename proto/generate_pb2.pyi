@@ -220,14 +220,16 @@ class LoadAdapterRequest(_message.Message):
     def __init__(self, adapter_id: _Optional[str] = ..., path: _Optional[str] = ..., preloaded: _Optional[bool] = ...) -> None: ...
 
 class LoadAdapterResponse(_message.Message):
-    __slots__ = ("error", "rank", "pages")
+    __slots__ = ("error", "rank", "pages", "vocab_size")
     ERROR_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     PAGES_FIELD_NUMBER: _ClassVar[int]
+    VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     error: str
     rank: int
     pages: int
-    def __init__(self, error: _Optional[str] = ..., rank: _Optional[int] = ..., pages: _Optional[int] = ...) -> None: ...
+    vocab_size: int
+    def __init__(self, error: _Optional[str] = ..., rank: _Optional[int] = ..., pages: _Optional[int] = ..., vocab_size: _Optional[int] = ...) -> None: ...
 
 class UnloadAdapterRequest(_message.Message):
     __slots__ = ("adapter_id",)

@@ -69,6 +69,7 @@ class Adapter:
     name: str = ""  # what it is listed and labelled as: its id, or the name it was loaded in place under
     source: str = "local"  # the source it came from (router/sources/)
     ref: str | None = None  # the one version fetched (`org/name@<commit>`, `s3://bucket/prefix@<version>`)
+    vocab_size: int = 0  # its requests' vocabulary when it brings its own embeddings (0: the model's)
 
     def allows(self, token: str | None) -> bool:
         return None in self.tokens or token in self.tokens
@@ -319,7 +320,7 @@ class AdapterRegistry:
         adapter_id = self._fresh_id(name, located.ref)
         self._claimed.add(adapter_id)  # no other registration takes this id while the shards load it
         try:
-            error, rank, pages = await self.client.load_adapter(adapter_id, str(located.path), preloaded)
+            error, rank, pages, vocab_size = await self.client.load_adapter(adapter_id, str(located.path), preloaded)
             refusal = self._refusal(rank, pages) if not error else None
             if refusal:
                 await self.client.unload_adapter(adapter_id)
@@ -334,7 +335,7 @@ class AdapterRegistry:
         adapter = Adapter(adapter_id, located.path, rank, 0 if preloaded else pages, tokenizer, int(time.time()),
                           preloaded, f"{adapter_id}#{next(_load_serials)}",
                           tokens={bound_to} if located.bound else {None}, name=public_name or adapter_id,
-                          source=located.source, ref=located.ref)
+                          source=located.source, ref=located.ref, vocab_size=vocab_size)
         self._keep(adapter)
         seconds = time.perf_counter() - started
         self.metrics.adapter_loads.inc()

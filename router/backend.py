@@ -94,15 +94,20 @@ class Backend:
             raise bad_request(f"`{param}` has {chars} characters, more than the {limit} that "
                               f"--max-input-length={self.config.max_input_length} tokens can hold", param=param)
 
+    def vocab_of(self, adapter: Adapter | None) -> int:
+        """The vocabulary of requests to `adapter`: the model's, or the adapter's own (added tokens)."""
+        return adapter.vocab_size if adapter is not None and adapter.vocab_size else self.vocab_size
+
     async def encode(self, tokenizer: ModelTokenizer, text: str, param: str,
-                     add_special_tokens: bool = True) -> list[int]:
+                     add_special_tokens: bool = True, adapter: Adapter | None = None) -> list[int]:
         """`text`'s token ids (checked against the character bound first), tokenized off the event loop.
 
-        An adapter's own tokenizer can give ids the model has no row for: that is refused without naming the
-        id, which would tell a caller something about text it did not write (a template's)."""
+        An adapter's own tokenizer can give ids the model (or the adapter's own vocabulary) has no row for: that
+        is refused without naming the id, which would tell a caller something about text it did not write (a
+        template's)."""
         self.check_chars(text, tokenizer, param)
         ids = await self.off_loop(tokenizer.encode, text, add_special_tokens)
-        if ids and max(ids) >= self.vocab_size:
+        if ids and max(ids) >= self.vocab_of(adapter):
             whose = "the model's" if tokenizer is self.tokenizer else "the adapter's"
             raise bad_request(f"{whose} tokenizer turns `{param}` into token ids outside the model's vocabulary: "
                               "it does not fit this model", param=param)
@@ -195,12 +200,13 @@ class Backend:
             priority=priority,
         )
 
-    def check_token_ids(self, ids, param: str) -> None:
-        """Token ids a request names (a prompt, stop_token_ids, logit_bias keys) must be in the vocabulary."""
-        bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
+    def check_token_ids(self, ids, param: str, adapter: Adapter | None = None) -> None:
+        """Token ids a request names (a prompt, stop_token_ids, logit_bias keys) must be in the vocabulary (of
+        `adapter`'s requests)."""
+        vocab = self.vocab_of(adapter)
+        bad = next((t for t in ids if not 0 <= t < vocab), None)
         if bad is not None:
-            raise bad_request(f"`{param}` holds token id {bad}, outside the vocabulary [0, {self.vocab_size})",
-                              param=param)
+            raise bad_request(f"`{param}` holds token id {bad}, outside the vocabulary [0, {vocab})", param=param)
 
     async def off_loop(self, fn, *args):
         """Tokenizers and grammar checks can take milliseconds: run them in a thread, off the event loop."""

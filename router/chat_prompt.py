@@ -73,7 +73,8 @@ async def render_prompt(backend: Backend, adapter: Adapter | None, tokenizer: Mo
         adapter, tokenizer, messages, tools or None, options.add_generation_prompt if options else True, own,
         options.chat_template_kwargs if options else None, options.continue_final_message if options else False)
     # The rendered text holds every special token the template wants: no BOS/EOS added again.
-    return ChatPrompt(text, await backend.encode(tokenizer, text, "messages", add_special_tokens=False))
+    return ChatPrompt(text, await backend.encode(tokenizer, text, "messages", add_special_tokens=False,
+                                                 adapter=adapter))
 
 
 def template_messages(body: ChatTemplateFields) -> list[dict]:

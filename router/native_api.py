@@ -189,7 +189,7 @@ async def _prepare(request: Request, body: GenerateRequest | None = None) -> _Na
                                                      param="parameters.adapter_id", merged=p.merged_adapters,
                                                      merged_param="parameters.merged_adapters", scale=p.adapter_scale,
                                                      scale_param="parameters.adapter_scale")
-    input_ids = await backend.encode(tokenizer, body.inputs, "inputs")
+    input_ids = await backend.encode(tokenizer, body.inputs, "inputs", adapter=adapter)
     if p.truncate is not None and len(input_ids) > p.truncate:
         input_ids = input_ids[-p.truncate:]
     grammar = response_format_grammar(p.response_format, "parameters.response_format")

@@ -156,8 +156,8 @@ async def _respond(backend: Backend, adapter: Adapter | None, tokenizer: ModelTo
                    grammar: str = "", answer_format: AnswerFormat | None = None):
     tokens_param = "max_completion_tokens" if kind == "chat" and body.max_tokens is None else "max_tokens"
     per_prompt = best_of or body.n
-    backend.check_token_ids(body.stop_token_ids or (), "stop_token_ids")
-    backend.check_token_ids(body.logit_bias_ids(), "logit_bias")
+    backend.check_token_ids(body.stop_token_ids or (), "stop_token_ids", adapter)
+    backend.check_token_ids(body.logit_bias_ids(), "logit_bias", adapter)
     # Completions' echo with logprobs shows the prompt tokens' logprobs and top alternatives.
     echo_logprobs = kind == "text" and echo and top_logprobs is not None
     prompt_top = max((top_logprobs or 0) if echo_logprobs else 0, body.prompt_logprobs or 0)
@@ -224,10 +224,10 @@ async def completions(request: Request):
     prompts = []
     for prompt in body.prompts():
         if isinstance(prompt, str):
-            prompts.append((await backend.encode(tokenizer, prompt, "prompt"), prompt))
+            prompts.append((await backend.encode(tokenizer, prompt, "prompt", adapter=adapter), prompt))
             continue
         backend.check_input_length(len(prompt), "prompt")
-        backend.check_token_ids(prompt, "prompt")
+        backend.check_token_ids(prompt, "prompt", adapter)
         prompts.append((prompt, tokenizer.decode(prompt)))
     grammar, param = body.constraint()
     grammar = await backend.grammars.prepare(grammar, param) if grammar else ""

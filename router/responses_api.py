@@ -201,7 +201,7 @@ async def create(request: Request):
     cfg = backend.config
     answer_format = AnswerFormat.of(tokenizer.chat_template, prompt.text, tools, bool(grammar), cfg.tool_call_parser,
                                     cfg.reasoning_parser, body.parallel_tool_calls)
-    backend.check_token_ids(body.logit_bias_ids(), "logit_bias")
+    backend.check_token_ids(body.logit_bias_ids(), "logit_bias", adapter)
     max_new = backend.check_lengths(prompt.input_ids, body.max_output_tokens, None, "input", "max_output_tokens")
     generation_request = backend.generation_request(prompt.input_ids, max_new, adapter, tokenizer, body.sampling(),
                                                     grammar=grammar, priority=body.priority)

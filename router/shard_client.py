@@ -72,9 +72,10 @@ class ShardClient:
     async def clear(self) -> None:
         await self._all("Clear", pb.ClearRequest(), timeout=30)
 
-    async def load_adapter(self, adapter_id: str, path: str, preloaded: bool = False) -> tuple[str, int, int]:
+    async def load_adapter(self, adapter_id: str, path: str,
+                           preloaded: bool = False) -> tuple[str, int, int, int]:
         """Registers an adapter on every rank or on none (`preloaded`: resident for good); returns (error, rank,
-        pool pages). Each rank checks its own slice of the weights, so one rank may refuse what the others took:
+        pool pages, the vocabulary of its requests). Each rank checks its own slice of the weights, so one rank may refuse what the others took:
         they then forget it again, and no rank serves an adapter another does not have."""
         request = pb.LoadAdapterRequest(adapter_id=adapter_id, path=path, preloaded=preloaded)
         calls = [stub.LoadAdapter(request, timeout=600) for stub in self._stubs]
@@ -85,7 +86,7 @@ class ShardClient:
                                                                      timeout=60) for stub in self._stubs])
         _raise_failed("LoadAdapter", replies)
         reply = replies[0]
-        return (errors[0] if errors else ""), reply.rank, reply.pages
+        return (errors[0] if errors else ""), reply.rank, reply.pages, reply.vocab_size
 
     async def unload_adapter(self, adapter_id: str) -> str:
         """Forgets an adapter on every rank; returns the error ("" when done)."""

@@ -59,10 +59,11 @@ async def tokenize(request: Request):
         tools = [t.model_dump(exclude_none=True) for t in body.tools or []]
         prompt = await render_prompt(backend, adapter, tokenizer, template_messages(body), tools, body)
         ids = prompt.input_ids if not body.add_special_tokens else \
-            await backend.encode(tokenizer, prompt.text, "messages")
+            await backend.encode(tokenizer, prompt.text, "messages", adapter=adapter)
         param = "messages"
     else:
-        ids = await backend.encode(tokenizer, body.prompt, "prompt", add_special_tokens=body.add_special_tokens)
+        ids = await backend.encode(tokenizer, body.prompt, "prompt", add_special_tokens=body.add_special_tokens,
+                                   adapter=adapter)
         param = "prompt"
     backend.check_input_length(len(ids), param)
     out = {"count": len(ids), "max_model_len": backend.config.max_total_tokens, "tokens": ids}
@@ -74,7 +75,7 @@ async def tokenize(request: Request):
 async def detokenize(request: Request):
     backend = _backend(request)
     body = validate(decode_json(await request.body()), DetokenizeRequest)
-    _, tokenizer = await backend.resolve_model(body.model)
+    adapter, tokenizer = await backend.resolve_model(body.model)
     backend.check_input_length(len(body.tokens), "tokens")
-    backend.check_token_ids(body.tokens, "tokens")
+    backend.check_token_ids(body.tokens, "tokens", adapter)
     return JSONResponse({"prompt": await backend.off_loop(tokenizer.decode, body.tokens)})

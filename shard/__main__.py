@@ -11,7 +11,12 @@ import sys
 
 import torch
 
-from common.defaults import DEFAULT_ADAPTER_HOST_CACHE_BYTES, DEFAULT_ADAPTER_MEMORY_FRACTION, DEFAULT_ADAPTER_PAGE_RANK
+from common.defaults import (
+    DEFAULT_ADAPTER_HOST_CACHE_BYTES,
+    DEFAULT_ADAPTER_MEMORY_FRACTION,
+    DEFAULT_ADAPTER_PAGE_RANK,
+    DEFAULT_ADAPTER_VOCAB_BYTES,
+)
 from common.logs import configure_logging
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -36,6 +41,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="LoRA rank held by one pool page; an adapter of rank r takes ceil(r / this) pages")
     p.add_argument("--adapter-host-cache-bytes", type=int, default=DEFAULT_ADAPTER_HOST_CACHE_BYTES,
                    help="bound of the host-memory LRU cache of adapters evicted from the device pool")
+    p.add_argument("--adapter-vocab-bytes", type=int, default=DEFAULT_ADAPTER_VOCAB_BYTES,
+                   help="bound of the adapters' embedding / lm_head tensors held on this rank")
     p.add_argument("--enforce-eager", action="store_true",
                    help="never capture CUDA graphs (LOOM_CUDA_GRAPHS=1 asks for them on one GPU)")
     return p.parse_args(argv)
@@ -89,6 +96,7 @@ def main(argv=None) -> None:
             adapter_host_cache_bytes=args.adapter_host_cache_bytes,
             adapter_page_rank=args.adapter_page_rank,
             enforce_eager=args.enforce_eager,
+            adapter_vocab_bytes=args.adapter_vocab_bytes,
         ).result()
     except CheckpointError as e:  # a bad checkpoint is the user's to fix: one line that names the file
         logging.getLogger("loom.shard").error("cannot load the model: %s", e)

@@ -29,6 +29,8 @@ from shard.expert_lora import ExpertLora, MoeLora
 from shard.lora import AdapterError, HostAdapter, PageLayout
 from shard.peft_adapter import load_adapter
 from shard.lora_batch import AdapterStacks, LoraBatch, PageGather, TritonLoraBatch
+from common.defaults import DEFAULT_ADAPTER_VOCAB_BYTES
+from shard.vocab_adapter import VocabBatch, VocabWeights
 
 # Share of the adapter memory budget that holds the running adapters' dense rows (AdapterStacks) on the torch
 # LoRA path; the rest is pool pages. The Triton path reads pages directly and gives the pool everything.
@@ -47,6 +49,7 @@ class AdapterEntry:
     spilled: Path | None = None  # its pages in the spill directory, once the host cache let them go
     expert_pages: int = 0  # the trailing pages that hold expert rows (shard/expert_lora.py)
     dora: DoraWeights | None = None  # a DoRA adapter's factors (shard/dora.py), kept with the entry
+    vocab: VocabWeights | None = None  # its embedding / lm_head tensors, on the device while registered
 
     @property
     def projection_pages(self) -> list[int]:
@@ -56,11 +59,15 @@ class AdapterEntry:
 
 class AdapterCache:
     def __init__(self, layout: PageLayout, dtype: torch.dtype, device: torch.device, host_cache_bytes: int,
-                 base: dict[tuple[int, str], BaseLinear] | None = None, tp_size: int = 1):
+                 base: dict[tuple[int, str], BaseLinear] | None = None, tp_size: int = 1,
+                 vocab_budget_bytes: int = DEFAULT_ADAPTER_VOCAB_BYTES):
         """`base`: the model's target weights, which DoRA adapters are read against (None: no DoRA)."""
         self.layout, self.dtype, self.device = layout, dtype, device
         self.base, self.tp_size = base, tp_size
         self.host_cache_bytes = host_cache_bytes
+        # Registered adapters' vocabulary tensors (shard/vocab_adapter.py) are held on the device, whole, for as
+        # long as they are registered, within this bound. A plain int: `read` checks it on the loader thread.
+        self.vocab_bytes_free = vocab_budget_bytes
         self.entries: dict[str, AdapterEntry] = {}
         self.host: OrderedDict[str, torch.Tensor] = OrderedDict()  # LRU host copies, oldest first
         self.host_bytes = 0
@@ -112,7 +119,8 @@ class AdapterCache:
         """Reads and checks an adapter dir into host pages. Touches no state of the cache, so it may run off the
         engine thread (a slow or large adapter then stalls no step); `register` takes its result."""
         return load_adapter(adapter_id, path, self.layout, self.dtype, self.max_adapter_pages,
-                            pin_memory=self.device.type == "cuda", base=self.base)
+                            pin_memory=self.device.type == "cuda", base=self.base,
+                            max_vocab_bytes=self.vocab_bytes_free)
 
     def _keep_on_host(self, adapter_id: str, pages: torch.Tensor) -> None:
         self._drop_host(adapter_id)
@@ -158,10 +166,17 @@ class AdapterCache:
             return old
         if old is not None and old.pins:
             raise AdapterError(f"adapter {adapter_id}: in use by running requests, cannot replace it")
+        vocab_bytes = host.vocab.nbytes if host.vocab is not None else 0
+        freed = old.vocab.nbytes if old is not None and old.vocab is not None else 0
+        if vocab_bytes > self.vocab_bytes_free + freed:  # adapters registered since `read` checked it
+            raise AdapterError(f"adapter {adapter_id}: its embedding and lm_head tensors take {vocab_bytes} bytes, "
+                               f"more than the {self.vocab_bytes_free + freed} bytes left for adapter vocabularies "
+                               "(--adapter-vocab-memory-mb)")
         if old is not None:
             self._forget(adapter_id)
         entry = AdapterEntry(path, host.rank, host.pages.shape[0], host.targets, expert_pages=host.expert_pages,
-                             dora=host.dora)
+                             dora=host.dora, vocab=host.vocab.to(self.device) if host.vocab is not None else None)
+        self.vocab_bytes_free -= vocab_bytes
         self.entries[adapter_id] = entry
         self._keep_on_host(adapter_id, host.pages)
         return entry
@@ -188,7 +203,9 @@ class AdapterCache:
         """Drops every copy of a registered adapter: pool pages, host pages, spill file, entry."""
         self._evict(adapter_id)
         self._drop_host(adapter_id)
-        self._unspill(self.entries.pop(adapter_id))
+        entry = self.entries.pop(adapter_id)
+        self.vocab_bytes_free += entry.vocab.nbytes if entry.vocab is not None else 0
+        self._unspill(entry)
         self._update_max_pages()
 
     # ---- device residency ----------------------------------------------------------------------------
@@ -347,6 +364,20 @@ class AdapterCache:
             source = PageGather(self.views, self.layout.page_rank, [entries[a].projection_pages for a in order],
                                 self.device, self.num_pages)
         return LoraBatch(source, [segments[a] for a in order], targets, num_tokens, self.device)
+
+    def vocab_size(self, adapter_id: str, base: int) -> int:
+        """The vocabulary of an adapter's requests (`base`: the model's, also for the base model "")."""
+        entry = self.entries.get(adapter_id) if adapter_id else None
+        return entry.vocab.vocab_size if entry is not None and entry.vocab is not None else base
+
+    def vocab_batch(self, adapter_ids: list[str], lengths: list[int]) -> VocabBatch | None:
+        """The vocabulary adapters of rows given as sequences (their adapter, `lengths` rows each, in order);
+        None when none of them has one."""
+        if not any(a and self.entries[a].vocab is not None for a in adapter_ids):
+            return None
+        rows = {a: r for a, r in self.segments(adapter_ids, lengths).items() if self.entries[a].vocab is not None}
+        return VocabBatch([(self.entries[a].vocab, torch.tensor(r, device=self.device)) for a, r in rows.items()],
+                          self.layout.vocab.vocab_size)
 
     def pin(self, adapter_id: str) -> None:
         self.entries[adapter_id].pins += 1

@@ -19,6 +19,7 @@ from common.defaults import (
     DEFAULT_ADAPTER_HOST_CACHE_BYTES,
     DEFAULT_ADAPTER_MEMORY_FRACTION,
     DEFAULT_ADAPTER_PAGE_RANK,
+    DEFAULT_ADAPTER_VOCAB_BYTES,
     DEFAULT_MAX_ACTIVE_ADAPTERS,
     DEFAULT_MAX_CONCURRENT_REQUESTS,
 )
@@ -32,6 +33,7 @@ from shard.lora import AdapterError, HostAdapter, PageLayout, projection_shapes
 from shard.models import head_dim_of
 from shard.sampler import SamplerOutput, SamplerRow, SamplingParams, sample
 from shard.sequence import Chunk, Sequence, SequenceRequest, TokenResult, accept, error_result
+from shard.vocab_adapter import VocabBatch, VocabShape
 from shard.grammar import Grammars
 from shard.weights import load_model
 
@@ -64,6 +66,7 @@ class EngineInfo:
 class AdapterInfo:
     rank: int
     pages: int  # adapter pool pages it occupies while resident
+    vocab_size: int  # the vocabulary of its requests (the model's unless it brings its own)
 
 
 class Engine:
@@ -74,7 +77,7 @@ class Engine:
                  adapter_pool_pages: int | None = None,
                  adapter_host_cache_bytes: int = DEFAULT_ADAPTER_HOST_CACHE_BYTES,
                  adapter_page_rank: int = DEFAULT_ADAPTER_PAGE_RANK, enforce_eager: bool = False,
-                 padded_decode: bool | None = None):
+                 padded_decode: bool | None = None, adapter_vocab_bytes: int = DEFAULT_ADAPTER_VOCAB_BYTES):
         """padded_decode: decode-only steps padded to fixed buckets (shard/decode_graphs.py), captured as CUDA
         graphs on CUDA unless enforce_eager; None: where LOOM_CUDA_GRAPHS=1 asks for graphs. Never for a family
         whose decode is not of fixed shapes (CausalLM.padded_decode: the mixtures of experts)."""
@@ -107,8 +110,10 @@ class Engine:
         self.sequences: dict[int, Sequence] = {}
         layout = PageLayout.build(config.num_hidden_layers, adapter_page_rank, projection_shapes(self.model))
         layout.experts = expert_layout(self.model, layout.page_numel, adapter_page_rank)
+        layout.vocab = VocabShape(config.vocab_size, config.hidden_size, bool(config.tie_word_embeddings), tp_rank,
+                                  tp_size)
         self.adapters = AdapterCache(layout, dtype, self.device, adapter_host_cache_bytes, base_linears(self.model),
-                                     tp_size)
+                                     tp_size, adapter_vocab_bytes)
         # Triton SGMV instead of the torch LoRA path: CUDA only, opt-in until checked on a GPU.
         self.triton_lora = self.device.type == "cuda" and os.environ.get("LOOM_TRITON_LORA") == "1"
         # Built now, never while serving.
@@ -216,7 +221,7 @@ class Engine:
         if preloaded:
             with torch.inference_mode():  # the pool is an inference tensor, written in place
                 self.adapters.preload(adapter_id)
-        return AdapterInfo(entry.rank, entry.num_pages)
+        return AdapterInfo(entry.rank, entry.num_pages, self.adapters.vocab_size(adapter_id, self.vocab_size))
 
     def unload_adapter(self, adapter_id: str) -> None:
         """Forgets a registered adapter; raises AdapterError while live sequences use it."""
@@ -281,9 +286,12 @@ class Engine:
     def _validate(self, req: SequenceRequest, taken: set[int]) -> str:
         if not req.input_ids:
             return "empty prompt: input_ids must hold at least one token"
-        bad = [t for t in itertools.chain(req.input_ids, req.generated_ids) if not 0 <= t < self.vocab_size]
+        vocab = self.adapters.vocab_size(req.adapter_id, self.vocab_size)
+        bad = [t for t in itertools.chain(req.input_ids, req.generated_ids) if not 0 <= t < vocab]
         if bad:
-            return f"token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})"
+            return f"token id {bad[0]} is outside the vocabulary [0, {vocab})"
+        if req.grammar and vocab != self.vocab_size:
+            return "constrained decoding is not supported with an adapter that brings its own vocabulary"
         if req.id in self.sequences or req.id in taken:
             return f"sequence {req.id} is already active"
         if req.grammar:
@@ -342,7 +350,8 @@ class Engine:
         if not sampled:
             return []
         rows = [self.sequences[c.id].row for c, _ in sampled]
-        out = self._sample(self.model.compute_logits(torch.stack([h for _, h in sampled])), rows)
+        vocab = self.adapters.vocab_batch([self.sequences[c.id].adapter_id for c, _ in sampled], [1] * len(sampled))
+        out = self._sample(self.model.compute_logits(torch.stack([h for _, h in sampled]), vocab), rows)
         results = []
         for j, (chunk, _) in enumerate(sampled):
             accept(rows[j], out.token_ids[j])
@@ -369,16 +378,18 @@ class Engine:
             slots += [seq.table[p // bs] * bs + p % bs for p in range(chunk.start, end)]
         lengths = [len(seq.row.token_ids) for seq in seqs]
         hidden = None
-        if self.decode_runner is not None and not prefills:
+        vocab = self.adapters.vocab_batch([s.adapter_id for s in seqs], [c.num_tokens for c in chunks])
+        if self.decode_runner is not None and not prefills and vocab is None:
             hidden = self.decode_runner.run(ids, positions, slots, [s.table for s in seqs], lengths,
                                             [s.adapter_id for s in seqs])
         if hidden is None:
-            hidden = self._run_model(decodes, prefills, seqs, ids, positions, slots, lengths)
+            hidden = self._run_model(decodes, prefills, seqs, ids, positions, slots, lengths, vocab)
         sampled, row = [], 0
         for chunk, seq, n in zip(chunks, seqs, lengths):
             if seq.prompt_logprobs is not None:
                 logprobs, top = self._prompt_logprobs(hidden[row:row + chunk.num_tokens], chunk.start,
-                                                      seq.row.token_ids[:seq.row.num_prompt], seq.prompt_top_n)
+                                                      seq.row.token_ids[:seq.row.num_prompt], seq.prompt_top_n,
+                                                      seq.adapter_id)
                 seq.prompt_logprobs += logprobs
                 seq.prompt_top += top
             row += chunk.num_tokens
@@ -387,7 +398,8 @@ class Engine:
         return sampled
 
     def _run_model(self, decodes: list[Chunk], prefills: list[Chunk], seqs: list[Sequence], ids: list[int],
-                   positions: list[int], slots: list[int], lengths: list[int]) -> torch.Tensor:
+                   positions: list[int], slots: list[int], lengths: list[int],
+                   vocab: VocabBatch | None = None) -> torch.Tensor:
         """The model over the step's tokens as they are, unpadded: [tokens, hidden]."""
         bs, dev, nd = self.block_size, self.device, len(decodes)
         slot_t = torch.tensor(slots, device=dev)
@@ -401,10 +413,10 @@ class Engine:
         lora = self.adapters.lora_batch([s.adapter_id for s in seqs], [c.num_tokens for c in decodes + prefills],
                                         self.triton_lora)
         return self.model(torch.tensor(ids, device=dev), torch.tensor(positions, device=dev),
-                          batch_metadata(decode, prefill), lora)
+                          batch_metadata(decode, prefill), lora, vocab)
 
     def _sample(self, logits: torch.Tensor, rows: list[SamplerRow]) -> SamplerOutput:
-        out = sample(logits, rows)
+        out = sample(logits, rows, self.vocab_size)
         if self._distributed:
             # Unseeded draws differ between ranks; every rank must feed the same tokens to the next step.
             tokens = torch.tensor(out.token_ids, device=self.device)
@@ -413,7 +425,7 @@ class Engine:
         return out
 
     def _prompt_logprobs(self, hidden: torch.Tensor, start: int, prompt: list[int], top_n: int = 0,
-                         ) -> tuple[list[float], list[tuple[list[tuple[int, float]], int]]]:
+                         adapter_id: str = "") -> tuple[list[float], list[tuple[list[tuple[int, float]], int]]]:
         """logprobs (raw logits) of the prompt tokens that the chunk's rows predict: row i (position start + i)
         predicts prompt[start + i + 1]; with `top_n`, also each position's `top_n` most likely tokens and the
         prompt token's rank there. Logits are computed PROMPT_LOGPROBS_CHUNK rows at a time: a long prompt's
@@ -425,7 +437,8 @@ class Engine:
         parts, tops = [], []
         for lo in range(0, count, PROMPT_LOGPROBS_CHUNK):
             hi = min(lo + PROMPT_LOGPROBS_CHUNK, count)
-            lp = self.model.compute_logits(hidden[lo:hi]).log_softmax(-1)
+            vocab = self.adapters.vocab_batch([adapter_id], [hi - lo])
+            lp = self.model.compute_logits(hidden[lo:hi], vocab).log_softmax(-1)
             chosen = lp.gather(1, targets[lo:hi, None])
             parts.append(chosen[:, 0])
             if top_n:

@@ -18,6 +18,7 @@ import torch
 if TYPE_CHECKING:
     from shard.dora import DoraWeights
     from shard.expert_lora import ExpertLayout
+    from shard.vocab_adapter import VocabShape, VocabWeights
 
 # The projections PEFT targets on Llama-style families; each family declares its own (shard/models/).
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -65,6 +66,7 @@ class PageLayout:
     offsets: dict[tuple[int, str], tuple[int, int]]
     page_numel: int
     experts: ExpertLayout | None = None  # models with experts: where expert targets live (shard/expert_lora.py)
+    vocab: VocabShape | None = None  # the base vocabulary, for adapters on embed_tokens / lm_head
 
     @classmethod
     def build(cls, num_layers: int, page_rank: int, shapes: dict[str, ProjShape]) -> PageLayout:
@@ -107,3 +109,4 @@ class HostAdapter:
     pages: torch.Tensor  # [pages for its rank + expert_pages, page_numel]
     expert_pages: int = 0  # the trailing pages that hold expert rows (shard/expert_lora.py)
     dora: DoraWeights | None = None  # a DoRA adapter's factors (shard/dora.py)
+    vocab: VocabWeights | None = None  # its embedding / lm_head tensors (shard/vocab_adapter.py)

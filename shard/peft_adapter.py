@@ -27,14 +27,16 @@ import regex
 import torch
 from safetensors import safe_open
 
-from shard import peft_experts
+from shard import peft_experts, vocab_adapter
 from shard.dora import BaseLinear, is_magnitude_key, read_dora
 from shard.lora import AdapterError, HostAdapter, PageLayout
 from shard.models.base import apply_renames
 from shard.peft_experts import TARGET_PARAMETERS
 
 # Modules PEFT could target that Loom does not serve adapters on.
-_UNSUPPORTED_PATHS = ("lm_head", "model.embed_tokens", "model.norm")
+_UNSUPPORTED_PATHS = ("model.norm",)
+# The vocabulary modules (shard/vocab_adapter.py), as target_modules paths.
+_VOCAB_PATHS = ("model.embed_tokens", "lm_head")
 _KEY = re.compile(r"base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.([\w.]+)\.lora_([AB])\.weight")
 CONFIG_FILE = "adapter_config.json"
 WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
@@ -140,7 +142,6 @@ def _check_config(name: str, config: dict) -> None:
         (not config.get("fan_in_fan_out", False), "fan_in_fan_out adapters are not supported"),
         (config.get("bias", "none") == "none", "bias is not supported (only 'none')"),
         (isinstance(config.get("use_dora", False), bool), "use_dora must be true or false"),
-        (not config.get("modules_to_save"), "modules_to_save is not supported"),
         (not config.get("lora_bias", False), "lora_bias is not supported"),
         (config.get("target_parameters") is None or (isinstance(config["target_parameters"], list) and all(
             isinstance(t, str) for t in config["target_parameters"])), "target_parameters must be a list of strings"),
@@ -187,7 +188,7 @@ def _check_targets(name: str, target_modules: str | list[str] | None, layout: Pa
         if hit:
             raise AdapterError(f"adapter {name}: unsupported target module {hit[0]!r} (supported: {supported})")
         paths = [f"model.layers.{i}.{s.parent}.{p}" for i in range(layout.num_layers)
-                 for p, s in layout.shapes.items()]
+                 for p, s in layout.shapes.items()] + list(_VOCAB_PATHS if layout.vocab is not None else ())
         if layout.experts is not None:  # one expert stands for all (transformers 4 adapters named them per expert)
             paths += [f"model.layers.{i}.mlp.experts.0.{m}" for i in layout.experts.layers
                       for m in layout.experts.modules]
@@ -199,6 +200,7 @@ def _check_targets(name: str, target_modules: str | list[str] | None, layout: Pa
             return
         raise AdapterError(f"adapter {name}: target_modules is empty")
     leaves = {p.rpartition(".")[2] for p in layout.shapes} | set(layout.experts.modules if layout.experts else ())
+    leaves |= set(vocab_adapter.VOCAB_MODULES if layout.vocab is not None else ())
     for target in target_modules:
         if target.rpartition(".")[2] not in leaves:
             shown = target if len(target) <= 64 else target[:64] + "..."
@@ -218,6 +220,7 @@ def _weights_file(name: str, path: Path, layout: PageLayout, max_pages: int | No
             e = layout.experts
             full += sum(s.in_features + s.out_features for s in e.shapes.values()) * e.num_experts * len(e.layers)
         limit = max_pages * layout.page_rank * full * _MAX_ELEMENT_BYTES + _FILE_SLACK_BYTES
+        limit += vocab_adapter.file_allowance(layout.vocab)
         if files[0].stat().st_size > limit:
             raise AdapterError(f"adapter {name}: {files[0].name} is larger than an adapter the pool can hold "
                                f"({max_pages} pages of rank {layout.page_rank})")
@@ -316,10 +319,11 @@ def _check_pages(name: str, layout: PageLayout, modules: list[_Module], experts:
 
 def _read_weights(name: str, file: Path, shapes: dict[str, list[int]], read, layout: PageLayout, config: dict,
                   patterns: _Patterns, max_pages: int | None, dtype: torch.dtype,
-                  base: dict[tuple[int, str], BaseLinear] | None) -> HostAdapter:
+                  base: dict[tuple[int, str], BaseLinear] | None, max_vocab_bytes: int | None = None) -> HostAdapter:
     """Plans every tensor from `shapes` (checks before any tensor is read), then reads them (`read(key)`) into
-    pages: the page layout's, then the experts' (shard/peft_experts.py); a DoRA adapter's factors besides
-    (shard/dora.py, from `base`: the model's target weights)."""
+    pages: the page layout's, then the experts' (shard/peft_experts.py); the vocabulary modules' tensors apart
+    (shard/vocab_adapter.py); a DoRA adapter's factors besides (shard/dora.py, from `base`: the model's target
+    weights)."""
     magnitudes = {k: shapes.pop(k) for k in [k for k in shapes if is_magnitude_key(k)]}
     if magnitudes and not config.get("use_dora"):
         raise AdapterError(f"adapter {name}: {file.name} holds lora_magnitude_vector tensors but {CONFIG_FILE} "
@@ -332,38 +336,49 @@ def _read_weights(name: str, file: Path, shapes: dict[str, list[int]], read, lay
 
         def read(key: str):
             return read_original(original[key])
+    def lookup(field: str, path: str, default):
+        return patterns.lookup(config.get(field) or {}, path, default, field)
+
+    def fold(where: str, scale: float, a: torch.Tensor, b: torch.Tensor):
+        return _fold(name, where, scale, a, b, dtype)
     expert_keys = {k for k in shapes if experts_layout is not None and peft_experts.is_expert_key(k)}
-    modules = _plan(name, file, {k: v for k, v in shapes.items() if k not in expert_keys}, layout, config, patterns)
+    vocab_keys = {k for k in shapes if vocab_adapter.is_vocab_key(k)}
+    modules = _plan(name, file, {k: v for k, v in shapes.items() if k not in expert_keys | vocab_keys}, layout,
+                    config, patterns)
+    vocab_plan = vocab_adapter.plan(name, file.name, {k: shapes[k] for k in vocab_keys}, layout.vocab, config,
+                                    lookup, torch.empty((), dtype=dtype).element_size(), max_vocab_bytes)
     experts = []
     if expert_keys:
-        def lookup(field: str, path: str, default):
-            return patterns.lookup(config.get(field) or {}, path, default, field)
         experts = peft_experts.plan(name, file.name, {k: shapes[k] for k in expert_keys}, experts_layout, config,
                                     lookup)
-    if not modules and not experts:
+    if not modules and not experts and vocab_plan is None:
         raise AdapterError(f"adapter {name}: no LoRA tensors on a supported target module")
     if config.get("use_dora") and experts:
         raise AdapterError(f"adapter {name}: DoRA on expert parameters is not supported")
     _check_pages(name, layout, modules, experts, max_pages)
     pages = _lay_out(name, layout, modules, read, dtype)
-    expert_pages = peft_experts.lay_out(name, experts_layout, experts, layout.page_numel, read,
-                                        lambda where, scale, a, b: _fold(name, where, scale, a, b, dtype),
+    expert_pages = peft_experts.lay_out(name, experts_layout, experts, layout.page_numel, read, fold,
                                         dtype) if experts else pages[:0]
+    vocab = vocab_adapter.read(name, vocab_plan, layout.vocab, read, fold, dtype) if vocab_plan else None
     ranks = [m.rank for m in modules] + [t.rank for t in experts]
+    ranks += [m.rank for m in vocab_plan.modules.values()] if vocab_plan else []
     targets = {m.proj for m in modules} | {f"experts.{t.target}" for t in experts}
     dora = read_dora(name, modules, magnitudes, read, layout, base, lambda m, ab, src: _slice(layout, m, ab, src)) \
         if config.get("use_dora") else None
-    return HostAdapter(max(ranks), frozenset(targets), torch.cat([pages, expert_pages]), expert_pages.shape[0], dora)
+    return HostAdapter(max(ranks, default=0), frozenset(targets), torch.cat([pages, expert_pages]),
+                       expert_pages.shape[0], dora, vocab)
 
 
 def load_adapter(name: str, path: str | Path, layout: PageLayout, dtype: torch.dtype, max_pages: int | None = None,
-                 pin_memory: bool = False, base: dict[tuple[int, str], BaseLinear] | None = None) -> HostAdapter:
+                 pin_memory: bool = False, base: dict[tuple[int, str], BaseLinear] | None = None,
+                 max_vocab_bytes: int | None = None) -> HostAdapter:
     """Reads and checks a PEFT LoRA adapter dir and lays it out as pages, each file read once; `max_pages`: the
-    most pool pages an adapter may take (checked before any tensor is read); `base`: the model's target weights
-    (shard/dora.base_linears), which DoRA adapters need. Raises AdapterError naming the file, field or tensor
-    that is wrong."""
+    most pool pages an adapter may take, `max_vocab_bytes` the most its embedding / lm_head tensors may take
+    (both checked before any tensor is read); `base`: the model's target weights (shard/dora.base_linears),
+    which DoRA adapters need. Raises AdapterError naming the file, field or tensor that is wrong."""
     path = Path(path)
     config = _read_config(name, path)
+    vocab_adapter.check_config(name, config)
     patterns = _Patterns(name)
     _check_target_parameters(name, config.get("target_parameters") or [], layout)
     _check_targets(name, config.get("target_modules"), layout, patterns, bool(config.get("target_parameters")))
@@ -373,13 +388,14 @@ def load_adapter(name: str, path: str | Path, layout: PageLayout, dtype: torch.d
             with safe_open(str(file), framework="pt", device="cpu") as f:
                 sources = {key: f.get_slice(key) for key in f.keys()}
                 host = _read_weights(name, file, {k: list(s.get_shape()) for k, s in sources.items()},
-                                     sources.__getitem__, layout, config, patterns, max_pages, dtype, base)
+                                     sources.__getitem__, layout, config, patterns, max_pages, dtype, base,
+                                     max_vocab_bytes)
         else:
             state = torch.load(file, map_location="cpu", weights_only=True)
             if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
                 raise AdapterError(f"adapter {name}: {file.name} does not hold a dict of tensors")
             host = _read_weights(name, file, {k: list(t.shape) for k, t in state.items()}, state.__getitem__, layout,
-                                 config, patterns, max_pages, dtype, base)
+                                 config, patterns, max_pages, dtype, base, max_vocab_bytes)
     except AdapterError:
         raise
     except Exception as e:  # a corrupt or truncated file: this adapter's error, named without its content

@@ -175,11 +175,13 @@ def apply_logit_bias(logits: torch.Tensor, rows: list[SamplerRow]) -> None:
                                            device=logits.device)
 
 
-def mask_forbidden(logits: torch.Tensor, rows: list[SamplerRow]) -> None:
-    """Grammar masks and min_tokens: forbidden tokens get -inf, in place."""
+def mask_forbidden(logits: torch.Tensor, rows: list[SamplerRow], grammar_vocab: int | None = None) -> None:
+    """Grammar masks and min_tokens: forbidden tokens get -inf, in place. `grammar_vocab`: the vocabulary the
+    grammars were compiled for, when the logits are wider (an adapter's added tokens in the step: those
+    columns are -inf in every constrained row already)."""
     constrained = [i for i, r in enumerate(rows) if r.matcher is not None]
     if constrained:
-        mask_constrained(logits, [rows[i].matcher for i in constrained], constrained)
+        mask_constrained(logits[:, :grammar_vocab], [rows[i].matcher for i in constrained], constrained)
     for i, row in enumerate(rows):
         if row.json_keys is not None:
             row.json_keys.mask(logits[i])
@@ -187,7 +189,7 @@ def mask_forbidden(logits: torch.Tensor, rows: list[SamplerRow]) -> None:
             logits[i, row.stop_token_ids] = float("-inf")
 
 
-def sample(logits: torch.Tensor, rows: list[SamplerRow]) -> SamplerOutput:
+def sample(logits: torch.Tensor, rows: list[SamplerRow], grammar_vocab: int | None = None) -> SamplerOutput:
     """logits: float32 [R, V], one row per entry of `rows`; logprobs are log_softmax(logits[row]) after
     grammar masks, logit_bias, penalties and temperature (greedy rows: no temperature), before truncation."""
     penalised = [i for i, r in enumerate(rows) if r.params.penalized]
@@ -197,7 +199,7 @@ def sample(logits: torch.Tensor, rows: list[SamplerRow]) -> SamplerOutput:
     if penalised or sampled or masked or biased:
         logits = logits.clone()  # the caller's tensor stays untouched
     if masked:
-        mask_forbidden(logits, rows)
+        mask_forbidden(logits, rows, grammar_vocab)
     if biased:
         apply_logit_bias(logits, rows)
     if penalised:

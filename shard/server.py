@@ -196,7 +196,7 @@ class ShardService(pb_grpc.ShardServicer):
             info = await self._run(engine.register_adapter, request.adapter_id, request.path, host, request.preloaded)
         except AdapterError as e:
             return pb.LoadAdapterResponse(error=str(e))
-        return pb.LoadAdapterResponse(rank=info.rank, pages=info.pages)
+        return pb.LoadAdapterResponse(rank=info.rank, pages=info.pages, vocab_size=info.vocab_size)
 
     async def PrepareGrammar(self, request, context):
         await self._refuse_if_failed(context)

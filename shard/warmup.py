@@ -83,11 +83,15 @@ def warm_up(engine: Engine, limits: WarmupLimits) -> int:
     max_batch_total_tokens > 0 caps it. Drops every sequence."""
     engine.drop_kv_cache()
     allocate_adapter_pool(engine, limits.max_active_adapters)
-    reserved = 0
+    reserved = vocab = 0
     if engine.device.type == "cuda" and not engine.kv_cache_bytes:
         reserved = measure_activation_peak(engine, limits)
+        # Adapters' vocabulary tensors are allocated as adapters register, after warmup: the KV cache leaves them
+        # room.
+        vocab = engine.adapters.vocab_bytes_free
     info = engine.info
-    budget = kv_budget_bytes(engine.device, engine.kv_cache_bytes, reserved_bytes=reserved, num_layers=info.num_layers)
+    budget = kv_budget_bytes(engine.device, engine.kv_cache_bytes, reserved_bytes=reserved + vocab,
+                             num_layers=info.num_layers)
     block_bytes = bytes_per_block(info.num_layers, engine.model.local_kv_heads, info.head_dim, engine.block_size,
                                   engine.dtype)
     num_blocks = num_blocks_for_budget(budget, block_bytes, limits.max_batch_total_tokens, engine.block_size)

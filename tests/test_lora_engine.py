@@ -227,12 +227,13 @@ def test_broken_adapters(llama: Family, tmp_path: Path):
                                            r"\[4, 128\], the base model needs \[r, 64\]"):
         engine.load_adapter("bad2", str(wrong_shape))
 
-    lm_head = build_tiny_adapter(tmp_path / "lmhead", base, 4, 8, ["q_proj", "lm_head"])
-    with pytest.raises(AdapterError, match=r"unsupported target module 'lm_head'"):
-        engine.load_adapter("bad3", str(lm_head))
-    embed = build_tiny_adapter(tmp_path / "embed", base, 4, 8, r".*embed_tokens")
-    with pytest.raises(AdapterError, match=r"unsupported target module 'model\.embed_tokens'"):
-        engine.load_adapter("bad4", str(embed))
+    # The final norm is no LoRA target (embed_tokens and lm_head are: tests/test_vocab_adapters.py).
+    norm = write_lora_adapter(tmp_path / "norm", config, 4, ["q_proj"], 0)
+    for name, targets, shown in (("bad3", ["q_proj", "norm"], "norm"), ("bad4", r".*norm", "model\\.norm")):
+        (norm / "adapter_config.json").write_text(json.dumps({
+            **json.loads((norm / "adapter_config.json").read_text()), "target_modules": targets}))
+        with pytest.raises(AdapterError, match=rf"unsupported target module '{shown}'"):
+            engine.load_adapter(name, str(norm))
 
     with pytest.raises(AdapterError, match=r"adapter bad5: /nonexistent/adapter is not a directory"):
         engine.load_adapter("bad5", "/nonexistent/adapter")

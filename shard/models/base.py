@@ -55,6 +55,16 @@ class LoraHook(Protocol):
     def apply(self, layer_idx: int, proj: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor: ...
 
 
+class VocabHook(Protocol):
+    """Adapters on the vocabulary (shard/vocab_adapter.py VocabBatch): their rows' embeddings and logits."""
+
+    def base_ids(self, ids: torch.Tensor) -> torch.Tensor: ...
+
+    def embeddings(self, ids: torch.Tensor, h: torch.Tensor) -> torch.Tensor: ...
+
+    def logits(self, hidden: torch.Tensor, logits: torch.Tensor) -> torch.Tensor: ...
+
+
 def apply_renames(name: str, renames: tuple[tuple[str, str], ...]) -> str:
     """A checkpoint or adapter tensor name as current transformers names it (a family's `checkpoint_renames`)."""
     for old, new in renames:
@@ -309,19 +319,30 @@ class CausalLM(nn.Module):
         for layer, cache in zip(self.model.layers, caches, strict=True):
             layer.self_attn.kv_cache = cache
 
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model.embed_tokens(input_ids)
+    def token_embeddings(self, input_ids: torch.Tensor, vocab: VocabHook | None = None) -> torch.Tensor:
+        """embed_tokens(input_ids), each row under its request's vocabulary adapter."""
+        if vocab is None:
+            return self.model.embed_tokens(input_ids)
+        return vocab.embeddings(input_ids, self.model.embed_tokens(vocab.base_ids(input_ids)))
+
+    def embed(self, input_ids: torch.Tensor, vocab: VocabHook | None = None) -> torch.Tensor:
+        return self.token_embeddings(input_ids, vocab)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn_metadata: AttentionMetadata,
-                lora: LoraHook | None = None) -> torch.Tensor:
+                lora: LoraHook | None = None, vocab: VocabHook | None = None) -> torch.Tensor:
         """input_ids, positions: [T] -> hidden states [T, hidden] (after the final norm)."""
-        h = self.embed(input_ids)
+        h = self.embed(input_ids, vocab)
         lengths = attn_metadata.token_lengths() if self.needs_lengths else None
         ropes = {key: rotary(positions, lengths, h.dtype) for key, rotary in self.rotary.items()}
         for layer, key in zip(self.model.layers, self.rope_keys):
             h = layer(h, ropes[key], attn_metadata, lora)
         return self.model.norm(h)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def head(self, hidden: torch.Tensor, vocab: VocabHook | None = None) -> torch.Tensor:
+        """lm_head(hidden), each row under its request's vocabulary adapter (then as wide as the widest)."""
+        logits = self.lm_head(hidden)
+        return logits if vocab is None else vocab.logits(hidden, logits)
+
+    def compute_logits(self, hidden: torch.Tensor, vocab: VocabHook | None = None) -> torch.Tensor:
         """[N, hidden] -> [N, vocab] float32 logits."""
-        return self.lm_head(hidden).float()
+        return self.head(hidden, vocab).float()

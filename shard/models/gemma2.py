@@ -9,7 +9,7 @@ import torch
 
 from shard.attention import AttentionMetadata
 from shard.layers import RMSNorm
-from shard.models.base import Attention, CausalLM, DecoderLayer, LoraHook, Placement
+from shard.models.base import Attention, CausalLM, DecoderLayer, LoraHook, Placement, VocabHook
 
 
 class GemmaRMSNorm(RMSNorm):
@@ -59,10 +59,10 @@ class Gemma2ForCausalLM(CausalLM):
         if getattr(config, "use_bidirectional_attention", False):
             raise ValueError("use_bidirectional_attention is not supported (Loom serves causal decoders)")
 
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        h = self.model.embed_tokens(input_ids)
+    def embed(self, input_ids: torch.Tensor, vocab: VocabHook | None = None) -> torch.Tensor:
+        h = self.token_embeddings(input_ids, vocab)
         # transformers rounds the float32 scale to the weights' dtype (sqrt(3072) is 55.5 in bfloat16).
         return h * torch.tensor(self.config.hidden_size ** 0.5).to(h.dtype)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return tanh_cap(self.lm_head(hidden), self.config.final_logit_softcapping).float()
+    def compute_logits(self, hidden: torch.Tensor, vocab: VocabHook | None = None) -> torch.Tensor:
+        return tanh_cap(self.head(hidden, vocab), self.config.final_logit_softcapping).float()
