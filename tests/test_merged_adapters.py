@@ -270,9 +270,11 @@ def test_merges_are_evicted_least_recently_used_but_never_in_use(small_engine, o
     """At most max_merges recipes registered: a new one unloads the least recently used idle merge (pages, entry
     and directory); a merge a request holds stays, and a recipe that would need its place is a 429."""
     from router.adapters import AdapterRegistry
+    from router.config import RouterConfig
     from router.errors import APIError
     from router.merged_adapters import MergedAdapters, MergedAdaptersSpec
     from router.metrics import Metrics
+    from router.sources import build_sources
     from router.tokenization import ModelTokenizer
     from tests.inprocess import Stack, collect, request
 
@@ -280,8 +282,10 @@ def test_merges_are_evicted_least_recently_used_but_never_in_use(small_engine, o
 
     async def main():
         async with Stack(small_engine, tmp_path) as stack:
+            config = RouterConfig(model_dir=str(llama_dir), model_id=str(llama_dir), shard_sockets=[],
+                                  local_adapter_roots=[str(ops_adapters[0].parent)])
             registry = AdapterRegistry(str(llama_dir), ModelTokenizer.from_dir(str(llama_dir)), stack.client, {},
-                                       [str(ops_adapters[0].parent)], "local", small_engine.adapter_pages, Metrics())
+                                       build_sources(config), "local", small_engine.adapter_pages, Metrics())
             merges = MergedAdapters(registry, stack.scheduler.adapter_users, max_merges=2, min_idle_s=0)
 
             async def merge(weight: float):
