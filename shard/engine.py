@@ -31,6 +31,7 @@ from shard.expert_lora import expert_layout
 from shard.kv_cache import DEFAULT_BLOCK_SIZE, allocate_kv_cache
 from shard.lora import AdapterError, HostAdapter, PageLayout, projection_shapes
 from shard.models import head_dim_of
+from shard.packed_linear import pack_linears
 from shard.sampler import SamplerOutput, SamplerRow, SamplingParams, sample
 from shard.sequence import Chunk, Sequence, SequenceRequest, TokenResult, accept, error_result
 from shard.vocab_adapter import VocabBatch, VocabShape
@@ -89,6 +90,7 @@ class Engine:
         self.adapter_pool_pages = adapter_pool_pages
         config = AutoConfig.from_pretrained(model_dir)
         self.model = load_model(config, model_dir, dtype, self.device, tp_rank, tp_size)
+        pack_linears(self.model, self.device, dtype)
         self.vocab_size = config.vocab_size
         self.info = EngineInfo(
             model_type=config.model_type,

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from shard.kernels import cpu
+from shard.packed_linear import linear
 
 
 def _is_distributed(tp_size: int) -> bool:
@@ -78,13 +79,14 @@ class ColumnParallelLinear(nn.Module):
         out = sum(local_sizes.values())
         self.weight = _param((out, in_features), dtype, device)
         self.bias = _param((out,), dtype, device) if bias else None
+        self.packed: torch.Tensor | None = None  # the weight packed for oneDNN (shard/packed_linear.py)
 
     @property
     def parts(self) -> tuple[str, ...]:
         return tuple(self.full_sizes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.packed, self.bias)
 
     def _source_start(self, part: str) -> int:
         """Where this rank's rows of `part` start in that part's full tensor."""
@@ -154,13 +156,14 @@ class RowParallelLinear(nn.Module):
         self.local_in = in_features // tp_size
         self.weight = _param((out_features, self.local_in), dtype, device)
         self.bias = _param((out_features,), dtype, device) if bias else None
+        self.packed: torch.Tensor | None = None  # the weight packed for oneDNN (shard/packed_linear.py)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.reduce(self.partial(x))
 
     def partial(self, x: torch.Tensor) -> torch.Tensor:
         """This rank's partial sum; LoRA deltas of row-parallel targets are added to it before `reduce`."""
-        return F.linear(x, self.weight)
+        return linear(x, self.weight, self.packed)
 
     def reduce(self, y: torch.Tensor) -> torch.Tensor:
         # The bias is added once, after the reduction, not once per rank.
@@ -214,8 +217,10 @@ class VocabParallelEmbedding(nn.Module):
 class ParallelLMHead(VocabParallelEmbedding):
     """Projects hidden states to full-vocab logits (gathered from every rank's vocab slice)."""
 
+    packed: torch.Tensor | None = None  # the weight packed for oneDNN (shard/packed_linear.py)
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(hidden, self.weight)
+        logits = linear(hidden, self.weight, self.packed)
         if _is_distributed(self.tp_size):
             parts = [torch.empty_like(logits) for _ in range(self.tp_size)]
             dist.all_gather(parts, logits)
