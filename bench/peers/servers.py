@@ -4,7 +4,9 @@ LoRA adapters, and how an OpenAI request names an adapter on each.
 - Loom: `loom --model-id <hf dir> --local-adapter-root <adapters>`; a request names an adapter by its path.
 - vLLM: `vllm serve <hf dir> --enable-lora --max-loras N --max-lora-rank R --lora-modules name=path ...`, plus
   `--dtype float32`: vLLM's `auto` would run this float32 checkpoint in a 16-bit type, which is not the model
-  the others serve. A request names an adapter by its --lora-modules name.
+  the others serve; and `--kv-cache-memory-bytes` (4 GiB, 6× what 64 requests of these workloads hold): by
+  default vLLM's CPU build reserves 92% of the host's memory at start and refuses to start when that much is
+  not free. A request names an adapter by its --lora-modules name.
 - llama.cpp: `llama-server -m <f32 gguf> --lora a.gguf,b.gguf,... --lora-init-without-apply` (loaded at scale 0,
   so a request without `lora` is the base model); a request picks its adapter with `lora: [{id, scale: 1}]`.
 """
@@ -26,6 +28,7 @@ from bench.host import free_port
 from bench.peers.assets import Assets
 
 SERVERS = ("loom", "vllm", "llamacpp")
+VLLM_KV_BYTES = 4 << 30
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -84,8 +87,8 @@ def make_server(name: str, assets: Assets, vllm_python: Path | None, llama_serve
                "--local-adapter-root", str(assets.adapter_root), "--port", str(port)]
     elif name == "vllm":
         rank = read_rank(assets.adapters[0])
-        cmd = [str(vllm_python), "-m", "vllm.entrypoints.cli.main", "serve", str(assets.hf_dir), "--port", str(port),
-               "--dtype", "float32", "--enable-lora", "--max-loras", str(len(assets.adapters)),
+        cmd = [str(vllm_python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(assets.hf_dir), "--port", str(port),
+               "--dtype", "float32", "--kv-cache-memory-bytes", str(VLLM_KV_BYTES), "--enable-lora", "--max-loras", str(len(assets.adapters)),
                "--max-lora-rank", str(rank), "--lora-modules", *(f"{a.name}={a}" for a in assets.adapters)]
     elif name == "llamacpp":
         cmd = [str(llama_server), "-m", str(assets.gguf), "--port", str(port),
