@@ -19,7 +19,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -37,7 +37,6 @@ class Server:
     name: str
     command: list[str]
     assets: Assets
-    env: dict = field(default_factory=dict)
     url: str = ""
     proc: subprocess.Popen | None = None
 
@@ -54,7 +53,7 @@ class Server:
         log.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "w") as out:
             self.proc = subprocess.Popen(self.command, stdout=out, stderr=subprocess.STDOUT, cwd=REPO,
-                                         env=os.environ | {"HF_HUB_OFFLINE": "1"} | self.env, start_new_session=True)
+                                         env=os.environ | {"HF_HUB_OFFLINE": "1"}, start_new_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
