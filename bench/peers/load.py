@@ -1,8 +1,8 @@
 """The four workloads and the client that plays them: every request sent at once through the OpenAI SDK's
 streaming completions, temperature 0, EOS ignored so that each request yields exactly its new tokens.
 
-Prompts are token ids (the same ids reach every server, whatever each one's tokenizer would add), drawn from
-seeded English-like text; each (workload, repeat) draws its own, so no server's prefix cache carries a repeat's
+Prompts are token ids (the same ids reach every server, whatever each one's tokenizer would add): the start of
+a seeded little story, cut at the workload's length; each (workload, repeat) draws its own, so no server's prefix cache carries a repeat's
 prompts into the next one, and every server gets the same prompts for the same repeat.
 """
 
@@ -16,10 +16,17 @@ from pathlib import Path
 
 from bench.stats import Timing
 
-WORDS = ("the river city garden winter morning people history music science small village ancient market road "
-         "light story teacher child mountain ocean bread letter window friend machine engine forest summer "
-         "quiet bright careful simple strange early late under over between after before because while "
-         "build write explain remember describe travel carry follow open close learn change grow find").split()
+SUBJECTS = ("the old teacher", "a young engineer", "my neighbour", "the village baker", "a curious child",
+            "the ship's captain", "an art student", "the night nurse", "a retired pilot", "the town librarian")
+ACTIONS = ("found a letter under the door", "planted a garden by the river", "fixed the broken clock",
+           "walked to the market before dawn", "wrote a song about the winter", "lost the key to the shop",
+           "painted the bridge in bright colours", "read every book about the stars", "built a small wooden boat",
+           "baked bread for the whole street")
+AFTER = ("The next morning,", "Later that week,", "Nobody knew why, but", "Years afterwards,", "In the evening,")
+
+
+def _sentence(rng: random.Random) -> str:
+    return f"{rng.choice(AFTER)} {rng.choice(SUBJECTS)} {rng.choice(ACTIONS)}."
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,10 +64,10 @@ def prompts(tokenizer, count: int, length: int, seed: int) -> list[list[int]]:
     rng = random.Random(seed)
     out = []
     for i in range(count):
-        words = [f"Note {seed % 1000}-{i}:"]
+        words = [f"Story {seed % 1000}-{i}: {rng.choice(SUBJECTS).capitalize()} {rng.choice(ACTIONS)}."]
         ids: list[int] = []
         while len(ids) < length:
-            words += [rng.choice(WORDS) for _ in range(length)]
+            words.append(_sentence(rng))
             ids = tokenizer(" ".join(words), add_special_tokens=False)["input_ids"]
         out.append(ids[:length])
     return out

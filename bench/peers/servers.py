@@ -7,8 +7,8 @@ LoRA adapters, and how an OpenAI request names an adapter on each.
   the others serve; and `--kv-cache-memory-bytes` (4 GiB, 6× what 64 requests of these workloads hold): by
   default vLLM's CPU build reserves 92% of the host's memory at start and refuses to start when that much is
   not free. A request names an adapter by its --lora-modules name.
-- llama.cpp: `llama-server -m <f32 gguf> --lora a.gguf,b.gguf,... --lora-init-without-apply` (loaded at scale 0,
-  so a request without `lora` is the base model); a request picks its adapter with `lora: [{id, scale: 1}]`.
+- llama.cpp: `llama-server -m <f32 gguf> --lora a.gguf,b.gguf,... --lora-init-without-apply` (loaded at scale 0);
+  every request lists every adapter's scale in `lora`: 1 for its adapter, 0 for the others (all 0: the base).
 """
 
 from __future__ import annotations
@@ -46,7 +46,11 @@ class Server:
             return (str(self.assets.adapters[adapter]) if adapter >= 0 else str(self.assets.hf_dir)), {}
         if self.name == "vllm":
             return (self.assets.adapters[adapter].name if adapter >= 0 else str(self.assets.hf_dir)), {}
-        return "base", ({"lora": [{"id": adapter, "scale": 1.0}]} if adapter >= 0 else {})
+        # Every adapter's scale, explicitly: without a `lora` field (or with an empty one) llama-server 11434
+        # does not serve the base model, --lora-init-without-apply notwithstanding (greedy outputs differ from
+        # transformers' from the first tokens).
+        scales = [{"id": i, "scale": float(i == adapter)} for i in range(len(self.assets.gguf_adapters))]
+        return "base", {"lora": scales}
 
     def start(self, log: Path, timeout: float = 900) -> None:
         """Starts the server in its own process group and waits until /health answers 200."""
