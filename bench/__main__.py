@@ -12,8 +12,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +22,7 @@ import httpx
 
 from bench import report
 from bench.client import run_http, warm_adapters
+from bench.host import free_port, machine
 from bench.inprocess import make_engine, run_engine
 from bench.roofline import matmul_rate, roofline_tok_s
 from bench.stats import summarize
@@ -31,12 +30,6 @@ from bench.step import measure as measure_step
 from bench.workload import DISTRIBUTIONS, ModelSpec, WorkloadSpec, build_adapters, build_model, make_requests
 
 HERE = Path(__file__).resolve().parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server(model_dir: Path, adapter_root: Path, args) -> tuple[subprocess.Popen, str]:
@@ -63,13 +56,6 @@ def start_server(model_dir: Path, adapter_root: Path, args) -> tuple[subprocess.
         time.sleep(0.5)
     proc.terminate()
     raise SystemExit("loom did not become healthy")
-
-
-def machine() -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    return {"nproc": os.cpu_count(), "cpu": cpu, "python": platform.python_version(),
-            "torch": __import__("torch").__version__}
 
 
 def parse_args(argv):

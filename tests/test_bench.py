@@ -64,3 +64,46 @@ def test_kv_bench_runs_every_scenario(tmp_path: Path):
     for name in ("measured", "fixed"):
         assert len(chunked[name]["long_ttft_ms"]) == 2 and chunked[name]["lone_ttft_ms"] > 0, name
     assert chunked["lone_ttft_ratio"] > 0
+
+
+def test_peers_report_figures_agreement_and_tables():
+    """`make bench-peers`' figures, on synthetic results (the bench itself needs vLLM and llama.cpp installed)."""
+    from bench.peers import report
+    from bench.peers.load import Result
+    from bench.stats import Timing
+
+    results = [Result(Timing(0.0, [0.5, 0.7, 0.8]), "abc def", 3), Result(Timing(0.0, [1.5, 1.6]), "x", 2)]
+    figures = report.summarize(results, wall=2.0, new_tokens=3)
+    assert figures["output_tokens"] == 5 and figures["throughput_tok_s"] == 2.5
+    assert figures["short_requests"] == 1  # the second request stopped short of its 3 tokens
+    assert (figures["ttft_p50_ms"], figures["ttft_p95_ms"]) == (500.0, 1500.0)
+    assert figures["itl_p50_ms"] == 100.0  # gaps 200, 100, 100 ms pooled over requests
+
+    texts = {"loom": [["abc def", "x y"]], "vllm": [["abc deg", "x y"]], "llamacpp": [["abc def", "x y"]]}
+    agree = report.agreement(texts, count_tokens=lambda text: len(text.split()))
+    assert agree["loom/llamacpp"]["identical"] == 2 and agree["loom/llamacpp"]["first_divergence_tokens_min"] is None
+    assert agree["loom/vllm"] == {"compared": 2, "identical": 1, "identical_share": 0.5,
+                                  "first_divergence_tokens_min": 2, "first_divergence_tokens_p50": 2}  # "abc de"
+
+    runs = {name: {"w": report.median_run([dict(figures, throughput_tok_s=tps), dict(figures, throughput_tok_s=tps + 2)])}
+            for name, tps in (("loom", 40.0), ("vllm", 20.0), ("llamacpp", 10.0))}
+    result = {"servers": list(runs), "workloads": ["w"], "runs": runs, "agreement": {"w": agree},
+              "config": {"requests": 2}}
+    table = report.markdown(result)
+    assert "| w | 40 (40, 42) | 20 (20, 22) | 10 (10, 12) | 2.00× | 4.00× |" in table  # median repeat, each repeat
+    assert "| w | Loom / vLLM CPU | 1/2 | 2 / 2 |" in table
+
+
+def test_peers_prompts_are_exact_length_distinct_and_seeded():
+    from bench.peers.load import WORKLOADS, make_requests
+
+    def tokenizer(text, add_special_tokens):
+        return {"input_ids": [sum(map(ord, word)) for word in text.split()]}
+
+    heavy = next(w for w in WORKLOADS if w.adapters and w.new_tokens == 128)
+    requests = make_requests(heavy, tokenizer, count=20, adapters=16, seed=3)
+    assert [r.adapter for r in requests] == [i % 16 for i in range(20)]
+    assert {len(r.prompt) for r in requests} == {heavy.prompt_tokens}
+    assert len({tuple(r.prompt) for r in requests}) == 20
+    assert requests == make_requests(heavy, tokenizer, count=20, adapters=16, seed=3)
+    assert requests[0].prompt != make_requests(heavy, tokenizer, count=1, adapters=16, seed=4)[0].prompt

@@ -1,0 +1,1 @@
+"""`python -m bench.peers` (`make bench-peers`): Loom against vLLM's CPU build and llama.cpp's server."""
