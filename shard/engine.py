@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import itertools
 import os
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -27,47 +26,20 @@ from shard.adapter_cache import AdapterCache
 from shard.attention import batch_metadata, decode_kernel, decode_metadata, prefill_metadata
 from shard.decode_graphs import DecodeRunner, graphs_requested
 from shard.dora import base_linears
+from shard.engine_info import AdapterInfo, EngineInfo
 from shard.expert_lora import expert_layout
 from shard.kv_cache import DEFAULT_BLOCK_SIZE, allocate_kv_cache
 from shard.lora import AdapterError, HostAdapter, PageLayout, projection_shapes
-from shard.models import head_dim_of
 from shard.packed_linear import pack_linears
+from shard.prompt_logprobs import prompt_logprobs
 from shard.sampler import SamplerOutput, SamplerRow, SamplingParams, sample
 from shard.sequence import Chunk, Sequence, SequenceRequest, TokenResult, accept, error_result
 from shard.vocab_adapter import VocabBatch, VocabShape
 from shard.grammar import Grammars
 from shard.weights import load_model
 
-# Rows of prompt logits materialised at once for prompt logprobs (128 x a 128k vocabulary: 64 MB of float32).
-PROMPT_LOGPROBS_CHUNK = 128
-
 __all__ = ["AdapterError", "AdapterInfo", "Chunk", "Engine", "EngineInfo", "SamplingParams", "SequenceRequest",
            "TokenResult"]
-
-
-@dataclass(slots=True)
-class EngineInfo:
-    model_type: str
-    dtype: str
-    device: str
-    vocab_size: int
-    max_position_embeddings: int
-    block_size: int
-    num_layers: int
-    hidden_size: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    sliding_window: int | None
-    rank: int
-    world_size: int
-
-
-@dataclass(slots=True)
-class AdapterInfo:
-    rank: int
-    pages: int  # adapter pool pages it occupies while resident
-    vocab_size: int  # the vocabulary of its requests (the model's unless it brings its own)
 
 
 class Engine:
@@ -92,22 +64,7 @@ class Engine:
         self.model = load_model(config, model_dir, dtype, self.device, tp_rank, tp_size)
         pack_linears(self.model, self.device, dtype)
         self.vocab_size = config.vocab_size
-        self.info = EngineInfo(
-            model_type=config.model_type,
-            dtype=str(dtype).removeprefix("torch."),
-            device=str(self.device),
-            vocab_size=config.vocab_size,
-            max_position_embeddings=config.max_position_embeddings,
-            block_size=block_size,
-            num_layers=config.num_hidden_layers,
-            hidden_size=config.hidden_size,
-            num_heads=config.num_attention_heads,
-            num_kv_heads=config.num_key_value_heads,
-            head_dim=head_dim_of(config),
-            sliding_window=self.model.sliding_window,
-            rank=tp_rank,
-            world_size=tp_size,
-        )
+        self.info = EngineInfo.describe(config, self.model, dtype, self.device, block_size, tp_rank, tp_size)
         self._num_blocks = 0  # KV cache blocks, once warmup allocated them
         self.sequences: dict[int, Sequence] = {}
         layout = PageLayout.build(config.num_hidden_layers, adapter_page_rank, projection_shapes(self.model))
@@ -389,9 +346,8 @@ class Engine:
         sampled, row = [], 0
         for chunk, seq, n in zip(chunks, seqs, lengths):
             if seq.prompt_logprobs is not None:
-                logprobs, top = self._prompt_logprobs(hidden[row:row + chunk.num_tokens], chunk.start,
-                                                      seq.row.token_ids[:seq.row.num_prompt], seq.prompt_top_n,
-                                                      seq.adapter_id)
+                logprobs, top = prompt_logprobs(self._logits_under(seq.adapter_id), hidden[row:row + chunk.num_tokens],
+                                                chunk.start, seq.row.token_ids[:seq.row.num_prompt], seq.prompt_top_n)
                 seq.prompt_logprobs += logprobs
                 seq.prompt_top += top
             row += chunk.num_tokens
@@ -426,26 +382,6 @@ class Engine:
             out.token_ids = tokens.tolist()
         return out
 
-    def _prompt_logprobs(self, hidden: torch.Tensor, start: int, prompt: list[int], top_n: int = 0,
-                         adapter_id: str = "") -> tuple[list[float], list[tuple[list[tuple[int, float]], int]]]:
-        """logprobs (raw logits) of the prompt tokens that the chunk's rows predict: row i (position start + i)
-        predicts prompt[start + i + 1]; with `top_n`, also each position's `top_n` most likely tokens and the
-        prompt token's rank there. Logits are computed PROMPT_LOGPROBS_CHUNK rows at a time: a long prompt's
-        float32 logits over a large vocabulary would be gigabytes."""
-        count = min(hidden.shape[0], len(prompt) - 1 - start)
-        if count <= 0:
-            return [], []
-        targets = torch.tensor(prompt[start + 1:start + 1 + count], device=hidden.device)
-        parts, tops = [], []
-        for lo in range(0, count, PROMPT_LOGPROBS_CHUNK):
-            hi = min(lo + PROMPT_LOGPROBS_CHUNK, count)
-            vocab = self.adapters.vocab_batch([adapter_id], [hi - lo])
-            lp = self.model.compute_logits(hidden[lo:hi], vocab).log_softmax(-1)
-            chosen = lp.gather(1, targets[lo:hi, None])
-            parts.append(chosen[:, 0])
-            if top_n:
-                values, ids = lp.topk(min(top_n, lp.shape[1]), dim=-1)
-                ranks = (lp > chosen).sum(-1) + 1
-                for row_ids, row_values, rank in zip(ids.tolist(), values.tolist(), ranks.tolist()):
-                    tops.append((list(zip(row_ids, row_values)), rank))
-        return torch.cat(parts).tolist(), tops
+    def _logits_under(self, adapter_id: str):
+        """The LM head under `adapter_id`'s vocabulary adapter, if it has one."""
+        return lambda rows: self.model.compute_logits(rows, self.adapters.vocab_batch([adapter_id], [rows.shape[0]]))

@@ -231,7 +231,8 @@ def test_prompt_logprobs_of_a_long_prompt_are_computed_in_chunks(llama_dir, refe
     """A 300-token prompt spans three PROMPT_LOGPROBS_CHUNK-row chunks; every logprob equals transformers'."""
     import torch
 
-    from shard.engine import PROMPT_LOGPROBS_CHUNK, Engine, SequenceRequest
+    from shard.engine import Engine, SequenceRequest
+    from shard.prompt_logprobs import PROMPT_LOGPROBS_CHUNK
     from tests.engine_driver import EngineDriver
 
     prompt = [(11 * i) % 380 + 3 for i in range(300)]
