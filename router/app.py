@@ -1,4 +1,4 @@
-"""The router's Starlette app: routes, auth, error shapes, and the startup that sizes the batch."""
+"""The router's Starlette app: routes, auth, error shapes; its start-up is router/startup.py."""
 
 from __future__ import annotations
 
@@ -18,17 +18,13 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from proto import generate_pb2 as pb
 from router import adapter_api, native_api, openai_api, responses_api, tokenize_api
-from router.adapters import AdapterRegistry
-from router.merged_adapters import MergedAdapters
 from router.backend import Backend
 from router.config import RouterConfig
 from router.connections import OVER_CAPACITY, quiet_accept_errors
 from router.errors import APIError
 from router.logs import RequestLine
 from router.metrics import Metrics
-from router.prefill_budget import measured_prefill_budget
 from router.generation import (
     Generation,
     GenerationStats,
@@ -37,13 +33,8 @@ from router.generation import (
     QueueTimeout,
     request_generations,
 )
-from router.scheduler import Scheduler
-from router.shard_client import ShardClient
-from router.sources import build_sources
-from router.structured import GrammarChecker
 from router.sse import DONE, sse_event
-from router.templates import TemplateRenderer
-from router.tokenization import ModelTokenizer
+from router.startup import start_backend
 
 log = logging.getLogger("loom.router")
 
@@ -326,77 +317,6 @@ def _as_api_error(e: Exception) -> APIError:
     return APIError(500, "internal error (logged on the server)")
 
 
-async def _start_backend(app: Starlette, config: RouterConfig) -> None:
-    client = ShardClient(config.shard_sockets, config.step_timeout_s)
-    app.state.shard_info = await client.info()
-    warm = await client.warmup(pb.WarmupRequest(
-        max_input_length=config.max_input_length,
-        max_batch_prefill_tokens=config.max_batch_prefill_tokens,
-        max_total_tokens=config.max_total_tokens,
-        max_batch_total_tokens=config.max_batch_total_tokens,
-        max_concurrent_requests=config.max_concurrent_requests,
-        max_active_adapters=config.max_active_adapters,
-        measure_step_costs=config.measure_prefill_budget,
-    ))
-    app.state.warmup = warm
-    capacity = warm.max_supported_total_tokens
-    if capacity < config.max_total_tokens:
-        raise RuntimeError(f"the KV cache holds {capacity} tokens, fewer than --max-total-tokens="
-                           f"{config.max_total_tokens}: lower it or give the shards more memory")
-    tokenizer = await asyncio.to_thread(ModelTokenizer.from_dir, config.model_dir)
-    if config.chat_template:  # `--chat-template` (vLLM's flag)
-        tokenizer = tokenizer.with_chat_template(config.chat_template)
-    adapters = AdapterRegistry(config.model_id, tokenizer, client, config.adapters, build_sources(config),
-                               config.adapter_source, warm.adapter_pages, app.state.metrics,
-                               max_rank=config.max_lora_rank)
-    app.state.metrics.vllm.bind(config.model_id)  # before the preloads, whose load times it counts
-    try:
-        await adapters.preload(config.preloaded_adapter_ids)
-    except APIError as e:
-        raise RuntimeError(f"--preloaded-adapter-ids: {e.message}") from None
-    # Admission shares out the pool pages that the preloaded adapters leave.
-    prefix_caching = config.prefix_caching and app.state.shard_info.prefix_cacheable
-    if config.prefix_caching and not prefix_caching:
-        log.info("prefix caching off: this model's KV depends on more than the prefix (it is recomputed past a "
-                 "length)")
-    scheduler = Scheduler(client, warm.num_blocks, warm.block_size, _prefill_budget(config, warm),
-                          config.max_concurrent_requests, config.max_active_adapters, adapters.pool_pages,
-                          config.max_queue_time_s, prefix_caching,
-                          adapter_cycle_time_s=config.adapter_cycle_time_s)
-    app.state.backend = Backend(config, tokenizer, scheduler, capacity, app.state.shard_info.vocab_size, adapters,
-                                GrammarChecker(tokenizer, client), TemplateRenderer(),
-                                MergedAdapters(adapters, scheduler.adapter_users))
-    app.state.backend.templates.warm()
-    app.state.metrics.watch(scheduler, config.model_id, adapters.label, adapters.get)
-    log.info("KV cache: %d blocks of %d tokens (%d tokens), prefix caching %s", warm.num_blocks, warm.block_size,
-             capacity, "on" if prefix_caching else "off")
-    log.info("%s", adapter_pool_line(warm, scheduler.adapters.max_running, config.max_active_adapters))
-
-
-def adapter_pool_line(warm: pb.WarmupResponse, running: int, max_active: int) -> str:
-    """The adapter pool in what a user counts: adapters of common ranks, and what really runs at once."""
-    rank, pages = warm.adapter_page_rank, warm.adapter_pages
-    fits = ", ".join(f"{pages // -(-r // rank)} of rank {r}" for r in (8, 16, 64))
-    cap = "--max-active-adapters" if running == max_active else "the pool's pages"
-    return (f"adapter pool: {pages} pages of {rank} ranks ({warm.adapter_page_bytes / 2**20:.1f} MB each, "
-            f"{pages * warm.adapter_page_bytes / 2**30:.2f} GB): resident at once {fits}; at most {running} "
-            f"adapters run in one batch ({cap})")
-
-
-def _prefill_budget(config: RouterConfig, warm: pb.WarmupResponse) -> int:
-    """--max-batch-prefill-tokens, or when not given the budget sized from the step costs the shards measured."""
-    if not config.measure_prefill_budget:
-        log.info("prefill budget: %d prompt tokens per step (--max-batch-prefill-tokens)",
-                 config.max_batch_prefill_tokens)
-        return config.max_batch_prefill_tokens
-    budget = measured_prefill_budget(warm.prompt_token_ms / 1000, warm.decode_step_ms / 1000,
-                                     config.max_batch_prefill_tokens)
-    log.info("prefill budget: %d prompt tokens per step, sized from a one-row decode step of %.2f ms and %.4f ms "
-             "per prompt token (at most %d; --max-batch-prefill-tokens sets it)", budget, warm.decode_step_ms,
-             warm.prompt_token_ms, config.max_batch_prefill_tokens)
-    return budget
-
-
 def _open_paths(config: RouterConfig) -> frozenset[str]:
     """Routes without the API key: /health and /ping for probes; /metrics with --public-metrics, for the
     inference extension's endpoint picker and Prometheus, which scrape without credentials."""
@@ -419,7 +339,7 @@ def create_app(config: RouterConfig) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
         quiet_accept_errors(asyncio.get_running_loop())
-        await _start_backend(app, config)
+        await start_backend(app.state, config)
         loop_task = asyncio.create_task(app.state.backend.scheduler.run(), name="scheduler")
         try:
             yield
