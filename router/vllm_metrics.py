@@ -8,6 +8,8 @@ resident where, under the names vLLM's open pull requests propose (llm-d's `lora
 
 from __future__ import annotations
 
+import asyncio
+
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
@@ -120,16 +122,26 @@ class LoraResidency:
     (`level="gpu"`) and each with a copy in the host cache (`level="cpu"`, device residents included, as vLLM's
     CPU cache holds its GPU adapters too), so at most pool pages + host-cache entries series; `pinned` is
     "true" for --preloaded-adapter-ids. Beside them the counts and `vllm:max_gpu_lora_adapters` (what runs at
-    once). Adapters are named by `label` (escaped; private ones are counted but not named). Shard 0 is asked
-    by `refresh`, before each scrape; a shard that does not answer in time leaves the series empty."""
+    once). Adapters are named by `label` (escaped; private ones are counted but not named). Shard 0 answers
+    on its engine thread, between steps: `refresh`, before each scrape, asks it (one question on its way at a
+    time) and waits at most REFRESH_WAIT_S, so a long step or a stuck shard delays no scrape; until the answer
+    comes the series show the last one."""
+
+    REFRESH_WAIT_S = 0.25
 
     def __init__(self, client: ShardClient, lookup: Callable[[str], Adapter | None],
                  label: Callable[[str], str | None], slots: AdapterSlots, model_name: str):
         self.client, self.lookup, self.label, self.slots = client, lookup, label, slots
         self.labels = {"model_name": model_name, "engine": "0"}
         self._levels: dict[str, list[str]] = {"gpu": [], "cpu": []}
+        self._asking: asyncio.Task | None = None
 
     async def refresh(self) -> None:
+        if self._asking is None or self._asking.done():
+            self._asking = asyncio.create_task(self._ask())
+        await asyncio.wait({self._asking}, timeout=self.REFRESH_WAIT_S)
+
+    async def _ask(self) -> None:
         try:
             reply = await self.client.adapter_residency()
         except ShardError:
