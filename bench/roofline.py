@@ -83,18 +83,23 @@ def device_rates(device: str, repeats: int = 10) -> dict:
 
 def matmul_rate(spec: ModelSpec, repeats: int = 10) -> float:
     """FLOP/s of a pass through every layer's projections at ROWS rows (float32, this process's threads), best
-    of `repeats`: all layers' weights, so that they stream from memory as in a real step, not from cache."""
+    of `repeats`: all layers' weights, so that they stream from memory as in a real step, not from cache. The
+    matmuls run as the engine runs them: through weights packed for oneDNN where it packs them
+    (shard/packed_linear.py), else torch's."""
     import torch
 
+    from shard import packed_linear
+
     weights = [torch.randn(o, i) for _ in range(spec.num_hidden_layers) for i, o in projection_shapes(spec)]
+    packed = [packed_linear.pack(w) for w in weights]
     x = {i: torch.randn(ROWS, i) for i, _ in projection_shapes(spec)}
     flops = sum(2 * ROWS * w.shape[0] * w.shape[1] for w in weights)
     best = float("inf")
     with torch.inference_mode():
         for _ in range(repeats):
             start = time.perf_counter()
-            for w in weights:
-                x[w.shape[1]] @ w.T
+            for w, p in zip(weights, packed):
+                packed_linear.linear(x[w.shape[1]], w, p)
             best = min(best, time.perf_counter() - start)
     return flops / best
 

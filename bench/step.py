@@ -12,7 +12,8 @@ import time
 from pathlib import Path
 
 WARM = 3  # decode steps before the timed ones
-MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::baddbmm_")
+PACKED_LINEAR = "mkldnn::_linear_pointwise"  # base projections through packed weights (shard/packed_linear.py)
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::baddbmm_", PACKED_LINEAR)
 
 
 def fill(engine, adapters: list[str], batch: int, context: int, steps: int, prefill_tokens: int = 0) -> list:
@@ -44,15 +45,24 @@ def decode(engine, chunks: list) -> list:
     return results
 
 
-def _operands(op: str, shapes: list[list[int]]) -> list:
-    """Fresh operands of a recorded matmul call (its inputs: [a, b, (out)], or [bias/self, a, b] for the adding
-    ones); base weights as F.linear passes them, a transposed view."""
+def _operands(op: str, shapes: list[list[int]]):
+    """A fresh call of a recorded matmul (its inputs: [a, b, (out)], or [bias/self, a, b] for the adding ones,
+    or [x, packed weight, ...]); base weights as F.linear passes them, a transposed view, or packed as the
+    engine packs them."""
     import torch
 
+    from shard import packed_linear
+
+    if op == PACKED_LINEAR:
+        x, w = torch.randn(*shapes[0]), torch.randn(*shapes[1])
+        packed = packed_linear.pack(w)
+        return lambda: packed_linear.linear(x, w, packed)
     a, b = shapes[1:3] if op in ("aten::addmm", "aten::baddbmm", "aten::baddbmm_") else shapes[:2]
     if len(a) == 2:
-        return [torch.randn(*a), torch.randn(b[1], b[0]).t()]
-    return [torch.randn(*a), torch.randn(*b)]  # bmm: LoRA's batched A and B
+        x, w = torch.randn(*a), torch.randn(b[1], b[0]).t()
+    else:
+        x, w = torch.randn(*a), torch.randn(*b)  # bmm: LoRA's batched A and B
+    return lambda: torch.matmul(x, w)
 
 
 def matmuls_alone(calls: list[tuple[str, list[list[int]], int]], repeats: int = 10) -> float:
@@ -65,8 +75,8 @@ def matmuls_alone(calls: list[tuple[str, list[list[int]], int]], repeats: int = 
     with torch.inference_mode():
         for _ in range(repeats):
             start = time.perf_counter()
-            for a, b in work:
-                torch.matmul(a, b)
+            for call in work:
+                call()
             best = min(best, time.perf_counter() - start)
     return best
 

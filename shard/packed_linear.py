@@ -29,6 +29,19 @@ def available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 
 
+def enabled(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether weights of this device and dtype are packed (CPU float32, oneDNN there, not turned off)."""
+    return device.type == "cpu" and dtype == torch.float32 and available() \
+        and os.environ.get("LOOM_CPU_PACKED_LINEAR", "1") != "0"
+
+
+def pack(weight: torch.Tensor) -> torch.Tensor | None:
+    """`weight` packed for oneDNN, or None where weights of its device and dtype are not packed."""
+    if not enabled(weight.device, weight.dtype):
+        return None
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACK_ROWS_HINT)
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor | None,
            bias: torch.Tensor | None = None) -> torch.Tensor:
     """x W^T + b, through the packed copy of W when there is one."""
@@ -41,8 +54,7 @@ def pack_linears(model: nn.Module, device: torch.device, dtype: torch.dtype) -> 
     """Gives every module with a `packed` slot (the parallel linears, the LM head) a packed copy of its weight,
     on CPU float32 when oneDNN is there and the host's available memory holds the copies twice over; returns the
     bytes packed (0: none)."""
-    if device.type != "cpu" or dtype != torch.float32 or not available() \
-            or os.environ.get("LOOM_CPU_PACKED_LINEAR", "1") == "0":
+    if not enabled(device, dtype):
         return 0
     modules = [m for m in model.modules() if hasattr(m, "packed") and getattr(m, "weight", None) is not None]
     total = sum(m.weight.numel() * m.weight.element_size() for m in modules)
@@ -50,6 +62,6 @@ def pack_linears(model: nn.Module, device: torch.device, dtype: torch.dtype) -> 
         log.info("base weights not packed for oneDNN: %.1f GB more would not fit the host's memory", total / 1e9)
         return 0
     for m in modules:
-        m.packed = torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), PACK_ROWS_HINT)
+        m.packed = pack(m.weight)
     log.info("base weights packed for oneDNN (%.2f GB beside the dense copy)", total / 1e9)
     return total
