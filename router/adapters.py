@@ -37,7 +37,7 @@ from pathlib import Path
 
 from common.limits import MAX_MODEL_ID_CHARS
 from router.adapter_files import AdapterFileError, read_adapter_files
-from router.adapter_retire import retire
+from router.adapter_retire import retire, unload_once_released
 from router.errors import APIError, redact_paths
 from router.metrics import Metrics
 from router.shard_client import ShardClient
@@ -253,8 +253,9 @@ class AdapterRegistry:
         return adapter
 
     async def forget_derived(self, adapter: Adapter) -> None:
+        """Unloads a derived adapter that no request holds (once the shards have released its last sequences)."""
         self._forget(adapter)
-        if error := await self.client.unload_adapter(adapter.id):
+        if error := await unload_once_released(self.client, adapter.id):
             log.warning("adapter %s could not be unloaded: %s", adapter.id, redact_paths(error))
 
     async def _load_once(self, key: tuple[str, str | None], load: Callable[[], Awaitable[Adapter]]) -> Adapter:
