@@ -138,3 +138,9 @@ def read_to_close(sock) -> bytes:
     while chunk := sock.recv(65536):
         data += chunk
     return data
+
+
+def ids_of(response: httpx.Response) -> list[int]:
+    """The token ids of a native `/generate` answer asked with `details` (it must be a 200)."""
+    assert response.status_code == 200, response.text
+    return [t["id"] for t in response.json()["details"]["tokens"]]

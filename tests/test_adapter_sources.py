@@ -17,6 +17,7 @@ import pytest
 
 from launcher.tiny_model import build_tiny_adapter
 from tests.conftest import LoomServer, free_port
+from tests.operating import ids_of
 
 boto3 = pytest.importorskip("boto3")
 pytest.importorskip("moto")
@@ -124,11 +125,6 @@ def generate(url: str, adapter_id: str, source: str | None = None, token: str | 
     if token is not None:
         params["api_token"] = token
     return httpx.post(f"{url}/generate", json={"inputs": prompt, "parameters": params}, timeout=120)
-
-
-def ids_of(response: httpx.Response) -> list[int]:
-    assert response.status_code == 200, response.text
-    return [t["id"] for t in response.json()["details"]["tokens"]]
 
 
 def test_s3_adapter_is_exact_by_url_and_by_adapter_source(s3_server, lora_dirs, llama_dir, reference, tokenizer):

@@ -13,6 +13,7 @@ from transformers import AutoTokenizer
 
 from launcher.tiny_model import build_tiny_adapter, build_tiny_model
 from tests.conftest import LoomServer, install_in_hub_cache
+from tests.operating import ids_of
 
 ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
 MLP = ["gate_proj", "up_proj", "down_proj"]
@@ -62,11 +63,6 @@ def generate(url: str, prompt: str, adapter_id: str | None, max_new: int = 16, *
     if adapter_id is not None:
         params["adapter_id"] = adapter_id
     return httpx.post(f"{url}/generate", json={"inputs": prompt, "parameters": params}, timeout=120)
-
-
-def ids_of(response: httpx.Response) -> list[int]:
-    assert response.status_code == 200, response.text
-    return [t["id"] for t in response.json()["details"]["tokens"]]
 
 
 def test_named_adapter_is_listed_and_exact(lora_server, adapters, llama_dir, reference, tokenizer):

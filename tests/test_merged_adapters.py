@@ -17,6 +17,7 @@ from transformers import AutoTokenizer
 
 from launcher.tiny_model import build_tiny_adapter
 from tests.conftest import LoomServer
+from tests.operating import ids_of
 
 NEW_TOKENS = 8
 # Rank 8 each, overlapping targets: some tensors are merged over all three, some over one or two.
@@ -113,11 +114,6 @@ def run_all(url: str, jobs: list[tuple[str, dict]]) -> list[httpx.Response]:
                     "max_new_tokens": NEW_TOKENS, "details": True, **params}})
             return await asyncio.gather(*(one(i, *job) for i, job in enumerate(jobs)))
     return asyncio.run(go())
-
-
-def ids_of(response: httpx.Response) -> list[int]:
-    assert response.status_code == 200, response.text
-    return [t["id"] for t in response.json()["details"]["tokens"]]
 
 
 def check_batch(url: str, base, adapters: dict, refs: list, reference):
